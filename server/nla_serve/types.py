@@ -1,0 +1,117 @@
+"""Plain data that crosses module boundaries: prompts, sampling options, step outputs, explanations.
+
+No torch import at module level: tensors appear only as annotations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length", "abort"]
+ExplanationStatus = Literal["ok", "truncated", "skipped", "failed", "unavailable"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What to generate. ``temperature == 0`` means greedy.
+
+    ``stop`` strings are matched on the decoded text; ``stop_token_ids`` end generation on those ids
+    (in addition to the model's EOS unless ``ignore_eos``). ``include_stop_str_in_output`` keeps a
+    matched stop string in the returned text (the verbalizer uses it to tell a closed explanation
+    from a truncated one).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids for one request, optionally with one embedding row replaced (the NLA injection).
+
+    ``inject_row`` is the exact vector to place at position ``inject_at`` in the model's input
+    embeddings ([d_model], already scaled; the engine casts it once to its dtype). It bypasses any
+    architecture embedding scale (Gemma's sqrt(hidden)), as the NLA recipe requires.
+    """
+
+    token_ids: list[int]
+    inject_at: int | None = None
+    inject_row: "torch.Tensor | None" = None  # [d_model]
+
+    def __post_init__(self) -> None:
+        if (self.inject_at is None) != (self.inject_row is None):
+            raise ValueError("inject_at and inject_row go together")
+        if self.inject_at is not None and not 0 <= self.inject_at < len(self.token_ids):
+            raise ValueError(f"inject_at={self.inject_at} outside a prompt of {len(self.token_ids)} tokens")
+
+
+@dataclass
+class CapturedRows:
+    """Layer-K residual rows for consecutive positions ``start .. start + len(rows) - 1``.
+
+    Position p counts over prompt + completion (0 = first prompt token). The row at p is the output
+    of decoder block K when token p was fed, i.e. Hugging Face ``hidden_states[K + 1][p]``.
+    """
+
+    start: int
+    rows: "torch.Tensor"  # [n_rows, d_model], float32, cpu
+
+    @property
+    def end(self) -> int:
+        return self.start + int(self.rows.shape[0])
+
+
+@dataclass
+class StepOutput:
+    """One update for one choice of a request.
+
+    ``token_ids``/``text`` are the delta since the last update of that choice. ``captured`` carries
+    any activation rows that became available with this update: the reference engine delivers them
+    step by step, the vLLM engine all at once with the final update.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    captured: CapturedRows | None = None
+    num_prompt_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A whole finished generation of one choice (what the verbalizer needs)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class Explanation:
+    """One explained vector. ``status`` says whether ``text`` can be trusted and why not."""
+
+    status: ExplanationStatus
+    text: str | None = None
+    reason: str | None = None
+    truncated: bool = False
+    tokens: int = 0  # verbalizer tokens generated
+    mse: float | None = None
+    cos: float | None = None
+    fve: float | None = None
+    fve_reason: str | None = None  # why fve is null when mse is known
+    raw: str | None = None  # the verbalizer's full output, tags included
+    extra: dict = field(default_factory=dict)
