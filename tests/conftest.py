@@ -66,3 +66,45 @@ def pytest_configure(config):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServerThread:
+    """A real uvicorn server on a free loopback port, in its own thread with its own event loop
+    (engines bind to the loop they start on). ``url`` is ready once ``start`` returns."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 300) -> "ServerThread":
+        import time
+
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting; see the log above")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def start_server(**settings) -> ServerThread:
+    from nla_serve.api.app import create_app
+    from nla_serve.config import ServerSettings
+
+    return ServerThread(create_app(ServerSettings(**settings))).start()

@@ -15,6 +15,7 @@ from nla_serve.types import (  # noqa: E402
     Prompt,
     SamplingOptions,
     StepOutput,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "Prompt",
     "SamplingOptions",
     "StepOutput",
+    "TokenLogprob",
 ]

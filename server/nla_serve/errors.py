@@ -7,7 +7,8 @@
     │   ├── AuthenticationError (401)
     │   ├── NotFoundError (404)        unknown model or route
     │   └── PayloadTooLargeError (413)
-    ├── OverloadedError (429/503)      the server is full; retry later
+    ├── OverloadedError (429)          the server is full; retry later
+    ├── UnavailableError (503)         not ready, shutting down, or an engine died
     └── ServerError (500)              our fault
         ├── EngineError                an engine failed or is not running
         └── CheckpointError            an NLA or model folder is malformed (raised at load time)
@@ -59,8 +60,17 @@ class PayloadTooLargeError(ClientError):
 
 
 class OverloadedError(NLAServeError):
+    """Too many requests right now (429); retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class UnavailableError(NLAServeError):
+    """The service cannot answer at all right now (503): starting, stopping, or an engine is down."""
+
     status_code = 503
-    error_type = "overloaded_error"
+    error_type = "service_unavailable_error"
 
 
 class ServerError(NLAServeError):

@@ -35,6 +35,7 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,15 @@ class CapturedRows:
 
 
 @dataclass
+class TokenLogprob:
+    """Log-probability of a sampled token under the model's raw distribution, and the top k."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class StepOutput:
     """One update for one choice of a request.
 
@@ -89,6 +99,7 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     captured: CapturedRows | None = None
     num_prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.config import EngineSettings
 from nla_serve.errors import ClientError, ContextLengthError, EngineError
-from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput
+from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,16 @@ def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: "torch.Tensor", token: int, k: int) -> TokenLogprob:
+    """Raw (pre-temperature) log-probabilities, as vLLM reports them by default."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, k) if k > 0 else None
+    pairs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)] if top is not None else []
+    return TokenLogprob(token, float(logp[token]), pairs)
 
 
 class TransformersEngine:
@@ -179,13 +189,15 @@ class TransformersEngine:
             captured = CapturedRows(start=feed_pos, rows=row) if row is not None else None
             feed_pos = P if feed_pos == 0 else feed_pos + 1  # next position to be fed
             token = sample(logits, options, gen)
+            lp = token_logprob(logits, token, options.logprobs) if options.logprobs is not None else None
             generated.append(token)
             reason, text = self._finish_state(generated, options, P)
             if reason is None and text.endswith("\ufffd"):
                 delta = ""  # an incomplete UTF-8 sequence: wait for the bytes that finish it
             else:
                 delta, sent_text = text[len(sent_text):], text
-            yield StepOutput(index, [token], delta, reason is not None, reason, captured, P)
+            yield StepOutput(index, [token], delta, reason is not None, reason, captured, P,
+                             [lp] if lp is not None else None)
             if reason is not None:
                 return
             next_input = token

@@ -1,0 +1,1 @@
+"""The HTTP layer: OpenAI wire format plus ``explain`` / ``explanations``."""

@@ -1,0 +1,77 @@
+"""The one place where errors become OpenAI-shaped JSON: ``{"error": {message, type, param, code}}``.
+
+Ours (``NLAServeError``) carry their status; FastAPI's validation errors become 400s that name the
+offending parameter; unknown routes 404; anything unexpected a 500 with no internals leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nla_serve.errors import NLAServeError
+
+log = logging.getLogger("nla_serve.api")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: NLAServeError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code or exc.status_code),
+                        status_code=exc.status_code)
+
+
+def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = e.get("type", "")
+    if kind == "extra_forbidden":
+        return f"Unsupported parameter '{param}': this server does not implement it (remove it from the request)", param
+    if kind == "missing":
+        return f"Missing required parameter '{param}'", param
+    if kind in ("json_invalid", "json_type"):
+        return f"The request body is not valid JSON: {e.get('msg')}", None
+    msg = e.get("msg", "invalid value")
+    return (f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"), param
+
+
+def install(app: FastAPI) -> None:
+    def count(status: int, request: Request) -> None:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.record_error(status)
+
+    @app.exception_handler(NLAServeError)
+    async def _ours(request: Request, exc: NLAServeError):
+        count(exc.status_code, request)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        count(400, request)
+        msg, param = describe_validation(exc)
+        return JSONResponse(error_body(msg, "invalid_request_error", param, 400), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        count(exc.status_code, request)
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"No route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(msg, type_, None, exc.status_code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        count(500, request)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log",
+                                       "internal_server_error", None, 500), status_code=500)

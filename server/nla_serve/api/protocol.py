@@ -1,0 +1,89 @@
+"""OpenAI wire models with the ``explain`` request field. Unknown fields are refused (400 naming
+them) rather than silently ignored: a parameter we do not implement must not look honoured."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+Strict = ConfigDict(extra="forbid")
+
+
+class StreamOptions(BaseModel):
+    model_config = Strict
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = Strict
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = Strict
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+Explain = Union[StrictBool, dict[str, Any], None]
+
+
+class SamplingFields(BaseModel):
+    model_config = Strict
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=-1)
+    n: StrictInt = Field(default=1, ge=1, le=16)
+    stop: Union[str, list[str], None] = None
+    seed: StrictInt | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    explain: Explain = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[StrictInt], list[str]]
+    max_tokens: StrictInt | None = Field(default=16, ge=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+
+
+class ExplanationsRequest(BaseModel):
+    model_config = Strict
+    model: str
+    input: str | None = None
+    messages: list[ChatMessage] | None = None
+    vectors: list[list[float]] | None = None
+    positions: Union[str, dict[str, Any], list[StrictInt], None] = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=1024)
+    reconstruct: bool | None = None
+    min_fve: float | None = Field(default=None, le=1)
+    on_low_fve: Literal["flag", "drop"] | None = None
+    seed: StrictInt | None = None
+    max_explanations: StrictInt | None = Field(default=None, ge=1)
+    user: str | None = None

@@ -1,0 +1,212 @@
+"""Thin handlers: parse, plan, refuse what must be refused before the first byte, then hand the
+events of ``generation.run`` to the streaming or collecting writer."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from nla_serve.api.auth import require_key
+from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ExplanationsRequest
+from nla_serve.api.streaming import ResponseShape, collect, stream_events
+from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
+from nla_serve.explain.policy import make_plan
+from nla_serve.generation import GenerationRequest, apply_min_fve, explanation_item, run, unavailable_item
+from nla_serve.service import Service
+from nla_serve.types import SamplingOptions
+
+router = APIRouter()
+guarded = [Depends(require_key)]
+
+
+def service_of(request: Request) -> Service:
+    svc = getattr(request.app.state, "service", None)
+    if svc is None:
+        raise UnavailableError("the server is starting or stopping; retry shortly")
+    return svc
+
+
+def check_model(svc: Service, model: str) -> None:
+    if model != svc.model_name:
+        raise NotFoundError(f"The model '{model}' does not exist; this server serves '{svc.model_name}' "
+                            "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def chat_ids(svc: Service, messages) -> list[int]:
+    convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    try:
+        out = svc.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as e:  # templates raise for conversations they do not allow
+        raise ClientError(f"the model's chat template rejected these messages: {e}", param="messages") from None
+    ids = out["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def text_ids(svc: Service, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ClientError("send one prompt per request (a list of several prompts is not supported)",
+                              param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return list(svc.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    vocab = len(svc.tokenizer)
+    bad = [i for i in prompt if not 0 <= i < vocab]
+    if bad:
+        raise ClientError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return list(prompt)
+
+
+def sampling(svc: Service, body, ids: list[int], max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+    if not ids:
+        raise ClientError("the prompt is empty", param="prompt")
+    limit = svc.target.max_model_len
+    room = limit - len(ids)
+    if room < 1:
+        raise ContextLengthError(f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens",
+                                 param="messages" if hasattr(body, "messages") else "prompt")
+    if max_tokens is None:
+        max_tokens = min(room, svc.settings.default_max_tokens)
+    if len(ids) + max_tokens > limit:
+        raise ContextLengthError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's "
+                                 f"context of {limit} tokens", param="max_tokens")
+    stops = body.stop_list()
+    if len(stops) > 16 or any(not s for s in stops):
+        raise ClientError("stop takes at most 16 non-empty strings", param="stop")
+    return SamplingOptions(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=body.seed, n=body.n,
+        stop=tuple(stops), logprobs=logprobs)
+
+
+async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
+                  want_logprobs: bool):
+    plan = make_plan(body.explain, svc.settings.explain)
+    svc.check_admission()
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    shape = ResponseShape(kind, rid, svc.model_name, svc.tokenizer)
+    events = run(svc, GenerationRequest(rid, ids, options, plan))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(events, shape, include_usage, want_logprobs),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+    if body.stream_options is not None:
+        raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
+    return JSONResponse(await collect(events, shape, options.n, want_logprobs), headers={"X-Request-Id": rid})
+
+
+@router.post("/v1/chat/completions", dependencies=guarded)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    svc = service_of(request)
+    check_model(svc, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ClientError("top_logprobs requires logprobs: true", param="top_logprobs")
+    ids = chat_ids(svc, body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    lp = (body.top_logprobs or 0) if body.logprobs else None
+    return await respond(svc, request, "chat", body, ids, sampling(svc, body, ids, max_tokens, lp), body.logprobs)
+
+
+@router.post("/v1/completions", dependencies=guarded)
+async def completions(body: CompletionRequest, request: Request):
+    svc = service_of(request)
+    check_model(svc, body.model)
+    ids = text_ids(svc, body.prompt)
+    opts = sampling(svc, body, ids, body.max_tokens, body.logprobs)
+    return await respond(svc, request, "completion", body, ids, opts, body.logprobs is not None)
+
+
+@router.post("/v1/explanations", dependencies=guarded)
+async def explanations(body: ExplanationsRequest, request: Request):
+    """Explain without generating: text/chat positions (from a prefill) or raw vectors."""
+    import torch
+
+    svc = service_of(request)
+    check_model(svc, body.model)
+    given = [k for k in ("input", "messages", "vectors") if getattr(body, k) is not None]
+    if len(given) != 1:
+        raise ClientError("give exactly one of 'input', 'messages' or 'vectors'",
+                          param=given[1] if len(given) > 1 else "input")
+    if svc.nla is None:
+        return {"object": "list", "data": [unavailable_item(svc.nla_reason)]}
+    d = svc.settings.explain
+    options = {k: v for k, v in dict(positions=body.positions, temperature=body.temperature,
+                                     max_tokens=body.max_tokens, reconstruct=body.reconstruct, min_fve=body.min_fve,
+                                     on_low_fve=body.on_low_fve, seed=body.seed,
+                                     max_explanations=body.max_explanations).items() if v is not None}
+    plan = make_plan(options or True, d)
+    svc.check_admission()
+    if body.vectors is not None:
+        if body.positions is not None:
+            raise ClientError("positions apply to 'input' or 'messages', not to 'vectors'", param="positions")
+        if not body.vectors:
+            raise ClientError("vectors is empty", param="vectors")
+        if len(body.vectors) > svc.settings.max_vectors:
+            raise ClientError(f"{len(body.vectors)} vectors; at most {svc.settings.max_vectors} per request",
+                              param="vectors")
+        widths = {len(v) for v in body.vectors}
+        if widths != {svc.nla.d_model}:
+            raise ClientError(f"every vector must have {svc.nla.d_model} floats (the NLA's width); got widths "
+                              f"{sorted(widths)}", param="vectors")
+        vec = torch.tensor(body.vectors, dtype=torch.float32)
+        if not torch.isfinite(vec).all():
+            raise ClientError("vectors contain NaN or infinite values", param="vectors")
+        futures = [svc.worker.submit(job_for(plan, "expl-" + uuid.uuid4().hex, v)) for v in vec]
+        data = []
+        for i, fut in enumerate(futures):
+            item = apply_min_fve(explanation_item(await fut, layer=svc.layer, index=i), plan)
+            if item is not None:
+                data.append(item)
+        return {"object": "list", "data": data}
+
+    ids = chat_ids(svc, body.messages) if body.messages is not None else text_ids(svc, body.input)
+    if len(ids) + 1 > svc.target.max_model_len:
+        raise ContextLengthError(f"the input has {len(ids)} tokens; this model's context is "
+                                 f"{svc.target.max_model_len}", param="input")
+    if isinstance(plan.positions, tuple) and max(plan.positions) >= len(ids):
+        raise ClientError(f"position {max(plan.positions)} is outside the input's {len(ids)} tokens",
+                          param="positions")
+    if plan.positions in ("auto", "generated"):  # no generation here: auto means the last token
+        plan = type(plan)(**(plan.__dict__ | {"positions": "last"}))
+    rid = "expl-" + uuid.uuid4().hex
+    events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan))
+    items = (await collect(events, ResponseShape("completion", rid, svc.model_name, svc.tokenizer), 1, False))
+    data = [it | {"index": n} for n, it in enumerate(items["explanations"])]
+    return {"object": "list", "data": data}
+
+
+def job_for(plan, request_id: str, vector):
+    from nla_serve.explain.worker import ExplanationJob
+
+    return ExplanationJob(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed)
+
+
+@router.get("/v1/models", dependencies=guarded)
+async def models(request: Request):
+    svc = service_of(request)
+    card = {"id": svc.model_name, "object": "model", "created": int(svc.started_at), "owned_by": "nla-serve",
+            "root": str(svc.model_dir), "max_model_len": svc.target.max_model_len,
+            "nla": None if svc.nla is None else {
+                "layer": svc.nla.layer, "d_model": svc.nla.d_model, "av": str(svc.nla.ckpt.av.path),
+                "ar": str(svc.nla.ckpt.ar.path) if svc.nla.ckpt.ar else None,
+                "fve_baseline": svc.nla.ckpt.fve_baseline}}
+    return {"object": "list", "data": [card]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    svc = getattr(request.app.state, "service", None)
+    if svc is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return {"status": "ok", "model": svc.model_name, "explanations": svc.nla is not None}
+
+
+@router.get("/metrics", dependencies=guarded)
+async def metrics(request: Request):
+    svc = service_of(request)
+    svc.publish_load()
+    return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
+
