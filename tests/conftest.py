@@ -68,11 +68,11 @@ def pytest_configure(config):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class ServerThread:
-    """A real uvicorn server on a free loopback port, in its own thread with its own event loop
-    (engines bind to the loop they start on). ``url`` is ready once ``start`` returns."""
+class AppServer:
+    """A real uvicorn server on a free loopback port, running as a task on the session loop (so it
+    can share engines, which are bound to that loop, with other apps). ``url`` is ready on return."""
 
-    def __init__(self, app):
+    def __init__(self, loop: LoopThread, app):
         import socket
 
         import uvicorn
@@ -82,17 +82,23 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         sock.close()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop = loop
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.task = None
 
-    def start(self, timeout: float = 300) -> "ServerThread":
+    def start(self, timeout: float = 300) -> "AppServer":
         import time
 
-        self.thread.start()
+        async def launch():
+            return asyncio.ensure_future(self.server.serve())
+
+        self.task = self.loop.run(launch())
         t0 = time.monotonic()
         while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server thread died while starting; see the log above")
+            if self.task.done():
+                self.task.result()  # raise the start-up error
+                raise RuntimeError("server exited while starting")
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError("server did not start")
             time.sleep(0.05)
@@ -100,11 +106,8 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=60)
 
+        async def wait():
+            await asyncio.wait_for(self.task, 60)
 
-def start_server(**settings) -> ServerThread:
-    from nla_serve.api.app import create_app
-    from nla_serve.config import ServerSettings
-
-    return ServerThread(create_app(ServerSettings(**settings))).start()
+        self.loop.run(wait())

@@ -32,7 +32,8 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errs:
         return "invalid request", None
     e = errs[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    # drop "body" and pydantic's union-member tags ("bool", "list[int]", "function-after[...]")
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     kind = e.get("type", "")
     if kind == "extra_forbidden":
@@ -43,6 +44,11 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"The request body is not valid JSON: {e.get('msg')}", None
     msg = e.get("msg", "invalid value")
     return (f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"), param
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("bool", "str", "int", "float", "list", "dict", "none", "any")
+                                      or "[" in part or part.startswith(("function-", "lax-", "json-")))
 
 
 def install(app: FastAPI) -> None:

@@ -84,6 +84,10 @@ def sampling(svc: Service, body, ids: list[int], max_tokens: int | None, logprob
 async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
                   want_logprobs: bool):
     plan = make_plan(body.explain, svc.settings.explain)
+    if isinstance(plan.positions, tuple) and max(plan.positions) >= len(ids) + options.max_tokens - 1:
+        raise ClientError(f"explain.positions asks for index {max(plan.positions)}, but prompt ({len(ids)} tokens) "
+                          f"+ max_tokens ({options.max_tokens}) leaves activations for indices 0.."
+                          f"{len(ids) + options.max_tokens - 2} only", param="explain.positions")
     svc.check_admission()
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     shape = ResponseShape(kind, rid, svc.model_name, svc.tokenizer)
@@ -137,7 +141,10 @@ async def explanations(body: ExplanationsRequest, request: Request):
                                      max_tokens=body.max_tokens, reconstruct=body.reconstruct, min_fve=body.min_fve,
                                      on_low_fve=body.on_low_fve, seed=body.seed,
                                      max_explanations=body.max_explanations).items() if v is not None}
-    plan = make_plan(options or True, d)
+    try:
+        plan = make_plan(options or True, d)
+    except ClientError as e:  # here the options are top-level fields, not inside 'explain'
+        raise ClientError(e.message.replace("explain.", ""), param=(e.param or "").replace("explain.", "")) from None
     svc.check_admission()
     if body.vectors is not None:
         if body.positions is not None:

@@ -129,7 +129,6 @@ class TransformersEngine:
                 f"capture_layer={s.capture_layer} is outside the model's {self.num_layers} blocks "
                 f"(0..{self.num_layers - 1})"
             )
-        torch.set_grad_enabled(False)
 
     async def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
@@ -218,7 +217,10 @@ class TransformersEngine:
         return None, text
 
     def _forward(self, past, capture, **inputs):
-        out = self.model(**inputs, past_key_values=past, use_cache=True, output_hidden_states=capture)
+        import torch
+
+        with torch.inference_mode():  # grad mode is per thread: set it in the thread that runs the forward
+            out = self.model(**inputs, past_key_values=past, use_cache=True, output_hidden_states=capture)
         row = None
         if capture:
             # hidden_states[K+1]: [1, T, d] -> [T, d]
@@ -231,7 +233,9 @@ class TransformersEngine:
         ids = torch.tensor([prompt.token_ids], device=self.device)  # [1, P]
         if prompt.inject_row is None:
             return self._forward(None, capture, input_ids=ids)
-        embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
+        embeds = embeds.clone()
         embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
         return self._forward(None, capture, inputs_embeds=embeds)
 

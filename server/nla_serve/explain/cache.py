@@ -30,7 +30,9 @@ def cache_key(vector: "torch.Tensor", temperature: float, max_tokens: int, recon
 
 
 class ExplanationCache:
-    """A bounded LRU of finished explanations (``ok`` and ``truncated`` only)."""
+    """A bounded LRU of finished explanations. The worker stores only what a verbalizer run
+    produced (``ok``, ``truncated``, or ``failed`` because of the output itself), never a
+    ``skipped`` item or a failure of the machinery."""
 
     def __init__(self, size: int):
         self.size = size
@@ -43,7 +45,7 @@ class ExplanationCache:
         return copy.deepcopy(self._items[key])
 
     def put(self, key: str | None, value: Explanation) -> None:
-        if key is None or self.size == 0 or value.status not in ("ok", "truncated"):
+        if key is None or self.size == 0 or value.status not in ("ok", "truncated", "failed"):
             return
         self._items[key] = copy.deepcopy(value)
         self._items.move_to_end(key)

@@ -146,8 +146,10 @@ class ExplanationWorker:
                     raise
                 except Exception as e:  # the verbalizer failed: the items fail, the server goes on
                     log.exception("explanation batch of %d failed", len(jobs))
-                    results = [Explanation(status="failed", reason=f"the verbalizer failed: {type(e).__name__}: {e}")
-                               for _ in jobs]
+                    for job in jobs:
+                        self._resolve(job, Explanation(status="failed",
+                                                       reason=f"the verbalizer failed: {type(e).__name__}: {e}"))
+                    continue
                 for job, exp in zip(jobs, results):
                     self.cache.put(cache_key(job.vector, *job.settings), exp)
                     self._resolve(job, exp)

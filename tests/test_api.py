@@ -1,0 +1,422 @@
+"""End to end over real HTTP on loopback: the official openai SDK, unchanged, against the server
+with the tiny target and tiny NLA, on both engines. Variants (API key, tiny queue, one request at
+a time, no NLA) are extra apps sharing the same engines on the session loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import AppServer, vllm_required
+from nla_serve.api.app import create_app
+from nla_serve.config import ServerSettings
+from nla_serve.explain.worker import ExplanationWorker
+from nla_serve.service import Service
+
+MODEL = "tiny"
+STATUSES = {"ok", "truncated", "skipped", "failed", "unavailable"}
+
+
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def base(request, tiny, loop):
+    if request.param == "vllm":
+        vllm_required()
+    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+                              nla_ar=str(tiny.ar), engine=request.param, dtype="float32", device="cpu",
+                              fve_baseline=1.5, kv_cache_gib=0.5, max_model_len=512)
+    svc = loop.run(Service.start(settings))
+    yield svc
+    loop.run(svc.stop())
+
+
+class Variant:
+    """An app over the base service's engines with other settings (and its own worker/metrics)."""
+
+    def __init__(self, loop, base: Service, nla: bool = True, queue_size: int | None = None, **overrides):
+        settings = base.settings.model_copy(update=overrides)
+        self.loop = loop
+        self.worker = None
+        if nla:
+            self.worker = ExplanationWorker(base.nla, queue_size=queue_size or settings.explain_queue_size,
+                                            batch_size=settings.explain_batch_size,
+                                            cache_size=settings.explain_cache_size)
+            loop.run(self.worker.start())
+        self.service = Service(settings, base.target, base.model_name, base.model_dir,
+                               base.nla if nla else None, None if nla else "no NLA is configured on this server",
+                               self.worker)
+        if self.worker:
+            self.worker.metrics = self.service.metrics
+        self.server = AppServer(loop, create_app(settings, self.service)).start()
+        self.url = self.server.url
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def close(self):
+        self.server.stop()
+        if self.worker:
+            self.loop.run(self.worker.stop())
+
+
+@pytest.fixture(scope="module")
+def app(base, loop):
+    v = Variant(loop, base)
+    yield v
+    v.close()
+
+
+def chat(client, content="The quick brown fox", **kw):
+    kw.setdefault("max_tokens", 6)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def explanations_of(resp) -> list[dict]:
+    return resp.model_extra["explanations"]
+
+
+def check_item(item: dict, layer: int = 2) -> None:
+    assert item["status"] in STATUSES
+    assert item["layer"] == layer
+    assert item["source"] in ("prompt", "completion")
+    assert isinstance(item["token"], str) and isinstance(item["token_id"], int)
+    if item["status"] in ("ok", "truncated"):
+        assert isinstance(item["text"], str)
+        assert item["mse"] == pytest.approx(2 * (1 - item["cos"]), abs=1e-3)
+        assert item["fve"] == pytest.approx(1 - item["mse"] / 1.5, abs=1e-6)
+    else:
+        assert item["reason"]
+
+
+# -- the OpenAI SDK, unchanged ------------------------------------------------------------------
+
+
+def test_chat_non_streaming_has_explanations(app):
+    r = chat(app.client(), extra_body={"explain": {"max_tokens": 8}})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    items = explanations_of(r)
+    P = r.usage.prompt_tokens
+    # auto: the last prompt token plus generated positions, up to the default cap of 4
+    assert [i["token_index"] for i in items][0] == P - 1
+    assert len(items) == 4 and all(i["token_index"] <= P + 6 - 2 for i in items)
+    for item in items:
+        check_item(item)
+        assert item["verbalizer_tokens"] == 8
+
+
+def test_default_policy_applies_when_explain_is_absent(app):
+    items = explanations_of(chat(app.client()))
+    assert items and items[0]["source"] == "prompt"
+    assert explanations_of(chat(app.client(), extra_body={"explain": False})) == []
+
+
+def test_chat_streaming(app):
+    client = app.client()
+    plain = chat(client, max_tokens=8, extra_body={"explain": False}).choices[0].message.content
+    chunks = list(chat(client, max_tokens=8, stream=True, stream_options={"include_usage": True},
+                       extra_body={"explain": {"positions": "last", "max_tokens": 5}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    expl = [c for c in chunks if (c.model_extra or {}).get("explanations")]
+    assert len(expl) == 1 and expl[0].choices == []
+    check_item(expl[0].model_extra["explanations"][0])
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
+    # explanations go out before the usage chunk and [DONE]
+    assert chunks.index(expl[0]) < len(chunks) - 1
+
+
+def test_completions_with_logprobs(app):
+    client = app.client()
+    r = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=5, temperature=0, logprobs=3,
+                                  extra_body={"explain": {"positions": "prompt", "max_explanations": 2}})
+    assert r.object == "text_completion" and r.usage.completion_tokens == 5
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 3 for t in lp.top_logprobs)
+    # greedy: the chosen token is the top one
+    assert all(max(t.values()) == pytest.approx(v, abs=1e-4) for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    items = explanations_of(r)
+    assert [i["source"] for i in items] == ["prompt", "prompt"]
+    stream = list(client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=5, temperature=0,
+                                            stream=True, extra_body={"explain": False}))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
+
+
+def test_chat_logprobs(app):
+    r = chat(app.client(), logprobs=True, top_logprobs=2, extra_body={"explain": False})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(c.top_logprobs) == 2 for c in content)
+
+
+@pytest.mark.parametrize("positions, expect", [
+    ("last", lambda P, G: [P + G - 2]),
+    ("prompt", lambda P, G: list(range(P))),
+    ("generated", lambda P, G: list(range(P, P + G - 1))),
+    ("all", lambda P, G: list(range(P + G - 1))),
+    ({"every": 5}, lambda P, G: list(range(0, P + G - 1, 5))),
+    ([0, 3], lambda P, G: [0, 3]),
+])
+def test_policies(app, positions, expect):
+    r = chat(app.client(), content="hi", max_tokens=4,
+             extra_body={"explain": {"positions": positions, "max_explanations": 64, "max_tokens": 2,
+                                     "reconstruct": False}})
+    P, G = r.usage.prompt_tokens, r.usage.completion_tokens
+    items = explanations_of(r)
+    assert [i["token_index"] for i in items] == expect(P, G)
+    assert all(i["fve"] is None and i.get("fve_reason") == "reconstruction not requested"
+               for i in items if i["status"] in ("ok", "truncated"))
+
+
+def test_caps_and_last_token(app):
+    r = chat(app.client(), max_tokens=6, extra_body={"explain": {"positions": "all", "max_explanations": 3,
+                                                                 "max_tokens": 2}})
+    assert len(explanations_of(r)) == 3
+    P = r.usage.prompt_tokens
+    # the last token that max_tokens allows is never fed through the model: refused up front
+    with pytest.raises(openai.BadRequestError, match="leaves activations for indices"):
+        chat(app.client(), max_tokens=6, extra_body={"explain": {"positions": [P + 5], "max_tokens": 2}})
+    [item] = explanations_of(chat(app.client(), max_tokens=6,
+                                  extra_body={"explain": {"positions": [P + 4], "max_tokens": 2}}))
+    assert item["token_index"] == P + 4 and item["source"] == "completion" and item["completion_index"] == 4
+
+
+def test_n_choices(app):
+    r = chat(app.client(), n=2, temperature=0.8, seed=None, max_tokens=5,
+             extra_body={"explain": {"positions": "auto", "max_tokens": 2}})
+    assert len(r.choices) == 2
+    items = explanations_of(r)
+    assert {i["choice_index"] for i in items} == {0, 1}
+    assert all(i["choice_index"] == 0 for i in items if i["source"] == "prompt")
+
+
+def test_cache_serves_identical_requests(app):
+    body = {"explain": {"positions": "last", "max_tokens": 3}}
+    first = explanations_of(chat(app.client(), extra_body=body))[0]
+    second = explanations_of(chat(app.client(), extra_body=body))[0]
+    assert second.get("cached") is True and second["text"] == first["text"] and second["fve"] == first["fve"]
+
+
+def test_min_fve(app):
+    body = {"explain": {"positions": "all", "max_explanations": 6, "max_tokens": 3, "min_fve": 2.0 - 1.0}}
+    items = explanations_of(chat(app.client(), extra_body=body))
+    assert items and all(i["below_min_fve"] is True for i in items if i["fve"] is not None)
+    body["explain"]["on_low_fve"] = "drop"
+    assert [i for i in explanations_of(chat(app.client(), extra_body=body)) if i["fve"] is not None] == []
+
+
+# -- /v1/explanations ---------------------------------------------------------------------------
+
+
+def test_explanations_endpoint(app):
+    url = app.url + "/v1/explanations"
+    r = httpx.post(url, json={"model": MODEL, "vectors": [[0.5] * 64, [-1.0] * 64], "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1] and all(d["status"] in STATUSES for d in data)
+    r = httpx.post(url, json={"model": MODEL, "input": "The quick brown fox", "positions": [1, 2], "max_tokens": 3},
+                   timeout=60)
+    assert [d["token_index"] for d in r.json()["data"]] == [1, 2]
+    r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                   timeout=60)
+    [d] = r.json()["data"]
+    assert d["source"] == "prompt" and d["status"] in STATUSES
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"vectors": [[0.5] * 10]}, "vectors"),
+    ({"vectors": [[0.5] * 64], "input": "x"}, "vectors"),
+    ({}, "input"),
+    ({"input": "abc", "positions": [99]}, "positions"),
+    ({"input": "abc", "positions": "sideways"}, "positions"),
+    ({"vectors": [[float("nan")] * 64]}, "vectors"),
+])
+def test_explanations_endpoint_errors(app, body, param):
+    r = httpx.post(app.url + "/v1/explanations", content=json.dumps({"model": MODEL, **body}),  # NaN allowed
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"frobnicate": 1}, 400, "frobnicate"),
+    ({"tools": []}, 400, "tools"),
+    ({"temperature": 5}, 400, "temperature"),
+    ({"n": 0}, 400, "n"),
+    ({"max_tokens": 100000}, 400, "max_tokens"),
+    ({"explain": {"positions": list(range(100))}}, 400, "explain.positions"),
+    ({"explain": {"positions": [10_000]}}, 400, "explain.positions"),
+    ({"explain": {"bogus": 1}}, 400, "explain.bogus"),
+    ({"explain": "yes"}, 400, "explain"),
+    ({"model": "gpt-4"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),
+])
+def test_error_statuses(app, body, status, param):
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2} | body
+    r = httpx.post(app.url + "/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_more_error_statuses(app):
+    long_prompt = "word " * 2000
+    r = httpx.post(app.url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    r = httpx.post(app.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = httpx.post(app.url + "/v1/completions", json={"model": MODEL, "prompt": "x" * (9 * 1024 * 1024)}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+    assert httpx.get(app.url + "/v1/nothing").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        app.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    # the server still serves after all of that
+    assert chat(app.client(), extra_body={"explain": False}).choices[0].message.content is not None
+
+
+def test_api_key(base, loop):
+    v = Variant(loop, base, api_key="sekret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            chat(v.client("wrong"))
+        r = httpx.get(v.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(v.url + "/metrics").status_code == 401
+        assert httpx.get(v.url + "/health").status_code == 200  # health stays open
+        assert chat(v.client("sekret"), extra_body={"explain": False}).choices
+        assert v.client("sekret").models.list().data[0].id == MODEL
+    finally:
+        v.close()
+
+
+def test_no_nla_means_unavailable(base, loop):
+    v = Variant(loop, base, nla=False)
+    try:
+        [item] = explanations_of(chat(v.client()))
+        assert item["status"] == "unavailable" and "no NLA" in item["reason"] and item["text"] is None
+        r = httpx.post(v.url + "/v1/explanations", json={"model": MODEL, "vectors": [[1.0] * 64]})
+        assert r.json()["data"][0]["status"] == "unavailable"
+    finally:
+        v.close()
+
+
+# -- load, overload, cancellation, failure -----------------------------------------------------
+
+
+def test_concurrent_requests_share_batches(app):
+    batches_before = app.worker.batches_run
+    client = app.client()
+    results = []
+
+    def one(i):
+        results.append(chat(client, content=f"request number {i}", max_tokens=4,
+                            extra_body={"explain": {"positions": "all", "max_explanations": 6, "max_tokens": 4}}))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    n_items = sum(len(explanations_of(r)) for r in results)
+    assert n_items == 36
+    assert app.worker.batches_run - batches_before < n_items  # jobs of several requests shared batches
+    text = httpx.get(app.url + "/metrics").text
+    assert "nla_explanation_batch_size_count" in text
+
+
+def test_overload_turns_into_skipped(base, loop):
+    v = Variant(loop, base, queue_size=1, explain_cache_size=0)
+    try:
+        r = chat(v.client(), content="fill the queue", max_tokens=8,
+                 extra_body={"explain": {"positions": "all", "max_explanations": 12, "max_tokens": 4}})
+        statuses = [i["status"] for i in explanations_of(r)]
+        skipped = [i for i in explanations_of(r) if i["status"] == "skipped"]
+        assert skipped and "queue is full" in skipped[0]["reason"]
+        assert len(statuses) == 12 and r.choices[0].message.content is not None
+    finally:
+        v.close()
+
+
+def test_concurrency_limit_gives_429(base, loop):
+    v = Variant(loop, base, max_concurrent_requests=1)
+    try:
+        client = v.client()
+        stream = chat(client, max_tokens=200, stream=True, extra_body={"explain": False})
+        next(iter(stream))  # the first request is now in flight
+        with pytest.raises(openai.RateLimitError):
+            chat(client, extra_body={"explain": False})
+        stream.close()
+    finally:
+        v.close()
+
+
+def test_disconnect_cancels_generation(app):
+    client = app.client()
+    stream = chat(client, max_tokens=400, stream=True, extra_body={"explain": {"positions": "all"}})
+    it = iter(stream)
+    next(it)
+    stream.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = httpx.get(app.url + "/metrics").text
+        if 'vllm:num_requests_running{model_name="tiny"} 0.0' in m:
+            break
+        time.sleep(0.2)
+    assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in m
+    assert chat(client, extra_body={"explain": False}).usage.completion_tokens == 6  # still serving
+
+
+def test_failing_verbalizer_marks_items_failed(base, loop):
+    class BrokenRuntime:
+        """The real runtime's interface, failing on purpose (the case a real AV cannot produce)."""
+
+        layer, d_model, ckpt = base.nla.layer, base.nla.d_model, base.nla.ckpt
+
+        async def explain_vectors(self, *a, **k):
+            raise RuntimeError("verbalizer exploded")
+
+    v = Variant(loop, base)
+    v.worker.runtime = BrokenRuntime()
+    try:
+        r = chat(v.client(), extra_body={"explain": {"positions": "last"}})
+        [item] = explanations_of(r)
+        assert item["status"] == "failed" and "verbalizer exploded" in item["reason"]
+        assert r.usage.completion_tokens == 6
+    finally:
+        v.close()
+
+
+def test_metrics_present_and_moving(app):
+    def value(text, name):
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = httpx.get(app.url + "/metrics").text
+    chat(app.client(), content="metrics please", extra_body={"explain": {"positions": "last", "max_tokens": 3}})
+    after = httpx.get(app.url + "/metrics").text
+    for name in ["vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                 "vllm:inter_token_latency_seconds", "vllm:num_requests_waiting", "nla_explanation_queue_depth",
+                 "nla_explanation_latency_seconds", "nla_explanation_fve"]:
+        assert name in after
+    assert value(after, 'vllm:generation_tokens_total{model_name="tiny"}') == \
+        value(before, 'vllm:generation_tokens_total{model_name="tiny"}') + 6
+    assert value(after, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}') > \
+        value(before, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}')
+    assert 'nla_explanations_total{model_name="tiny",status=' in after
+
+
+def test_models_and_health(app):
+    models = app.client().models.list()
+    assert models.data[0].id == MODEL and models.data[0].model_extra["nla"]["layer"] == 2
+    h = httpx.get(app.url + "/health").json()
+    assert h["status"] == "ok" and h["explanations"] is True
