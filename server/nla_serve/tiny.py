@@ -125,9 +125,9 @@ def canonical_av_ids(tokenizer, template: str = AV_TEMPLATE, marker: str = MARKE
 
 
 def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.0,
-            template: str = AV_TEMPLATE) -> dict:
-    ids = canonical_av_ids(tokenizer, template)
-    marker_id = tokenizer.encode(MARKER, add_special_tokens=False)[0]
+            template: str = AV_TEMPLATE, marker: str = MARKER) -> dict:
+    ids = canonical_av_ids(tokenizer, template, marker)
+    marker_id = tokenizer.encode(marker, add_special_tokens=False)[0]
     p = ids.index(marker_id)
     return {
         "schema_version": 2,
@@ -137,7 +137,7 @@ def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.
         "extraction_layer_index": layer,
         "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
         "tokens": {
-            "injection_char": MARKER,
+            "injection_char": marker,
             "injection_token_id": marker_id,
             "injection_left_neighbor_id": ids[p - 1],
             "injection_right_neighbor_id": ids[p + 1],
@@ -146,9 +146,9 @@ def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.
     }
 
 
-def ar_meta(tokenizer, layer: int, d_model: int) -> dict:
+def ar_meta(tokenizer, layer: int, d_model: int, *, marker: str = MARKER) -> dict:
     suffix = tokenizer.encode(AR_TEMPLATE.split("{explanation}")[1], add_special_tokens=False)
-    meta = av_meta(tokenizer, layer, d_model)
+    meta = av_meta(tokenizer, layer, d_model, marker=marker)
     meta["role"] = "ar"
     meta["extraction"] = {"injection_scale": None, "mse_scale": math.sqrt(d_model)}
     meta["tokens"]["critic_suffix_ids"] = suffix

@@ -1,0 +1,227 @@
+"""`python -m nla_serve.bench` (or `make bench`): throughput and latency, measured in one run.
+
+For each model (``tiny``: the tiny random target + NLA; ``default``: SmolLM2-135M-Instruct with an
+*untrained* NLA of its own architecture, AV = the target's weights, for speed only) it measures,
+on the chosen engine:
+
+1. generated tokens/s of N concurrent requests with capture off (an engine without capture), with
+   capture on but nothing explained, and with the default explanation policy;
+2. explanations/s and verbalizer tokens/s at 1, 4 and 16 concurrent requests, through the batching
+   worker versus one explanation at a time (worker batch size 1);
+3. p50/p95 time to first token and token-to-explanation latency.
+
+Everything runs in-process through the same Service and generation pipeline as the HTTP server
+(no HTTP framing in the numbers). Results print as a table and go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nla_serve.config import ServerSettings
+from nla_serve.explain.policy import make_plan
+from nla_serve.explain.worker import ExplanationWorker
+from nla_serve.generation import ExplanationEvent, GenerationRequest, TokenEvent, run
+from nla_serve.service import Service
+from nla_serve.types import Prompt, SamplingOptions
+
+PROMPTS = ["Tell me about the history of Rome.", "Write a short poem about the sea.",
+           "How do I sort a list in Python?", "What is photosynthesis?", "Give me three tips for sleeping well.",
+           "Explain gravity to a child.", "What is the capital of France?", "Describe a cat in one paragraph."]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def prompt_ids(svc: Service, i: int) -> list[int]:
+    out = svc.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+async def token_throughput(svc: Service, n: int, max_tokens: int, capture: bool) -> dict:
+    opts = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i):
+        g = 0
+        async for out in svc.target.generate(Prompt(prompt_ids(svc, i)), opts, f"bench-{capture}-{i}-{time.time_ns()}",
+                                             capture=capture):
+            g += len(out.token_ids)
+        return g
+
+    await one(0)  # warm-up
+    t0 = time.monotonic()
+    total = sum(await asyncio.gather(*(one(i) for i in range(n))))
+    dt = time.monotonic() - t0
+    return {"requests": n, "tokens": total, "seconds": dt, "tokens_per_s": total / dt}
+
+
+async def explained_requests(svc: Service, worker: ExplanationWorker, concurrency: int, per_request: int,
+                             max_tokens: int, verbalizer_tokens: int) -> dict:
+    svc.worker = worker
+    worker.cache = type(worker.cache)(0)  # measure work, not the cache
+    plan = make_plan({"positions": "all", "max_explanations": per_request, "max_tokens": verbalizer_tokens},
+                     svc.settings.explain)
+    ttft, lat, counts, vtoks = [], [], [], []
+
+    async def one(i):
+        req = GenerationRequest(f"bench-x-{i}-{time.time_ns()}", prompt_ids(svc, i),
+                                SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), plan)
+        first = None
+        done_at = None
+        n = 0
+        async for ev in run(svc, req):
+            now = time.monotonic()
+            if isinstance(ev, TokenEvent) and first is None and ev.token_ids:
+                first = now
+                ttft.append(now - req.arrived)
+            if isinstance(ev, TokenEvent) and ev.finish_reason:
+                done_at = now
+            if isinstance(ev, ExplanationEvent):
+                for item in ev.items:
+                    n += 1
+                    vtoks.append(item.get("verbalizer_tokens") or 0)
+                    if done_at is not None:
+                        lat.append(now - done_at)
+        counts.append(n)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(concurrency)))
+    dt = time.monotonic() - t0
+    return {"concurrency": concurrency, "explanations": sum(counts), "seconds": dt,
+            "explanations_per_s": sum(counts) / dt, "verbalizer_tokens_per_s": sum(vtoks) / dt,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "token_to_explanation_p50": pct(lat, 0.5), "token_to_explanation_p95": pct(lat, 0.95)}
+
+
+def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Path]:
+    """An NLA of the target's own architecture with untrained behaviour: for measuring speed only."""
+    import math
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nla_serve.tiny import av_meta, ar_meta, write_yaml
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    d = cfg.hidden_size
+    av, ar = root / "av", root / "ar"
+    if not (av / "nla_meta.yaml").exists():
+        shutil.copytree(model_dir, av, dirs_exist_ok=True)
+        marker = next(c for c in "㊗ψ★§¶" if len(tok.encode(c, add_special_tokens=False)) == 1)
+        write_yaml(av / "nla_meta.yaml", av_meta(tok, layer, d, injection_scale=math.sqrt(d) * 4, marker=marker))
+        ar.mkdir(parents=True, exist_ok=True)
+        w = load_file(str(Path(model_dir) / "model.safetensors"))
+        keep = {k: v for k, v in w.items() if not k.startswith(("lm_head", "model.norm"))
+                and not any(f"layers.{i}." in k for i in range(layer + 1, cfg.num_hidden_layers))}
+        save_file(keep, str(ar / "model.safetensors"), metadata={"format": "pt"})
+        cfg.num_hidden_layers = layer + 1
+        cfg.save_pretrained(ar)
+        tok.save_pretrained(ar)
+        save_file({"weight": torch.eye(d)}, str(ar / "value_head.safetensors"))
+        meta = ar_meta(tok, layer, d, marker=marker)
+        write_yaml(ar / "nla_meta.yaml", meta)
+    return av, ar
+
+
+async def bench_model(name: str, settings: ServerSettings, args) -> dict:
+    result: dict = {"model": name, "engine": settings.engine}
+    plain = settings.model_copy(update={"nla_av": None, "nla_ar": None})
+    t0 = time.monotonic()
+    svc = await Service.start(plain)
+    result["start_seconds_target_only"] = time.monotonic() - t0
+    result["capture_off"] = await token_throughput(svc, args.requests, args.max_tokens, capture=False)
+    await svc.stop()
+
+    t0 = time.monotonic()
+    svc = await Service.start(settings)
+    result["start_seconds_with_nla"] = time.monotonic() - t0
+    result["capture_on_nothing_explained"] = await token_throughput(svc, args.requests, args.max_tokens, capture=True)
+    default_plan = await explained_requests(svc, svc.worker, args.requests, svc.settings.explain.max_explanations,
+                                            args.max_tokens, args.verbalizer_tokens)
+    result["default_policy"] = default_plan | {
+        "tokens_per_s": args.requests * args.max_tokens / default_plan["seconds"]}
+    off = result["capture_off"]["tokens_per_s"]
+    result["capture_cost"] = 1 - result["capture_on_nothing_explained"]["tokens_per_s"] / off
+    worker = svc.worker
+    scaling = []
+    for conc in args.concurrency:
+        for mode, bs in (("batched", settings.explain_batch_size), ("one_at_a_time", 1)):
+            w = ExplanationWorker(svc.nla, queue_size=4096, batch_size=bs, cache_size=0, metrics=svc.metrics)
+            await w.start()
+            r = await explained_requests(svc, w, conc, args.per_request, args.max_tokens, args.verbalizer_tokens)
+            await w.stop()
+            scaling.append(r | {"mode": mode})
+            print(f"  {name}: {mode:>13} c={conc:<3} {r['explanations_per_s']:.2f} expl/s "
+                  f"{r['verbalizer_tokens_per_s']:.1f} verbalizer tok/s", flush=True)
+    svc.worker = worker
+    result["explanations"] = scaling
+    top = max(args.concurrency)
+    b = next(r for r in scaling if r["concurrency"] == top and r["mode"] == "batched")
+    o = next(r for r in scaling if r["concurrency"] == top and r["mode"] == "one_at_a_time")
+    result[f"batched_speedup_at_{top}"] = b["explanations_per_s"] / o["explanations_per_s"]
+    await svc.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="tiny,default", help="comma list of: tiny, default")
+    p.add_argument("--engine", default="vllm")
+    p.add_argument("--requests", type=int, default=8, help="concurrent requests for tokens/s")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--per-request", type=int, default=4, help="explanations per request in the scaling runs")
+    p.add_argument("--verbalizer-tokens", type=int, default=32)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--out", default="bench-results/bench.json")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+               "args": {k: v for k, v in vars(args).items()}, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "tiny":
+                from nla_serve.tiny import build_all
+
+                t = build_all(Path(tmp) / "tiny")
+                s = ServerSettings(model=str(t.target), nla_av=str(t.av), nla_ar=str(t.ar), engine=args.engine,
+                                   dtype="float32", fve_baseline=1.0, max_model_len=512)
+            else:
+                from nla_serve.provision import default_model_dir
+
+                md = default_model_dir()
+                av, ar = untrained_nla_for(md, Path(tmp) / "default-nla", layer=20)
+                s = ServerSettings(model=str(md), nla_av=str(av), nla_ar=str(ar), engine=args.engine,
+                                   fve_baseline=1.0, max_model_len=1024)
+            print(f"== {name} on {args.engine}", flush=True)
+            r = asyncio.run(bench_model(name, s, args))
+            results["runs"].append(r)
+            print(f"  tokens/s: capture off {r['capture_off']['tokens_per_s']:.1f}, capture on "
+                  f"{r['capture_on_nothing_explained']['tokens_per_s']:.1f} (cost {100 * r['capture_cost']:.1f}%), "
+                  f"default policy {r['default_policy']['tokens_per_s']:.1f}; batched speedup at "
+                  f"{max(args.concurrency)}: {r[f'batched_speedup_at_{max(args.concurrency)}']:.2f}x", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
