@@ -358,7 +358,15 @@ def test_concurrency_limit_gives_429(base, loop):
         v.close()
 
 
+def aborted(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('vllm:request_success_total{finished_reason="abort"'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_disconnect_cancels_generation(app):
+    before = aborted(app.url)
     client = app.client()
     stream = chat(client, max_tokens=400, stream=True, extra_body={"explain": {"positions": "all"}})
     it = iter(stream)
@@ -371,7 +379,24 @@ def test_disconnect_cancels_generation(app):
             break
         time.sleep(0.2)
     assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in m
+    assert aborted(app.url) == before + 1
     assert chat(client, extra_body={"explain": False}).usage.completion_tokens == 6  # still serving
+
+
+def test_non_streaming_disconnect_cancels_too(app):
+    before = aborted(app.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(app.url + "/v1/chat/completions", timeout=1.5,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+                         "explain": {"positions": "all"}})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = httpx.get(app.url + "/metrics").text
+        if 'vllm:num_requests_running{model_name="tiny"} 0.0' in m:
+            break
+        time.sleep(0.2)
+    assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in m
+    assert aborted(app.url) == before + 1  # cancelled, not finished
 
 
 def test_failing_verbalizer_marks_items_failed(base, loop):

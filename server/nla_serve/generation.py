@@ -117,6 +117,7 @@ async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
     started = False
     engine_done = False
     outstanding = 1  # the engine reader
+    completed = False
     finish_reasons: list[str] = []
 
     async def explain_choice(index: int, ch: _Choice) -> None:
@@ -214,11 +215,14 @@ async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
             yield ExplanationEvent([unavailable_item(service.nla_reason or "explanations are unavailable")])
         G = sum(len(c.token_ids) for c in choices.values())
         metrics.record_finished(P, finish_reasons[0] if finish_reasons else "abort", time.monotonic() - req.arrived)
+        completed = True
         yield UsageEvent(P, G)
         log.info("request %s done: prompt %d, completion %d, %d choice(s), explanations %d, ttft %.3fs, total %.3fs",
                  req.request_id, P, G, len(choices), n_explanations,
                  (t_first - req.arrived) if t_first else -1, time.monotonic() - req.arrived)
     finally:
+        if not completed:  # the client went away or the engine failed: count it as vLLM does
+            metrics.record_finished(P, "abort", time.monotonic() - req.arrived)
         producer.cancel()
         for t in tasks:
             t.cancel()

@@ -99,7 +99,27 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     if body.stream_options is not None:
         raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
-    return JSONResponse(await collect(events, shape, options.n, want_logprobs), headers={"X-Request-Id": rid})
+    result = await until_disconnected(request, collect(events, shape, options.n, want_logprobs))
+    return JSONResponse(result, headers={"X-Request-Id": rid})
+
+
+async def until_disconnected(request: Request, work):
+    """Run ``work``; if the client goes away first, cancel it (which aborts the engine request and
+    drops its explanation jobs) instead of finishing work nobody will read."""
+    import asyncio
+
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise UnavailableError("the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 @router.post("/v1/chat/completions", dependencies=guarded)
