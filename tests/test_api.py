@@ -445,3 +445,19 @@ def test_models_and_health(app):
     assert models.data[0].id == MODEL and models.data[0].model_extra["nla"]["layer"] == 2
     h = httpx.get(app.url + "/health").json()
     assert h["status"] == "ok" and h["explanations"] is True
+
+
+def test_503_while_not_started():
+    """Before the lifespan has started the service (or after it stopped), answers are 503."""
+    app = create_app(ServerSettings(model="unused"))
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the service never starts
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r1 = await c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            r2 = await c.get("/health")
+            return r1, r2
+
+    r1, r2 = asyncio.run(go())
+    assert r1.status_code == 503 and r1.json()["error"]["type"] == "service_unavailable_error"
+    assert r2.status_code == 503 and r2.json()["status"] == "starting"
