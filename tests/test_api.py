@@ -368,7 +368,8 @@ def aborted(url: str) -> float:
 def test_disconnect_cancels_generation(app):
     before = aborted(app.url)
     client = app.client()
-    stream = chat(client, max_tokens=400, stream=True, extra_body={"explain": {"positions": "all"}})
+    stream = chat(client, max_tokens=400, stream=True,
+                  extra_body={"explain": {"positions": "all", "max_explanations": 64, "max_tokens": 200}})
     it = iter(stream)
     next(it)
     stream.close()
@@ -388,7 +389,8 @@ def test_non_streaming_disconnect_cancels_too(app):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(app.url + "/v1/chat/completions", timeout=1.5,
                    json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
-                         "explain": {"positions": "all"}})
+                         # 64 explanations of 200 verbalizer tokens: far longer than the 1.5 s timeout
+                         "explain": {"positions": "all", "max_explanations": 64, "max_tokens": 200}})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         m = httpx.get(app.url + "/metrics").text
@@ -438,6 +440,10 @@ def test_metrics_present_and_moving(app):
     assert value(after, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}') > \
         value(before, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}')
     assert 'nla_explanations_total{model_name="tiny",status=' in after
+    if app.service.settings.engine == "vllm":  # what vLLM reports about itself
+        assert value(after, 'vllm:request_queue_time_seconds_count{model_name="tiny"}') > \
+            value(before, 'vllm:request_queue_time_seconds_count{model_name="tiny"}')
+        assert 'vllm:kv_cache_usage_perc{model_name="tiny"}' in after
 
 
 def test_models_and_health(app):

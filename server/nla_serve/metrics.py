@@ -28,6 +28,9 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", L,
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time requests spent queued in the engine", L,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 = 100%)", L, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", L, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens produced", L, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests", L + ["finished_reason"], registry=r)
@@ -81,6 +84,13 @@ class Metrics:
 
     def record_error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()
+
+    def record_engine(self, stats) -> None:
+        """Export what the engine reports about itself (vLLM only) and drain its queue times."""
+        self.kv_cache_usage.labels(self.model_name).set(stats.kv_cache_usage)
+        times, stats.queue_times[:] = list(stats.queue_times), []
+        for t in times:
+            self.queue_time.labels(self.model_name).observe(t)
 
     def set_load(self, running: int, waiting: int, queue_depth: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -136,6 +136,9 @@ class Service:
 
     def publish_load(self) -> None:
         self.metrics.set_load(self.load.running, self.load.waiting, self.worker.depth if self.worker else 0)
+        stats = getattr(self.target, "stats", None)  # engines that report on themselves (vLLM)
+        if stats is not None:
+            self.metrics.record_engine(stats)
 
     def check_admission(self) -> None:
         """Refuse with 429 beyond ``max_concurrent_requests``; called before the first byte."""

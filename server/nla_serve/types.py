@@ -126,3 +126,13 @@ class Explanation:
     fve_reason: str | None = None  # why fve is null when mse is known
     raw: str | None = None  # the verbalizer's full output, tags included
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    """What an engine knows about its own load, for /metrics (filled by engines that can tell)."""
+
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_running: int = 0
+    num_waiting: int = 0
+    queue_times: list[float] = field(default_factory=list)  # seconds queued, per finished request, not yet exported

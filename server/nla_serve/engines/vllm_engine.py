@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from nla_serve.config import EngineSettings, resolve_eager
 from nla_serve.engines import vllm_capture
 from nla_serve.errors import ClientError, ContextLengthError, EngineError
-from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
+from nla_serve.types import (CapturedRows, EngineStats, FinishReason, Prompt, SamplingOptions, StepOutput,
+                             TokenLogprob)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,6 +74,7 @@ class VLLMEngine:
         self._dtype: Any = None  # torch dtype of the model in the engine
         self._capture: vllm_capture.CaptureDir | None = None
         self._active: dict[str, set[str]] = {}  # caller's request id -> engine-side ids in flight
+        self.stats = EngineStats()  # updated by vLLM's stat-logger hook (see _stat_logger_factory)
 
     # ------------------------------------------------------------------------------------------
     # Life cycle
@@ -158,14 +160,39 @@ class VLLMEngine:
             kwargs["speculative_config"] = vllm_capture.speculative_config(s.capture_layer)
             kwargs["kv_transfer_config"] = KVTransferConfig(**vllm_capture.kv_transfer_config(self._capture.path))
         args = AsyncEngineArgs(**kwargs)
+        loggers = [self._stat_logger_factory()]
         if not self.on_cpu:
             return AsyncLLM.from_vllm_config(args.create_engine_config(UsageContext.ENGINE_CONTEXT),
-                                             disable_log_stats=True)
+                                             disable_log_stats=True, stat_loggers=loggers)
         # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB, process-wide) would override this engine's own
         # kv_cache_gib while the config is built; hide it meanwhile.
         with _environ(VLLM_CPU_KVCACHE_SPACE=None):
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=loggers)
+
+    def _stat_logger_factory(self):
+        """A vLLM stat logger (runs in this process, on AsyncLLM's output handler) that keeps
+        ``self.stats`` current: KV-cache usage, running/waiting counts, per-request queue times."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self.stats
+
+        class _Collector(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    stats.num_running = int(scheduler_stats.num_running_reqs)
+                    stats.num_waiting = int(scheduler_stats.num_waiting_reqs)
+                if iteration_stats is not None and len(stats.queue_times) < 10_000:
+                    stats.queue_times.extend(r.queued_time for r in iteration_stats.finished_requests)
+
+            def log_engine_initialized(self):
+                pass
+
+        return _Collector
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
