@@ -1,0 +1,147 @@
+"""Evaluate an NLA pair on held-out activations: how much of v survives AR(AV(v)).
+
+For each held-out vector the AV writes an explanation (greedy, the inference recipe), the AR
+reconstructs the vector from it, and ``nla.reconstructor.score_vectors`` compares them (both
+sqrt(d)-normalised): mse, cos, and ``fve = 1 - mse / baseline``. Reported as mean and median,
+overall and per text source, with:
+
+- the shuffled control: the same explanations scored against *other* vectors (a derangement). An
+  explanation that carries information about its own vector must lose it here, so the control's
+  FVE sits near or below zero; a high control means the AR ignores the text (it learnt the mean).
+- the share of truncated outputs (no ``</explanation>``), of broken ones, and the mean length.
+- examples: context, token, explanation and score, for reading.
+
+Engines: ``batch`` (default) generates with ``train.generation`` (the recipe, many vectors per
+forward, plain transformers); ``transformers`` and ``vllm`` go through ``NLARuntime``, the exact
+server path. The folders are loaded and validated as the server does (LoRA folders merged first).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nla_serve.nla.reconstructor import score_vectors
+
+if TYPE_CHECKING:
+    import torch
+
+    from nla_serve.train.activations import ActivationSet
+
+
+def summary(xs: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(xs), 6), "median": round(statistics.median(xs), 6)} if xs else {}
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A permutation with no fixed point (n >= 2)."""
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    return [perm[(perm.index(i) + 1) % n] for i in range(n)] if n > 1 else perm
+
+
+def fve_report(pred: "torch.Tensor", gold: "torch.Tensor", mse_scale: float, baseline: float) -> dict:
+    """pred, gold: [N, d] -> {fve, cos, mse: {mean, median}} and the per-row scores."""
+    scores = score_vectors(pred, gold, mse_scale, baseline)
+    return {"fve": summary([s.fve for s in scores]), "cos": summary([s.cos for s in scores]),
+            "mse": summary([s.mse for s in scores]), "rows": scores}
+
+
+def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, device: str, max_tokens: int) -> list:
+    """-> list of (body, closed, tokens, broken) per vector."""
+    from nla_serve.nla.verbalizer import broken_reason
+
+    if engine == "batch":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from nla_serve.train.generation import generate
+
+        tok = AutoTokenizer.from_pretrained(av_path)
+        model = AutoModelForCausalLM.from_pretrained(av_path, dtype=torch.float32).to(device).eval()
+        av = ckpt.av
+        samples = generate(model, tok, list(av.prompt_ids), av.inject_at, av.injection_scale, vectors,
+                           max_new_tokens=max_tokens, eos_ids=set(av.eos_ids), temperature=0.0)
+        return [(s.body, s.closed, len(s.token_ids), broken_reason(s.body)) for s in samples]
+    import asyncio
+
+    from nla_serve.nla.runtime import NLARuntime
+
+    async def run():
+        rt = await NLARuntime.open(str(av_path), None, engine=engine, device=device, dtype="float32", checkpoint=ckpt)
+        try:
+            verbs = await rt.verbalizer.verbalize(vectors, max_tokens=max_tokens)
+        finally:
+            await rt.close()
+        return [(v.body, v.closed, v.tokens, v.broken) for v in verbs]
+
+    return asyncio.run(run())
+
+
+def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n: int = 200, engine: str = "batch",
+             device: str = "cpu", max_tokens: int = 200, seed: int = 0, base: str | Path | None = None,
+             cache_dir: str | Path | None = None, tokenizer=None, examples: int = 20) -> dict:
+    """Score the pair on the first ``n`` of ``acts`` (already the held-out split)."""
+    from dataclasses import replace
+
+    from nla_serve.nla.checkpoint import load_nla
+    from nla_serve.nla.lora import resolve_folder
+    from nla_serve.nla.reconstructor import Reconstructor
+    from nla_serve.train.calibrate import fve_baseline
+
+    av_path = resolve_folder(av_dir, base=base, cache_dir=cache_dir)
+    ar_path = resolve_folder(ar_dir, base=base, cache_dir=cache_dir)
+    ckpt = load_nla(av_path, ar_path)
+    vectors, records = acts.vectors[:n], acts.records[:n]
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 held-out activations to evaluate, got {len(records)}")
+    if ckpt.d_model != vectors.shape[1]:
+        raise ValueError(f"the activations are {vectors.shape[1]}-wide but the NLA's d_model is {ckpt.d_model}")
+    baseline, source = ckpt.fve_baseline, ckpt.baseline_source
+    if baseline is None:
+        baseline, source = fve_baseline(vectors), "measured on these evaluation vectors (no calibrated baseline)"
+        ckpt = replace(ckpt, fve_baseline=baseline, baseline_source=source)
+
+    outs = verbalize(av_path, ckpt, vectors, engine=engine, device=device, max_tokens=max_tokens)
+    bodies = [o[0] for o in outs]
+    rec = Reconstructor(ckpt.ar, device=device, dtype="float32")
+    pred = rec.reconstruct(bodies)  # [N, d]
+    main = fve_report(pred, vectors, ckpt.ar.mse_scale, baseline)
+    perm = derangement(len(bodies), seed)
+    shuffled = fve_report(pred[perm], vectors, ckpt.ar.mse_scale, baseline)  # AR(text of j) vs v_i
+
+    by_source: dict[str, list[float]] = {}
+    for r, s in zip(records, main["rows"]):
+        by_source.setdefault(r["source"], []).append(s.fve)
+    report = {
+        "n": len(records), "layer": ckpt.layer, "d_model": ckpt.d_model,
+        "baseline": round(baseline, 6), "baseline_source": source, "engine": engine, "max_tokens": max_tokens,
+        "fve": main["fve"], "cos": main["cos"], "mse": main["mse"],
+        "shuffled": {"fve": shuffled["fve"], "cos": shuffled["cos"], "mse": shuffled["mse"]},
+        "truncated_share": round(sum(not o[1] for o in outs) / len(outs), 4),
+        "broken_share": round(sum(o[3] is not None for o in outs) / len(outs), 4),
+        "mean_tokens": round(statistics.fmean(o[2] for o in outs), 2),
+        "mean_words": round(statistics.fmean(len(b.split()) for b in bodies), 2),
+        "by_source": {k: {"n": len(v), "fve": summary(v)} for k, v in sorted(by_source.items())},
+        "av": str(av_dir), "ar": str(ar_dir),
+    }
+    if examples:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(av_path)
+        report["examples"] = [{
+            "source": r["source"], "doc": r["doc"], "pos": r["pos"],
+            "context": tokenizer.decode(r["prefix_ids"][-24:], skip_special_tokens=False),
+            "token": tokenizer.decode([r["token"]]), "explanation": o[0], "closed": o[1],
+            "fve": round(s.fve, 4), "cos": round(s.cos, 4),
+        } for r, o, s in list(zip(records, outs, main["rows"]))[:examples]]
+    return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

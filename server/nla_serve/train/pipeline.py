@@ -1,0 +1,292 @@
+"""``nla-serve train``: the stages in order, each resumable from its outputs in the work dir.
+
+    WORK/config.json            the TrainConfig (a resumed run must name the same target, layer, seed)
+    WORK/corpus.jsonl           text documents of the non-chat sources          (stage corpus)
+    WORK/chats.jsonl            transcripts the target wrote, appended per batch (stage corpus)
+    WORK/activations/           layer-K rows + records, per part of documents   (stage collect)
+    WORK/targets.jsonl          one explanation target per activation           (stage targets)
+    WORK/pair.json              marker and injection scale, fixed once
+    WORK/ar.pt, av.pt, rl.pt    trainable tensors + optimizer + step            (stages ar, av, rl)
+    WORK/losses.jsonl           one line per training step of every stage
+    OUT/av, OUT/ar              the pair in the released layout                  (stage export)
+    OUT/eval.json               held-out evaluation                             (stage eval)
+
+A stage whose output is complete is skipped; a training stage continues from its last saved step
+(raise its step count to train on). ``calibrate`` writes the FVE baseline into OUT's sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from nla_serve.train.config import STAGES, TrainConfig
+from nla_serve.train.corpus import Document, parse_source, text_sources_documents
+from nla_serve.train.loop import LossLog, load_state, load_trainable, resolve_device
+
+DEFAULT_CHATS = 200
+
+
+class Pipeline:
+    def __init__(self, cfg: TrainConfig):
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        self.cfg = cfg
+        self.work = Path(cfg.work)
+        self.device = resolve_device(cfg.device)
+        self.log = LossLog(self.work / "losses.jsonl")
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+    def run(self) -> dict:
+        self.cfg.check_resume()
+        done = {}
+        for stage in STAGES:
+            if stage in self.cfg.stages:
+                t0 = time.time()
+                done[stage] = getattr(self, f"stage_{stage}")()
+                done[stage]["seconds"] = round(time.time() - t0, 2)
+                with open(self.work / "stages.jsonl", "a") as f:
+                    f.write(json.dumps({"stage": stage, **done[stage]}, default=str) + "\n")
+        return done
+
+    # -- shared inputs ----------------------------------------------------------------------
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.cfg.target)
+
+    def documents(self) -> list[Document]:
+        path = self.work / "corpus.jsonl"
+        if not (self.work / ".corpus.complete").is_file():
+            self.stage_corpus()
+        docs = [Document.from_json(line) for line in path.read_text().splitlines()]
+        chats = self.work / "chats.jsonl"
+        if chats.is_file():
+            docs += [Document.from_json(line) for line in chats.read_text().splitlines()]
+        return docs
+
+    @cached_property
+    def acts(self):
+        from nla_serve.train.activations import load_activations
+
+        if not (self.work / "activations" / ".complete").is_file():
+            self.stage_collect()
+        return load_activations(self.work / "activations")
+
+    @cached_property
+    def targets(self) -> list[dict]:
+        path = self.work / "targets.jsonl"
+        if not path.is_file():
+            self.stage_targets()
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def train_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.acts.records) if r["split"] == "train"]
+
+    @cached_property
+    def pair(self) -> dict:
+        """Marker and injection scale: chosen once, then read back (they shape every AV input)."""
+        from nla_serve.train.export import choose_marker
+
+        path = self.work / "pair.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        rows = self.train_rows()
+        scale = self.cfg.injection_scale or float(self.acts.vectors[rows].norm(dim=-1).median())
+        pair = {"marker": choose_marker(self.tokenizer, self.cfg.av_template, self.cfg.marker),
+                "injection_scale": round(scale, 4),
+                "injection_scale_source": "configured" if self.cfg.injection_scale else
+                "median layer-K norm of the training activations"}
+        path.write_text(json.dumps(pair, indent=2, ensure_ascii=False))
+        return pair
+
+    def prompt(self) -> tuple[list[int], int]:
+        from nla_serve.tiny import canonical_av_ids
+
+        ids = canonical_av_ids(self.tokenizer, self.cfg.av_template, self.pair["marker"])
+        return ids, ids.index(self.tokenizer.encode(self.pair["marker"], add_special_tokens=False)[0])
+
+    @property
+    def eos_ids(self) -> set[int]:
+        from nla_serve.engines.transformers_engine import eos_ids_of
+
+        return eos_ids_of(self.cfg.target, self.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        t = self.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else min(self.eos_ids)
+
+    def build_ar(self, final: bool):
+        from nla_serve.train.models import build_ar
+
+        ar = build_ar(self.cfg.target, self.cfg.layer, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha,
+                      device=self.device)
+        for path, key in ((self.work / "ar.pt", "model"), (self.work / "rl.pt", "ar")):
+            state = load_state(path) if (final or key == "model") else None
+            if state is not None:
+                load_trainable(ar, state[key])
+        return ar.eval()
+
+    def build_av(self, final: bool):
+        from nla_serve.train.models import build_av
+
+        av = build_av(self.cfg.target, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, device=self.device)
+        for path, key in ((self.work / "av.pt", "model"), (self.work / "rl.pt", "av")):
+            state = load_state(path) if (final or key == "model") else None
+            if state is not None:
+                load_trainable(av, state[key])
+        return av.eval()
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def stage_corpus(self) -> dict:
+        from nla_serve.train.chats import generate_chats
+
+        cfg, path = self.cfg, self.work / "corpus.jsonl"
+        if not (self.work / ".corpus.complete").is_file():
+            docs = list(text_sources_documents(list(cfg.sources), cfg.docs_per_source))
+            path.write_text("".join(d.to_json() + "\n" for d in docs))
+            (self.work / ".corpus.complete").write_text(str(len(docs)))
+        n_chats = 0
+        for spec in cfg.sources:
+            name, arg = parse_source(spec)
+            if name == "chat":
+                n_chats += int(arg) if arg else DEFAULT_CHATS
+        if n_chats:
+            generate_chats(cfg.target, self.work / "chats.jsonl", n_chats, max_new_tokens=cfg.chat_max_tokens,
+                           batch_size=cfg.chat_batch, seed=cfg.seed, device=self.device, progress=cfg.progress)
+        return {"documents": int((self.work / ".corpus.complete").read_text()), "chats": n_chats}
+
+    def stage_collect(self) -> dict:
+        from nla_serve.train.activations import collect
+
+        cfg = self.cfg
+        acts = collect(cfg.target, self.documents(), cfg.layer, self.work / "activations",
+                       context_tokens=cfg.context_tokens, positions_per_doc=cfg.positions_per_doc,
+                       min_position=cfg.min_position, heldout_fraction=cfg.heldout_fraction, device=self.device,
+                       seed=cfg.seed, progress=cfg.progress)
+        self.__dict__["acts"] = acts
+        return {"activations": len(acts), "heldout": sum(r["split"] == "heldout" for r in acts.records)}
+
+    def stage_targets(self) -> dict:
+        from nla_serve.train.targets import explanation_body, explanation_target
+
+        path = self.work / "targets.jsonl"
+        if not path.is_file():
+            rows = []
+            for i, rec in enumerate(self.acts.records):
+                body = explanation_body(self.tokenizer, rec)
+                rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec)})
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            tmp.replace(path)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        lens = [len(self.tokenizer.encode(r["body"], add_special_tokens=False)) for r in rows[:500]]
+        stats = {"targets": len(rows), "mean_tokens": round(statistics.fmean(lens), 1) if lens else 0,
+                 "share_30_80": round(sum(30 <= n <= 80 for n in lens) / max(1, len(lens)), 3)}
+        (self.work / "targets.json").write_text(json.dumps(stats, indent=2))
+        return stats
+
+    def stage_ar(self) -> dict:
+        from nla_serve.train.sft import train_ar
+
+        cfg, rows = self.cfg, self.train_rows()
+        ar = self.build_ar(final=False)
+        if load_state(self.work / "ar.pt") is None:
+            ar.init_head(self.acts.vectors[rows].mean(dim=0).to(self.device))
+        train_ar(ar, self.tokenizer, cfg.ar_template, [self.targets[i]["body"] for i in rows], self.acts.vectors[rows],
+                 steps=cfg.ar_steps, batch=cfg.ar_batch, lr=cfg.ar_lr, seed=cfg.seed, state_path=self.work / "ar.pt",
+                 log=self.log, device=self.device, dtype=cfg.dtype, save_every=cfg.save_every,
+                 progress=cfg.progress)
+        return self.losses("ar")
+
+    def stage_av(self) -> dict:
+        from nla_serve.train.sft import train_av
+
+        cfg, rows, tok = self.cfg, self.train_rows(), self.tokenizer
+        end = tok.eos_token_id if tok.eos_token_id is not None else min(self.eos_ids)
+        targets = [tok.encode(self.targets[i]["text"], add_special_tokens=False) + [end] for i in rows]
+        ids, at = self.prompt()
+        av = self.build_av(final=False)
+        train_av(av, ids, at, self.pair["injection_scale"], targets, self.acts.vectors[rows], pad_id=self.pad_id,
+                 steps=cfg.av_steps, batch=cfg.av_batch, lr=cfg.av_lr, seed=cfg.seed, state_path=self.work / "av.pt",
+                 log=self.log, device=self.device, dtype=cfg.dtype, save_every=cfg.save_every,
+                 progress=cfg.progress)
+        return self.losses("av")
+
+    def stage_rl(self) -> dict:
+        from nla_serve.train.rl import train_rl
+
+        cfg = self.cfg
+        if cfg.rl_steps <= 0:
+            return {"skipped": "rl_steps is 0"}
+        rows = self.train_rows()
+        ids, at = self.prompt()
+        av, ar = self.build_av(final=False), self.build_ar(final=False)
+        train_rl(av, ar, self.tokenizer, self.tokenizer, ids, at, self.pair["injection_scale"], cfg.ar_template,
+                 self.acts.vectors[rows], eos_ids=self.eos_ids, pad_id=self.pad_id, steps=cfg.rl_steps,
+                 batch=cfg.rl_batch, group=cfg.rl_group, lr=cfg.rl_lr, ar_lr=cfg.rl_ar_lr,
+                 temperature=cfg.rl_temperature, max_new_tokens=cfg.rl_max_new_tokens,
+                 truncation_penalty=cfg.rl_truncation_penalty, seed=cfg.seed, state_path=self.work / "rl.pt",
+                 log=self.log, device=self.device, dtype=cfg.dtype, save_every=max(1, cfg.save_every // 5),
+                 progress=cfg.progress)
+        return self.losses("rl", key="reward")
+
+    def stage_export(self) -> dict:
+        from nla_serve.train.export import export_pair
+
+        cfg = self.cfg
+        av, ar = self.build_av(final=True), self.build_ar(final=True)
+        av_dir, ar_dir = export_pair(
+            av, ar, cfg.target, self.tokenizer, cfg.out_dir, layer=cfg.layer,
+            injection_scale=self.pair["injection_scale"], av_template=cfg.av_template, ar_template=cfg.ar_template,
+            marker=self.pair["marker"], lora=cfg.lora_rank > 0, adapter_dtype=cfg.adapter_dtype,
+            extra={"injection_scale_source": self.pair["injection_scale_source"],
+                   "training": {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "ar_steps", "av_steps",
+                                                             "rl_steps", "sources", "seed")}})
+        return {"av": str(av_dir), "ar": str(ar_dir)}
+
+    def stage_calibrate(self) -> dict:
+        from nla_serve.train.calibrate import calibrate
+
+        held = self.acts.split("heldout")
+        vecs = held.vectors[: self.cfg.calibrate_n]
+        out = self.cfg.out_dir
+        baseline = calibrate(out / "av", out / "ar", vecs,
+                             measured_on=f"{len(vecs)} held-out activations of {','.join(self.cfg.sources)}")
+        return {"fve_baseline": baseline, "n": len(vecs)}
+
+    def stage_eval(self) -> dict:
+        from nla_serve.train.evaluate import evaluate, write_report
+
+        out = self.cfg.out_dir
+        report = evaluate(out / "av", out / "ar", self.acts.split("heldout"), n=self.cfg.eval_n, device=self.device,
+                          max_tokens=self.cfg.eval_max_tokens, seed=self.cfg.seed, base=self.cfg.target,
+                          cache_dir=self.work / "merged")
+        write_report(report, out / "eval.json")
+        return {k: report[k] for k in ("n", "fve", "shuffled", "truncated_share", "mean_tokens")}
+
+    def losses(self, stage: str, key: str = "loss") -> dict:
+        rows = [r[key] for r in self.log.read(stage)]
+        k = max(1, len(rows) // 10)
+        return {"steps": len(rows), f"first_{key}": statistics.fmean(rows[:k]) if rows else None,
+                f"last_{key}": statistics.fmean(rows[-k:]) if rows else None}
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return Pipeline(cfg).run()

@@ -1,0 +1,169 @@
+"""Warm-start explanation targets, built honestly from what the activation can know.
+
+The authors' warm start used explanations written by a strong LLM. None can be called here, so a
+target is assembled from two things only, both available to the residual stream at position p:
+
+1. the text up to and including p (the activation is a function of exactly these tokens: never
+   the tokens after p, never the document's name or source file), and
+2. the target model's own next-token distribution at p (what it is about to do; at ~2/3 depth the
+   layer-K row largely determines it).
+
+From them the explanation says, in three short paragraphs like the released AVs' (the last one
+about the final token), in plain English:
+
+- the kind of text it is (chat reply, user message, scripture-like archaic prose, Python
+  documentation, code) and its topic words, as judged from the visible text;
+- a quote of the last few words;
+- the final token, whether it sits mid-word or ends a sentence, and the words the model expects
+  next, with how sure it is.
+
+Nothing is claimed that the prefix and the predictions do not show; a genre is named only when the
+visible text shows it (the register labels for the shipped corpora are what the text *reads as*).
+Targets are 30-80 tokens: long enough to carry the token and context, short enough to be cheap to
+generate. ``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+OPEN, CLOSE = "<explanation>", "</explanation>"
+STOP = set("""a about above after again against all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had has have having he
+her here hers herself him himself his how i if in into is it its itself just let me more most my myself no nor not
+now of off on once only or other our ours out over own same she should so some such than that the their theirs them
+then there these they this those through to too under until up upon very was we were what when where which while
+who whom why will with would you your yours assistant user system unto thee thou thy thine hath shall said saith also even came come went
+like one two many much make made use used using may might must every""".split())
+CODE = re.compile(r"(>>>|def |class |import |\breturn\b|==|\(\)|\w+\(\w*[,)]|\[\d*:|\w+\.\w+\()")
+ARCHAIC = re.compile(r"\b(thee|thou|thy|hath|saith|unto|begat|shalt|ye)\b", re.I)
+WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def show(piece: str) -> str:
+    """A token as a reader sees it: quoted text, or a name for whitespace and byte pieces."""
+    if piece == "" or "\ufffd" in piece:
+        return "part of a multi-byte character"
+    if piece.strip() == "":
+        return "a line break" if "\n" in piece else "a space"
+    if piece.strip() == '"':
+        return "a double quotation mark"
+    return f'"{piece.strip()}"'
+
+
+def show_prediction(tokenizer, token_id: int) -> str | None:
+    """How a predicted token reads, or None when it has no readable form."""
+    if token_id == tokenizer.eos_token_id:
+        return "the end of the message"
+    if token_id in set(tokenizer.all_special_ids):
+        return None
+    piece = token_text(tokenizer, token_id)
+    if piece == "" or "\ufffd" in piece:
+        return None
+    return show(piece)
+
+
+def topic_words(text: str, n: int = 3) -> list[str]:
+    words = WORD.findall(text)
+    counts = Counter(w.lower() for w in words if len(w) >= 4 and w.lower() not in STOP)
+    first: dict[str, str] = {}
+    for w in words:
+        first.setdefault(w.lower(), w)
+    ranked = sorted(counts, key=lambda w: (-counts[w] - (0.5 if first[w][0].isupper() else 0), w))
+    return [first[w] for w in ranked[:n]]
+
+
+def register(rec: dict, text: str, recent: str) -> str:
+    role, source = rec.get("role"), rec.get("source", "")
+    topic = (rec.get("user") or "").strip()
+    ask = " ".join(topic.split()[:8]) + ("…" if len(topic.split()) > 8 else "")
+    if role == "assistant":
+        kind = f'An AI assistant\'s reply in a chat; the user asked: "{ask}"'
+    elif role == "user":
+        kind = "A user's message to an AI assistant in a chat"
+    elif role == "system":
+        kind = "The system prompt at the start of a chat"
+    elif source == "kjv" or ARCHAIC.search(text):
+        kind = "Archaic, King James-style scripture prose"
+    elif source == "pydoc":
+        kind = "Technical documentation about the Python language"
+    else:
+        kind = "Plain written prose"
+    if CODE.search(recent):
+        kind += ", currently inside code"
+    return kind + "."
+
+
+def position_note(tokenizer, rec: dict, piece: str) -> str:
+    top = rec["top"]
+    nxt = token_text(tokenizer, top[0][0]) if top else ""
+    if piece.strip() and piece.strip()[-1] in ".!?":
+        return " It ends a sentence."
+    if piece.strip().isalpha() and nxt[:1].isalpha() and not nxt.startswith(" "):
+        return " It is the start of a longer word."
+    if piece.strip() in (",", ";", ":"):
+        return " It is punctuation inside a sentence."
+    return ""
+
+
+def prediction_note(tokenizer, rec: dict) -> str:
+    top = [(show_prediction(tokenizer, i), p) for i, p in rec["top"]]
+    seen, opts = set(), []
+    for s, p in top:
+        if s is not None and s not in seen and (p >= 0.05 or not opts):
+            seen.add(s)
+            opts.append((s, p))
+    if not opts:
+        return ""
+    first, p0 = opts[0]
+    if p0 >= 0.6:
+        return f" The model is confident the next token is {first}."
+    if len(opts) == 1:
+        return f" The model is unsure; {first} is its best guess for what comes next."
+    rest = " or ".join(s for s, _ in opts[1:3])
+    return f" Next, the model expects {first}, or perhaps {rest}."
+
+
+def visible_text(tokenizer, rec: dict) -> tuple[str, str]:
+    """-> (the prefix as text, the part of it the current message consists of). In a chat, the
+    chat template's role labels and system prompt are scaffolding, not the message."""
+    ids = rec["prefix_ids"]
+    text = tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "")
+    role, user = rec.get("role"), (rec.get("user") or "")
+    if role == "assistant" and rec.get("reply_start") is not None:
+        return text, tokenizer.decode(ids[rec["reply_start"]:], skip_special_tokens=True).replace("\ufffd", "")
+    if role == "user" and user[:12] and user[:12] in text:
+        return text, text[text.index(user[:12]):]
+    return text, text
+
+
+def explanation_body(tokenizer, rec: dict, *, quote_words: int = 8, max_tokens: int = 80) -> str:
+    text, message = visible_text(tokenizer, rec)
+    piece = token_text(tokenizer, rec["token"])
+    words = message[-400:].split()
+    chat = rec.get("role") in ("assistant", "user")
+    topics = topic_words(((rec.get("user") or "") + "\n" + message) if chat else text)
+    for q in range(quote_words, 1, -1):
+        recent = " ".join(words[-q:])
+        p1 = register(rec, text, recent)
+        if topics:
+            p1 += " Its topic words include " + ", ".join(topics) + "."
+        if len(words) >= 2:
+            p2 = f'The last words read: "{recent}".'
+        else:
+            p2 = "The message has only just begun."
+        p3 = f"The final token is {show(piece)}." + position_note(tokenizer, rec, piece) + prediction_note(tokenizer, rec)
+        body = f"{p1}\n\n{p2}\n\n{p3}"
+        if len(tokenizer.encode(body, add_special_tokens=False)) <= max_tokens:
+            return body
+    return body
+
+
+def explanation_target(tokenizer, rec: dict, **kw) -> str:
+    """The whole text the AV is trained to write for this sample (tags included)."""
+    return f"{OPEN}\n{explanation_body(tokenizer, rec, **kw)}\n{CLOSE}"
