@@ -122,6 +122,31 @@ def test_outputs_load_and_explain_like_a_released_pair(trained, loop, tmp_path):
     assert all(r.status in ("ok", "truncated") and r.fve is not None and r.tokens > 0 for r in res)
 
 
+def test_server_serves_the_trained_lora_folder_over_http(trained, tiny, loop, tmp_path):
+    """What `nla-serve train` writes is what `nla-serve serve --nla-av/--nla-ar` takes, LoRA included."""
+    import openai
+
+    from conftest import AppServer
+    from nla_serve.api.app import create_app
+    from nla_serve.config import ServerSettings
+
+    cfg, _ = trained
+    settings = ServerSettings(model=str(tiny.target), served_model_name="tiny", nla_av=str(cfg.out_dir / "av"),
+                              nla_ar=str(cfg.out_dir / "ar"), engine="transformers", dtype="float32", device="cpu",
+                              cache_dir=str(tmp_path), max_model_len=512)
+    server = AppServer(loop, create_app(settings)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "In the beginning"}],
+                                           max_tokens=4, temperature=0,
+                                           extra_body={"explain": {"positions": "last", "max_tokens": 30}})
+        [item] = r.model_extra["explanations"]
+        assert item["status"] in ("ok", "truncated") and item["text"] and item["fve"] is not None
+        assert list((tmp_path / "merged").iterdir())  # merged once into the cache
+    finally:
+        server.stop()
+
+
 def test_losses_fall_on_a_fixed_seed(trained):
     cfg, result = trained
     log = LossLog(cfg.work / "losses.jsonl")

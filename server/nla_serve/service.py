@@ -91,8 +91,14 @@ class Service:
             from nla_serve.nla.checkpoint import load_nla
             from nla_serve.nla.checkpoint import read_config
 
+            from nla_serve.nla import lora
+
             cfg = read_config(model_dir)
-            ckpt = load_nla(resolve_folder(av, "--nla-av"), resolve_folder(ar, "--nla-ar") if ar else None,
+            # LoRA NLAs (adapters over the target's own weights) are merged once into a cache folder
+            merged = Path(settings.cache_dir or Path.home() / ".cache" / "nla-serve") / "merged"
+            av_dir = lora.resolve_folder(resolve_folder(av, "--nla-av"), base=model_dir, cache_dir=merged)
+            ar_dir = lora.resolve_folder(resolve_folder(ar, "--nla-ar"), base=model_dir, cache_dir=merged) if ar else None
+            ckpt = load_nla(av_dir, ar_dir,
                             target_hidden_size=cfg.get("hidden_size"), target_num_layers=cfg.get("num_hidden_layers"),
                             target_model_type=cfg.get("model_type"), fve_baseline=settings.fve_baseline)
         target = make_engine(EngineSettings(
