@@ -365,6 +365,16 @@ def aborted(url: str) -> float:
     return 0.0
 
 
+def idle_soon(url: str, seconds: float = 30) -> bool:
+    """Whether the server reports no request running within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if 'vllm:num_requests_running{model_name="tiny"} 0.0' in httpx.get(url + "/metrics").text:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_disconnect_cancels_generation(app):
     before = aborted(app.url)
     client = app.client()
@@ -373,13 +383,7 @@ def test_disconnect_cancels_generation(app):
     it = iter(stream)
     next(it)
     stream.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = httpx.get(app.url + "/metrics").text
-        if 'vllm:num_requests_running{model_name="tiny"} 0.0' in m:
-            break
-        time.sleep(0.2)
-    assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in m
+    assert idle_soon(app.url)
     assert aborted(app.url) == before + 1
     assert chat(client, extra_body={"explain": False}).usage.completion_tokens == 6  # still serving
 
@@ -391,13 +395,7 @@ def test_non_streaming_disconnect_cancels_too(app):
                    json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
                          # 64 explanations of 200 verbalizer tokens: far longer than the 1.5 s timeout
                          "explain": {"positions": "all", "max_explanations": 64, "max_tokens": 200}})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = httpx.get(app.url + "/metrics").text
-        if 'vllm:num_requests_running{model_name="tiny"} 0.0' in m:
-            break
-        time.sleep(0.2)
-    assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in m
+    assert idle_soon(app.url)
     assert aborted(app.url) == before + 1  # cancelled, not finished
 
 

@@ -6,8 +6,9 @@ on the chosen engine:
 
 1. generated tokens/s of N concurrent requests with capture off (an engine without capture), with
    capture on but nothing explained, and with the default explanation policy;
-2. explanations/s and verbalizer tokens/s at 1, 4 and 16 concurrent requests, through the batching
-   worker versus one explanation at a time (worker batch size 1);
+2. explanations/s and verbalizer tokens/s at 1, 4 and 16 concurrent requests (each generating a few
+   tokens and asking for 4 explanations), through the batching worker versus one explanation at a
+   time (worker batch size 1);
 3. p50/p95 time to first token and token-to-explanation latency.
 
 Everything runs in-process through the same Service and generation pipeline as the HTTP server
@@ -21,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -165,7 +165,8 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
         for mode, bs in (("batched", settings.explain_batch_size), ("one_at_a_time", 1)):
             w = ExplanationWorker(svc.nla, queue_size=4096, batch_size=bs, cache_size=0, metrics=svc.metrics)
             await w.start()
-            r = await explained_requests(svc, w, conc, args.per_request, args.max_tokens, args.verbalizer_tokens)
+            r = await explained_requests(svc, w, conc, args.per_request, args.explain_gen_tokens,
+                                         args.verbalizer_tokens)
             await w.stop()
             scaling.append(r | {"mode": mode})
             print(f"  {name}: {mode:>13} c={conc:<3} {r['explanations_per_s']:.2f} expl/s "
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=8, help="concurrent requests for tokens/s")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--per-request", type=int, default=4, help="explanations per request in the scaling runs")
+    p.add_argument("--explain-gen-tokens", type=int, default=16,
+                   help="tokens generated per request in the scaling runs (short: they measure explaining)")
     p.add_argument("--verbalizer-tokens", type=int, default=32)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--out", default="bench-results/bench.json")

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Union
 from nla_serve.explain.policy import ExplainPlan
 from nla_serve.explain.worker import ExplanationJob
 from nla_serve.service import Service
-from nla_serve.types import Explanation, Prompt, SamplingOptions, StepOutput, TokenLogprob
+from nla_serve.types import Explanation, Prompt, SamplingOptions, TokenLogprob
 
 log = logging.getLogger("nla_serve.request")
 
@@ -136,9 +136,7 @@ async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
                        if p == len(ids) - 1 else f"position {p} is beyond this choice's {len(ids)} tokens")
                 await emit(Explanation(status="skipped", reason=why), index, p, ids)
                 continue
-            job = ExplanationJob(req.request_id, rows[p], plan.temperature, plan.max_tokens, plan.reconstruct,
-                                 plan.seed)
-            pending[service.worker.submit(job)] = p
+            pending[service.worker.submit(ExplanationJob.for_plan(plan, req.request_id, rows[p]))] = p
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:

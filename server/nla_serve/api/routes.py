@@ -13,6 +13,7 @@ from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, Exp
 from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
 from nla_serve.explain.policy import make_plan
+from nla_serve.explain.worker import ExplanationJob
 from nla_serve.generation import GenerationRequest, apply_min_fve, explanation_item, run, unavailable_item
 from nla_serve.service import Service
 from nla_serve.types import SamplingOptions
@@ -181,7 +182,8 @@ async def explanations(body: ExplanationsRequest, request: Request):
         vec = torch.tensor(body.vectors, dtype=torch.float32)
         if not torch.isfinite(vec).all():
             raise ClientError("vectors contain NaN or infinite values", param="vectors")
-        futures = [svc.worker.submit(job_for(plan, "expl-" + uuid.uuid4().hex, v)) for v in vec]
+        rid = "expl-" + uuid.uuid4().hex
+        futures = [svc.worker.submit(ExplanationJob.for_plan(plan, rid, v)) for v in vec]
         data = []
         for i, fut in enumerate(futures):
             item = apply_min_fve(explanation_item(await fut, layer=svc.layer, index=i), plan)
@@ -203,12 +205,6 @@ async def explanations(body: ExplanationsRequest, request: Request):
     items = (await collect(events, ResponseShape("completion", rid, svc.model_name, svc.tokenizer), 1, False))
     data = [it | {"index": n} for n, it in enumerate(items["explanations"])]
     return {"object": "list", "data": data}
-
-
-def job_for(plan, request_id: str, vector):
-    from nla_serve.explain.worker import ExplanationJob
-
-    return ExplanationJob(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed)
 
 
 @router.get("/v1/models", dependencies=guarded)

@@ -62,6 +62,20 @@ async def generate_all(
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
+def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -> None:
+    """The checks every engine makes before generating: a prompt, and room for max_tokens."""
+    from nla_serve.errors import ClientError, ContextLengthError
+
+    if not prompt.token_ids:
+        raise ClientError("the prompt is empty", param="prompt")
+    if len(prompt.token_ids) + options.max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({options.max_tokens}) exceeds "
+            f"the model's context of {max_model_len} tokens",
+            param="max_tokens",
+        )
+
+
 def make_engine(settings: EngineSettings) -> TargetEngine:
     if settings.kind == "transformers":
         from nla_serve.engines.transformers_engine import TransformersEngine
@@ -74,4 +88,4 @@ def make_engine(settings: EngineSettings) -> TargetEngine:
     raise ValueError(f"unknown engine kind {settings.kind!r}; expected 'vllm' or 'transformers'")
 
 
-__all__ = ["TargetEngine", "generate_all", "make_engine"]
+__all__ = ["TargetEngine", "check_prompt", "generate_all", "make_engine"]

@@ -20,7 +20,8 @@ import asyncio
 from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.config import EngineSettings
-from nla_serve.errors import ClientError, ContextLengthError, EngineError
+from nla_serve.engines import check_prompt
+from nla_serve.errors import ClientError, EngineError
 from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
@@ -110,7 +111,6 @@ class TransformersEngine:
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         s = self.settings
@@ -139,14 +139,7 @@ class TransformersEngine:
     def _check(self, prompt: Prompt, options: SamplingOptions) -> None:
         if self.model is None:
             raise EngineError("engine is not started")
-        if not prompt.token_ids:
-            raise ClientError("the prompt is empty", param="prompt")
-        if len(prompt.token_ids) + options.max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({options.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens",
-                param="max_tokens",
-            )
+        check_prompt(prompt, options, self.max_model_len)
         if prompt.inject_row is not None and not self.settings.enable_prompt_embeds:
             raise ClientError("this engine does not accept prompt embeddings (enable_prompt_embeds is off)")
 

@@ -35,8 +35,8 @@ import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from nla_serve.config import EngineSettings, resolve_eager
-from nla_serve.engines import vllm_capture
-from nla_serve.errors import ClientError, ContextLengthError, EngineError
+from nla_serve.engines import check_prompt, vllm_capture
+from nla_serve.errors import ClientError, EngineError
 from nla_serve.types import (CapturedRows, EngineStats, FinishReason, Prompt, SamplingOptions, StepOutput,
                              TokenLogprob)
 
@@ -324,14 +324,7 @@ class VLLMEngine:
     def _sampling_params(self, o: SamplingOptions, prompt: Prompt, capture: bool):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        if not prompt.token_ids:
-            raise ClientError("the prompt is empty", param="prompt")
-        if len(prompt.token_ids) + o.max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({o.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens",
-                param="max_tokens",
-            )
+        check_prompt(prompt, o, self.max_model_len)
         if self.on_cpu and o.seed is not None and o.temperature > 0:
             raise ClientError(
                 "seed with temperature > 0 is not supported by the vLLM CPU engine (vLLM crashes "

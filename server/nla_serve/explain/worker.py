@@ -47,6 +47,11 @@ class ExplanationJob:
     def settings(self) -> tuple:
         return (self.temperature, self.max_tokens, self.reconstruct, self.seed)
 
+    @classmethod
+    def for_plan(cls, plan, request_id: str, vector: "torch.Tensor") -> "ExplanationJob":
+        """A job with the verbalizer settings of an ``ExplainPlan``."""
+        return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed)
+
 
 class ExplanationWorker:
     def __init__(self, runtime: "NLARuntime", *, queue_size: int = 256, batch_size: int = 32,
