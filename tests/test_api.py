@@ -465,3 +465,56 @@ def test_503_while_not_started():
     r1, r2 = asyncio.run(go())
     assert r1.status_code == 503 and r1.json()["error"]["type"] == "service_unavailable_error"
     assert r2.status_code == 503 and r2.json()["status"] == "starting"
+
+
+ODD_REQUESTS = [
+    {"top_k": -1, "temperature": 0.7},
+    {"top_p": 1e-9, "temperature": 1.0},
+    {"temperature": 1e-7},
+    {"seed": 2**63 + 5, "temperature": 0},
+    {"seed": -1, "temperature": 0},
+    {"seed": 7, "temperature": 0.9},  # refused on vLLM CPU (it would crash the engine), fine elsewhere
+    {"max_tokens": 1, "explain": {"positions": "all"}},
+    {"stop": ["", "x"]},
+    {"stop": ["\n", "<|im_end|>", "ψ", "\\u0000"]},
+    {"n": 16, "max_tokens": 3, "logprobs": True, "top_logprobs": 20},
+    {"messages": [{"role": "user", "content": "\u0000\ud7ff\ufffe ψψψ <|im_start|> </explanation>"}]},
+    {"messages": [{"role": "assistant", "content": None}, {"role": "user", "content": ""}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "x": 1}]}]},
+    {"max_completion_tokens": 3, "max_tokens": 5},
+    {"explain": {"positions": {"every": 0}}},
+    {"explain": {"positions": [True, False]}},
+    {"explain": {"max_explanations": 10**9}},
+    {"explain": {"temperature": -1}},
+    {"explain": {"min_fve": float("inf")}},
+    {"explain": {"seed": 3, "temperature": 0.5, "positions": "last"}},
+    {"stream": True, "n": 3, "explain": {"positions": "last"}},
+    {"stream_options": {"include_usage": True}},
+    {"user": "u" * 10000},
+    {"logit_bias": {"5": 100}},
+    {"temperature": None, "top_p": None, "n": 1},
+]
+
+
+@pytest.mark.parametrize("extra", ODD_REQUESTS, ids=[str(i) for i in range(len(ODD_REQUESTS))])
+def test_odd_requests_never_500(app, extra):
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+               "explain": {"positions": "last", "max_tokens": 2}} | extra
+    r = httpx.post(app.url + "/v1/chat/completions", content=json.dumps(payload),
+                   headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    elif not payload.get("stream"):
+        assert r.json()["choices"]
+    else:
+        assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+
+
+def test_completions_odd_prompts_never_500(app):
+    for prompt, ok in [([], False), ([0, 1, 2], True), ([10**9], False), (["a", "b"], False), (["a"], True),
+                       ("", True), ("ψ" * 50, True)]:
+        r = httpx.post(app.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == (200 if ok else 400), (prompt, r.text)
+    assert chat(app.client(), extra_body={"explain": False}).choices  # still serving
