@@ -132,6 +132,23 @@ def test_chat_streaming(app):
     assert chunks.index(expl[0]) < len(chunks) - 1
 
 
+def test_stream_keepalive_while_explanations_run(base, loop):
+    v = Variant(loop, base, sse_keepalive_seconds=0.05, explain_cache_size=0)
+    try:
+        payload = {"model": MODEL, "messages": [{"role": "user", "content": "keep me alive"}], "max_tokens": 4,
+                   "stream": True, "explain": {"positions": "all", "max_explanations": 16, "max_tokens": 64}}
+        with httpx.stream("POST", v.url + "/v1/chat/completions", json=payload, timeout=120) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+        assert sum(1 for line in lines if '"explanations"' in line) == 16
+        # the SDK ignores the comments
+        chunks = list(v.client().chat.completions.create(**{k: w for k, w in payload.items() if k != "explain"},
+                                                          extra_body={"explain": payload["explain"]}))
+        assert sum(len((c.model_extra or {}).get("explanations") or []) for c in chunks) == 16
+    finally:
+        v.close()
+
+
 def test_completions_with_logprobs(app):
     client = app.client()
     r = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=5, temperature=0, logprobs=3,
@@ -255,6 +272,7 @@ def test_explanations_endpoint_errors(app, body, param):
     ({"explain": {"positions": list(range(100))}}, 400, "explain.positions"),
     ({"explain": {"positions": [10_000]}}, 400, "explain.positions"),
     ({"explain": {"bogus": 1}}, 400, "explain.bogus"),
+    ({"explain": {"max_tokens": 1020}}, 400, "explain.max_tokens"),  # more than the tiny AV's context holds
     ({"explain": "yes"}, 400, "explain"),
     ({"model": "gpt-4"}, 404, "model"),
     ({"messages": []}, 400, "messages"),
@@ -375,11 +393,22 @@ def idle_soon(url: str, seconds: float = 30) -> bool:
     return False
 
 
-def test_disconnect_cancels_generation(app):
+LONG_EXPLAIN = {"positions": "all", "max_explanations": 64, "max_tokens": 900}  # tens of seconds of work
+
+
+@pytest.fixture
+def uncached(base, loop):
+    """A variant without the explanation cache, so long requests stay long."""
+    v = Variant(loop, base, explain_cache_size=0)
+    yield v
+    v.close()
+
+
+def test_disconnect_cancels_generation(uncached):
+    app = uncached
     before = aborted(app.url)
     client = app.client()
-    stream = chat(client, max_tokens=400, stream=True,
-                  extra_body={"explain": {"positions": "all", "max_explanations": 64, "max_tokens": 200}})
+    stream = chat(client, content="go on and on", max_tokens=400, stream=True, extra_body={"explain": LONG_EXPLAIN})
     it = iter(stream)
     next(it)
     stream.close()
@@ -388,13 +417,13 @@ def test_disconnect_cancels_generation(app):
     assert chat(client, extra_body={"explain": False}).usage.completion_tokens == 6  # still serving
 
 
-def test_non_streaming_disconnect_cancels_too(app):
+def test_non_streaming_disconnect_cancels_too(uncached):
+    app = uncached
     before = aborted(app.url)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(app.url + "/v1/chat/completions", timeout=1.5,
                    json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
-                         # 64 explanations of 200 verbalizer tokens: far longer than the 1.5 s timeout
-                         "explain": {"positions": "all", "max_explanations": 64, "max_tokens": 200}})
+                         "explain": LONG_EXPLAIN})
     assert idle_soon(app.url)
     assert aborted(app.url) == before + 1  # cancelled, not finished
 

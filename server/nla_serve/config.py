@@ -45,6 +45,10 @@ class EngineSettings(BaseModel):
     seed: int = 0
 
 
+# The most tokens one explanation may take; the verbalizer engine's context is sized from it.
+MAX_EXPLANATION_TOKENS = 1024
+
+
 def resolve_eager(enforce_eager: bool | None, device: str) -> bool:
     """Whether a vLLM engine runs eagerly. Explicit settings win. By default a GPU keeps
     torch.compile and CUDA graphs (the capture path never needs eager), while CPU runs eager:
@@ -77,7 +81,7 @@ class ExplainDefaults(BaseModel):
     max_explanations: int = Field(default=4, ge=1)
     max_explanations_limit: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0)
-    max_tokens: int = Field(default=200, ge=1, le=1024)
+    max_tokens: int = Field(default=200, ge=1, le=MAX_EXPLANATION_TOKENS)
     reconstruct: bool = True
 
 
@@ -116,4 +120,5 @@ class ServerSettings(BaseModel):
     explain_cache_size: int = Field(default=4096, ge=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_vectors: int = Field(default=64, ge=1)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     cache_dir: str | None = None

@@ -7,6 +7,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from nla_serve.config import MAX_EXPLANATION_TOKENS
+
 Strict = ConfigDict(extra="forbid")
 
 
@@ -80,7 +82,7 @@ class ExplanationsRequest(BaseModel):
     vectors: list[list[float]] | None = None
     positions: Union[str, dict[str, Any], list[StrictInt], None] = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: StrictInt | None = Field(default=None, ge=1, le=1024)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPLANATION_TOKENS)
     reconstruct: bool | None = None
     min_fve: float | None = Field(default=None, le=1)
     on_low_fve: Literal["flag", "drop"] | None = None

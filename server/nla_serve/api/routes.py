@@ -82,9 +82,16 @@ def sampling(svc: Service, body, ids: list[int], max_tokens: int | None, logprob
         stop=tuple(stops), logprobs=logprobs)
 
 
+def check_room(svc: Service, plan, param: str) -> None:
+    if plan.enabled and svc.nla is not None and plan.max_tokens > svc.nla.max_explanation_tokens:
+        raise ClientError(f"{param} is {plan.max_tokens}; this NLA's verbalizer has room for at most "
+                          f"{svc.nla.max_explanation_tokens} tokens", param=param)
+
+
 async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
                   want_logprobs: bool):
     plan = make_plan(body.explain, svc.settings.explain)
+    check_room(svc, plan, "explain.max_tokens")
     if isinstance(plan.positions, tuple) and max(plan.positions) >= len(ids) + options.max_tokens - 1:
         raise ClientError(f"explain.positions asks for index {max(plan.positions)}, but prompt ({len(ids)} tokens) "
                           f"+ max_tokens ({options.max_tokens}) leaves activations for indices 0.."
@@ -95,7 +102,8 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
     events = run(svc, GenerationRequest(rid, ids, options, plan))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(events, shape, include_usage, want_logprobs),
+        return StreamingResponse(stream_events(events, shape, include_usage, want_logprobs,
+                                               svc.settings.sse_keepalive_seconds),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     if body.stream_options is not None:
@@ -166,6 +174,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
         plan = make_plan(options or True, d)
     except ClientError as e:  # here the options are top-level fields, not inside 'explain'
         raise ClientError(e.message.replace("explain.", ""), param=(e.param or "").replace("explain.", "")) from None
+    check_room(svc, plan, "max_tokens")
     svc.check_admission()
     if body.vectors is not None:
         if body.positions is not None:

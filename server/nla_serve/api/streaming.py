@@ -1,5 +1,9 @@
 """Events -> OpenAI-shaped chunks (SSE) and whole responses.
 
+While nothing is ready (typically: the tokens are done and explanations are still being written),
+the stream sends an SSE comment every ``keepalive`` seconds so that proxies and clients with idle
+timeouts keep the connection; SSE parsers, the OpenAI SDKs' included, ignore comments.
+
 Token chunks go out as soon as the engine yields them; explanation items as their own chunks with
 ``choices: []`` and an ``explanations`` array (stock OpenAI SDKs parse them: unknown fields are
 kept as extras); then the usage chunk (``stream_options.include_usage``) and ``[DONE]``. A failure
@@ -8,6 +12,7 @@ after the first byte travels in-band as an ``error`` chunk, then ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -63,14 +68,46 @@ class ResponseShape:
                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
 
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncIterator[Event | None]:
+    """Yield the events, and None whenever ``interval`` seconds pass without one. The pending
+    ``__anext__`` is never cancelled by the timer, only when the consumer stops (which runs the
+    generator's cleanup: engine abort, explanation jobs dropped)."""
+    it = events.__aiter__()
+    nxt = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield ev
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            try:
+                await nxt
+            except (asyncio.CancelledError, StopAsyncIteration, Exception):
+                pass
+
+
 async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, include_usage: bool,
-                        want_logprobs: bool) -> AsyncIterator[bytes]:
+                        want_logprobs: bool, keepalive: float = 15.0) -> AsyncIterator[bytes]:
     chunk_obj = "chat.completion.chunk" if shape.kind == "chat" else "text_completion"
     started: set[int] = set()
     text_len: dict[int, int] = {}
     try:
-        async for ev in events:
-            if isinstance(ev, TokenEvent):
+        async for ev in with_keepalive(events, keepalive):
+            if ev is None:
+                yield KEEPALIVE
+            elif isinstance(ev, TokenEvent):
                 if shape.kind == "chat":
                     delta: dict = {}
                     if ev.index not in started:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nla_serve.config import ExplainDefaults
+from nla_serve.config import MAX_EXPLANATION_TOKENS, ExplainDefaults
 from nla_serve.errors import ClientError
 
 NAMED = ("auto", "last", "all", "generated", "prompt")
@@ -138,8 +138,9 @@ def make_plan(explain: Any, defaults: ExplainDefaults) -> ExplainPlan:
         opts["temperature"] = float(t)
     if "max_tokens" in explain:
         m = explain["max_tokens"]
-        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 1024:
-            raise _bad("explain.max_tokens must be an integer from 1 to 1024", "explain.max_tokens")
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_EXPLANATION_TOKENS:
+            raise _bad(f"explain.max_tokens must be an integer from 1 to {MAX_EXPLANATION_TOKENS}",
+                       "explain.max_tokens")
         opts["max_tokens"] = m
     if explain.get("min_fve") is not None:
         f = explain["min_fve"]

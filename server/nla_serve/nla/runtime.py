@@ -15,7 +15,7 @@ import asyncio
 import math
 from typing import TYPE_CHECKING
 
-from nla_serve.config import EngineKind, EngineSettings
+from nla_serve.config import MAX_EXPLANATION_TOKENS, EngineKind, EngineSettings
 from nla_serve.errors import ClientError
 from nla_serve.nla.checkpoint import NLACheckpoint, load_nla
 from nla_serve.nla.reconstructor import Reconstructor
@@ -68,6 +68,11 @@ class NLARuntime:
     def layer(self) -> int:
         return self.ckpt.layer
 
+    @property
+    def max_explanation_tokens(self) -> int:
+        """The longest explanation the verbalizer engine has room for."""
+        return min(MAX_EXPLANATION_TOKENS, self.engine.max_model_len - len(self.ckpt.av.prompt_ids))
+
     @classmethod
     async def open(cls, av: str, ar: str | None = None, *, engine: EngineKind = "vllm", device: str = "auto",
                    dtype: str = "auto", fve_baseline: float | None = None, target_hidden_size: int | None = None,
@@ -79,10 +84,15 @@ class NLARuntime:
         ckpt = checkpoint or load_nla(av, ar, target_hidden_size=target_hidden_size,
                                       target_num_layers=target_num_layers, target_model_type=target_model_type,
                                       fve_baseline=fve_baseline)
+        from nla_serve.nla.checkpoint import read_config
+
+        # context: the AV prompt plus the longest explanation allowed, within the AV's own limit
+        limit = read_config(ckpt.av.path).get("max_position_embeddings")
+        ctx = len(ckpt.av.prompt_ids) + MAX_EXPLANATION_TOKENS
         settings = EngineSettings(model=str(ckpt.av.path), kind=engine, device=device, dtype=dtype,
                                   enable_prompt_embeds=True, memory_fraction=memory_fraction,
                                   kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                                  max_model_len=len(ckpt.av.prompt_ids) + 512)
+                                  max_model_len=min(ctx, limit) if isinstance(limit, int) else ctx)
         eng = make_engine(settings)
         await eng.start()
         rec = None
@@ -98,8 +108,9 @@ class NLARuntime:
         v = check_vectors(vectors, self.d_model)
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ClientError(f"temperature must be >= 0, got {temperature}", param="temperature")
-        if max_tokens < 1:
-            raise ClientError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        if not 1 <= max_tokens <= self.max_explanation_tokens:
+            raise ClientError(f"max_tokens must be from 1 to {self.max_explanation_tokens} (the verbalizer's "
+                              f"room), got {max_tokens}", param="max_tokens")
         verbs = await self.verbalizer.verbalize(v, temperature=temperature, max_tokens=max_tokens, seed=seed,
                                                 request_id=request_id)
         results = [to_explanation(vb) for vb in verbs]
