@@ -98,7 +98,6 @@ class _Choice:
     def __init__(self) -> None:
         self.token_ids: list[int] = []
         self.rows: list = []  # CapturedRows in order
-        self.finished = False
 
 
 async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
@@ -190,7 +189,6 @@ async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
                     ch.rows.append(step.captured)
                 await out.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason, step.logprobs))
                 if step.finished:
-                    ch.finished = True
                     finish_reasons.append(step.finish_reason or "stop")
                     if explaining:
                         nonlocal_outstanding(1)
