@@ -18,7 +18,6 @@ from nla_serve.nla.checkpoint import load_nla
 from nla_serve.nla.reconstructor import Reconstructor
 from nla_serve.nla.runtime import NLARuntime, to_explanation
 from nla_serve.nla.verbalizer import Verbalization, broken_reason, parse_explanation
-from nla_serve.types import StepOutput
 
 MAX_TOKENS = 24
 
@@ -174,4 +173,3 @@ def test_engines_satisfy_the_protocol(tiny):
 
     eng = make_engine(EngineSettings(model=str(tiny.target), kind="transformers"))
     assert isinstance(eng, TargetEngine)
-    assert StepOutput(0, [1], "x").finished is False

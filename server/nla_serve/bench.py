@@ -48,9 +48,9 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def prompt_ids(svc: Service, i: int) -> list[int]:
-    out = svc.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+    from nla_serve.nla.checkpoint import chat_ids
+
+    return chat_ids(svc.tokenizer, PROMPTS[i % len(PROMPTS)])
 
 
 async def token_throughput(svc: Service, n: int, max_tokens: int, capture: bool) -> dict:

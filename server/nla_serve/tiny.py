@@ -117,11 +117,9 @@ def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: i
 
 
 def canonical_av_ids(tokenizer, template: str = AV_TEMPLATE, marker: str = MARKER) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        [{"role": "user", "content": template.replace("{injection_char}", marker)}],
-        tokenize=True, add_generation_prompt=True, return_dict=True,
-    )
-    return list(out["input_ids"])
+    from nla_serve.nla.checkpoint import chat_ids
+
+    return chat_ids(tokenizer, template.replace("{injection_char}", marker))
 
 
 def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.0,

@@ -3,6 +3,7 @@ events of ``generation.run`` to the streaming or collecting writer."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -14,6 +15,7 @@ from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationJob
+from nla_serve.nla.checkpoint import chat_ids as template_ids
 from nla_serve.generation import GenerationRequest, apply_min_fve, explanation_item, run, unavailable_item
 from nla_serve.service import Service
 from nla_serve.types import SamplingOptions
@@ -38,11 +40,9 @@ def check_model(svc: Service, model: str) -> None:
 def chat_ids(svc: Service, messages) -> list[int]:
     convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        out = svc.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return template_ids(svc.tokenizer, convo)
     except Exception as e:  # templates raise for conversations they do not allow
         raise ClientError(f"the model's chat template rejected these messages: {e}", param="messages") from None
-    ids = out["input_ids"]
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
 def text_ids(svc: Service, prompt) -> list[int]:
@@ -208,7 +208,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
         raise ClientError(f"position {max(plan.positions)} is outside the input's {len(ids)} tokens",
                           param="positions")
     if plan.positions in ("auto", "generated"):  # no generation here: auto means the last token
-        plan = type(plan)(**(plan.__dict__ | {"positions": "last"}))
+        plan = dataclasses.replace(plan, positions="last")
     rid = "expl-" + uuid.uuid4().hex
     events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan))
     items = (await collect(events, ResponseShape("completion", rid, svc.model_name, svc.tokenizer), 1, False))

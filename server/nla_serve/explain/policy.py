@@ -104,6 +104,19 @@ def parse_positions(value: Any, limit: int) -> str | int | tuple[int, ...]:
     raise _bad("explain.positions must be a string, {\"every\": n} or a list of indices", "explain.positions")
 
 
+def _number(explain: dict, key: str, lo: float | None, hi: float | None, *, integer: bool = False,
+            why: str | None = None) -> float | int:
+    """``explain[key]`` if it is a number (an int when ``integer``; never a bool) within [lo, hi]."""
+    v = explain[key]
+    kind = (int,) if integer else (int, float)
+    in_range = (lo is None or v >= lo) and (hi is None or v <= hi) if isinstance(v, kind) else False
+    if isinstance(v, bool) or not isinstance(v, kind) or not in_range:
+        what = "an integer" if integer else "a number"
+        rng = why or (f"from {lo} to {hi}" if lo is not None else "")
+        raise _bad(f"explain.{key} must be {what} {rng}".rstrip(), f"explain.{key}")
+    return v
+
+
 def make_plan(explain: Any, defaults: ExplainDefaults) -> ExplainPlan:
     """``explain`` is the raw request value: None (absent), a bool, or an options object."""
     limit = defaults.max_explanations_limit
@@ -122,39 +135,24 @@ def make_plan(explain: Any, defaults: ExplainDefaults) -> ExplainPlan:
     if "positions" in explain:
         opts["positions"] = parse_positions(explain["positions"], limit)
     if "max_explanations" in explain:
-        m = explain["max_explanations"]
-        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= limit:
-            raise _bad(f"explain.max_explanations must be an integer from 1 to {limit} (the server's limit)",
-                       "explain.max_explanations")
-        opts["max_explanations"] = m
+        opts["max_explanations"] = _number(explain, "max_explanations", 1, limit, integer=True,
+                                           why=f"from 1 to {limit} (the server's limit)")
     if "reconstruct" in explain:
         if not isinstance(explain["reconstruct"], bool):
             raise _bad("explain.reconstruct must be true or false", "explain.reconstruct")
         opts["reconstruct"] = explain["reconstruct"]
     if "temperature" in explain:
-        t = explain["temperature"]
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
-            raise _bad("explain.temperature must be a number from 0 to 2", "explain.temperature")
-        opts["temperature"] = float(t)
+        opts["temperature"] = float(_number(explain, "temperature", 0, 2))
     if "max_tokens" in explain:
-        m = explain["max_tokens"]
-        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_EXPLANATION_TOKENS:
-            raise _bad(f"explain.max_tokens must be an integer from 1 to {MAX_EXPLANATION_TOKENS}",
-                       "explain.max_tokens")
-        opts["max_tokens"] = m
+        opts["max_tokens"] = _number(explain, "max_tokens", 1, MAX_EXPLANATION_TOKENS, integer=True)
     if explain.get("min_fve") is not None:
-        f = explain["min_fve"]
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not -10 <= f <= 1:
-            raise _bad("explain.min_fve must be a number <= 1", "explain.min_fve")
-        opts["min_fve"] = float(f)
+        opts["min_fve"] = float(_number(explain, "min_fve", -10, 1, why="<= 1"))
     if "on_low_fve" in explain:
         if explain["on_low_fve"] not in ("flag", "drop"):
             raise _bad("explain.on_low_fve must be 'flag' or 'drop'", "explain.on_low_fve")
         opts["on_low_fve"] = explain["on_low_fve"]
     if explain.get("seed") is not None:
-        if not isinstance(explain["seed"], int) or isinstance(explain["seed"], bool):
-            raise _bad("explain.seed must be an integer", "explain.seed")
-        opts["seed"] = explain["seed"]
+        opts["seed"] = _number(explain, "seed", None, None, integer=True)
     if isinstance(opts["positions"], tuple) and len(opts["positions"]) > opts["max_explanations"]:
         if "max_explanations" in explain:
             raise _bad(f"explain.positions lists {len(opts['positions'])} positions but max_explanations is "

@@ -180,13 +180,14 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(str(folder), None, f"cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
 
-def chat_ids(tokenizer, content: str) -> list[int]:
-    """Token ids of one user message through the chat template, generation prompt included.
-
-    Tokenized in one step (never render-then-encode, which doubles BOS on Llama/Gemma)."""
-    out = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True, return_dict=True
-    )
+def chat_ids(tokenizer, messages: str | list[dict]) -> list[int]:
+    """Token ids of a conversation (or of one user message, given as a string) through the
+    tokenizer's chat template, generation prompt included. Every chat prompt in nla-serve goes
+    through here: tokenized in one step (never render-then-encode, which doubles BOS on
+    Llama/Gemma), with transformers' return shapes unwrapped."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
     ids = out["input_ids"]
     if ids and isinstance(ids[0], list):
         ids = ids[0]
