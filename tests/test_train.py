@@ -27,7 +27,7 @@ from nla_serve.nla.runtime import NLARuntime
 from nla_serve.train.activations import load_activations
 from nla_serve.train.calibrate import fve_baseline, normalize
 from nla_serve.train.config import TrainConfig
-from nla_serve.train.evaluate import derangement, evaluate, fve_report
+from nla_serve.train.evaluate import derangement, evaluate, fve_report, stratified
 from nla_serve.train.export import export_pair
 from nla_serve.train.loop import LossLog
 from nla_serve.train.pipeline import Pipeline, run_training
@@ -246,6 +246,17 @@ def test_derangement_has_no_fixed_point():
     for n in (2, 3, 10, 57):
         p = derangement(n, seed=n)
         assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
+
+
+def test_eval_sample_covers_every_source_evenly():
+    """Held-out rows come grouped by source; the evaluated sample must not be the first source's."""
+    records = [{"source": "kjv"}] * 500 + [{"source": "pydoc"}] * 300 + [{"source": "chat"}] * 40
+    picked = stratified(records, 200, seed=0)
+    assert len(picked) == len(set(picked)) == 200 and picked == sorted(picked)
+    counts = {s: sum(records[i]["source"] == s for i in picked) for s in ("kjv", "pydoc", "chat")}
+    assert counts == {"kjv": 80, "pydoc": 80, "chat": 40}  # chat runs out; the rest share the remainder
+    assert stratified(records, 200, seed=0) == picked and stratified(records, 200, seed=1) != picked
+    assert sorted(stratified(records[:5], 50, seed=0)) == list(range(5))
 
 
 # -- LoRA == full ---------------------------------------------------------------------------------

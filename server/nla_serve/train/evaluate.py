@@ -43,6 +43,24 @@ def derangement(n: int, seed: int) -> list[int]:
     return [perm[(perm.index(i) + 1) % n] for i in range(n)] if n > 1 else perm
 
 
+def stratified(records: list[dict], n: int, seed: int) -> list[int]:
+    """Indices of ``n`` rows drawn evenly from each text source (round-robin over the sources, each
+    shuffled with ``seed``), so a report covers chats and every corpus however the rows are ordered
+    (held-out rows come grouped by source)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.get("source", ""), []).append(i)
+    for name, idx in groups.items():
+        random.Random(f"{seed}:{name}").shuffle(idx)
+    queues = [groups[k] for k in sorted(groups)]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
 def fve_report(pred: "torch.Tensor", gold: "torch.Tensor", mse_scale: float, baseline: float) -> dict:
     """pred, gold: [N, d] -> {fve, cos, mse: {mean, median}} and the per-row scores."""
     scores = score_vectors(pred, gold, mse_scale, baseline)
@@ -84,7 +102,8 @@ def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, devi
 def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n: int = 200, engine: str = "batch",
              device: str = "cpu", max_tokens: int = 200, seed: int = 0, base: str | Path | None = None,
              cache_dir: str | Path | None = None, tokenizer=None, examples: int = 20) -> dict:
-    """Score the pair on the first ``n`` of ``acts`` (already the held-out split)."""
+    """Score the pair on ``n`` rows of ``acts`` (already the held-out split), drawn evenly across its
+    text sources (``stratified``)."""
     from dataclasses import replace
 
     from nla_serve.nla.checkpoint import load_nla
@@ -95,7 +114,8 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
     av_path = resolve_folder(av_dir, base=base, cache_dir=cache_dir)
     ar_path = resolve_folder(ar_dir, base=base, cache_dir=cache_dir)
     ckpt = load_nla(av_path, ar_path)
-    vectors, records = acts.vectors[:n], acts.records[:n]
+    rows = stratified(acts.records, n, seed)
+    vectors, records = acts.vectors[rows], [acts.records[i] for i in rows]
     if len(records) < 2:
         raise ValueError(f"need at least 2 held-out activations to evaluate, got {len(records)}")
     if ckpt.d_model != vectors.shape[1]:
@@ -133,12 +153,13 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(av_path)
+        shown = stratified(records, examples, seed + 1)  # a few of each source, not the first few
         report["examples"] = [{
-            "source": r["source"], "doc": r["doc"], "pos": r["pos"],
-            "context": tokenizer.decode(r["prefix_ids"][-24:], skip_special_tokens=False),
-            "token": tokenizer.decode([r["token"]]), "explanation": o[0], "closed": o[1],
-            "fve": round(s.fve, 4), "cos": round(s.cos, 4),
-        } for r, o, s in list(zip(records, outs, main["rows"]))[:examples]]
+            "source": records[i]["source"], "doc": records[i]["doc"], "pos": records[i]["pos"],
+            "context": tokenizer.decode(records[i]["prefix_ids"][-24:], skip_special_tokens=False),
+            "token": tokenizer.decode([records[i]["token"]]), "explanation": outs[i][0], "closed": outs[i][1],
+            "fve": round(main["rows"][i].fve, 4), "cos": round(main["rows"][i].cos, 4),
+        } for i in shown]
     return report
 
 
