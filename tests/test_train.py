@@ -51,6 +51,7 @@ def tiny_config(target: Path, work: Path, text: Path, **kw) -> TrainConfig:
                 heldout_fraction=0.25, lora_rank=4, lora_alpha=8.0, adapter_dtype="bfloat16",
                 ar_steps=40, ar_batch=16, ar_lr=2e-3, av_steps=40, av_batch=8, av_lr=3e-3,
                 rl_steps=3, rl_batch=2, rl_group=4, rl_max_new_tokens=20, eval_n=12, eval_max_tokens=40,
+                refit_rows=24, refit_steps=12, refit_gen_batch=16, refit_max_tokens=20, refit_lr=2e-3,
                 save_every=10, progress=False, device="cpu", seed=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -159,6 +160,57 @@ def test_losses_fall_on_a_fixed_seed(trained):
     assert all(math.isfinite(r["reward"]) and r["ar_loss"] > 0 for r in rl)
     state = torch.load(cfg.work / "rl.pt", weights_only=False)
     assert state["step"] == cfg.rl_steps and state["av"] and state["ar"]  # both models kept training
+
+
+def test_refit_trains_the_ar_on_the_avs_own_explanations(trained):
+    cfg, result = trained
+    written = [json.loads(line) for line in (cfg.work / "refit.jsonl").read_text().splitlines()]
+    assert len(written) == cfg.refit_rows == result["refit"]["rows"]
+    assert all(isinstance(r["body"], str) and r["tokens"] <= cfg.refit_max_tokens for r in written)
+    from nla_serve.train.pipeline import Pipeline
+
+    train = set(Pipeline(cfg).train_rows())
+    assert len({r["i"] for r in written}) == len(written) and {r["i"] for r in written} <= train  # never held out
+    refit = LossLog(cfg.work / "losses.jsonl").read("refit")
+    assert [r["step"] for r in refit] == list(range(cfg.refit_steps))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in refit)
+    state = torch.load(cfg.work / "refit.pt", weights_only=False)
+    rl_ar = torch.load(cfg.work / "rl.pt", weights_only=False)["ar"]
+    assert state["step"] == cfg.refit_steps
+    assert any(not torch.equal(rl_ar[k], state["model"][k]) for k in rl_ar)  # it moved on from RL's AR
+    # the exported AR is the refit one: its value head is the refit state's (stored fp32)
+    head = load_file(str(cfg.out_dir / "ar" / "value_head.safetensors"))
+    [key] = [k for k in state["model"] if k.endswith("head.weight")]
+    assert torch.equal(head["weight"], state["model"][key].float())
+
+
+def test_refit_explanations_resume_from_what_is_written(trained, tmp_path):
+    from nla_serve.train.pipeline import Pipeline
+    from nla_serve.train.refit import explain_rows
+
+    cfg, _ = trained
+    p = Pipeline(cfg)
+    ids, at = p.prompt()
+    rows = p.train_rows()[:5]
+    vectors = p.acts.vectors[rows]
+    av = p.build_av(final=True)
+    path = tmp_path / "refit.jsonl"
+    path.write_text(json.dumps({"i": rows[2], "body": "written before", "closed": True, "tokens": 2}) + "\n")
+
+    def explain(rs, vs):
+        return explain_rows(av, p.tokenizer, ids, at, p.pair["injection_scale"], rs, vs, path, eos_ids=p.eos_ids,
+                            max_new_tokens=12, batch=2, progress=False)
+
+    bodies = explain(rows, vectors)
+    assert len(bodies) == 5 and bodies[2] == "written before"  # kept for its row, not written again
+    assert len(path.read_text().splitlines()) == 5
+    # fewer rows, in another order: read back by row, nothing written
+    assert explain(rows[::-1][:3], vectors.flip(0)[:3]) == bodies[::-1][:3]
+    assert len(path.read_text().splitlines()) == 5
+    # one more row: only it is written
+    more = p.train_rows()[:6]
+    assert explain(more, p.acts.vectors[more])[:5] == bodies
+    assert len(path.read_text().splitlines()) == 6
 
 
 def test_rl_changes_both_models(trained):

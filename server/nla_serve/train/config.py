@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nla_serve.tiny import AR_TEMPLATE, AV_TEMPLATE
 
-STAGES = ("corpus", "collect", "targets", "ar", "av", "rl", "export", "calibrate", "eval")
+STAGES = ("corpus", "collect", "targets", "ar", "av", "rl", "refit", "export", "calibrate", "eval")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,12 @@ class TrainConfig:
     rl_temperature: float = 1.0
     rl_max_new_tokens: int = 96
     rl_truncation_penalty: float = 1.0
+    # refit of the AR on the final AV's own greedy explanations of training rows
+    refit_rows: int = 2500  # 0 skips the refit
+    refit_steps: int = 300
+    refit_lr: float = 5e-4
+    refit_gen_batch: int = 48
+    refit_max_tokens: int = 128
     save_every: int = 50
     # after training
     eval_n: int = 200

@@ -7,6 +7,7 @@
     WORK/targets.jsonl          one explanation target per activation           (stage targets)
     WORK/pair.json              marker and injection scale, fixed once
     WORK/ar.pt, av.pt, rl.pt    trainable tensors + optimizer + step            (stages ar, av, rl)
+    WORK/refit.jsonl, refit.pt  the final AV's explanations of training rows, the AR refit on them (refit)
     WORK/losses.jsonl           one line per training step of every stage
     OUT/av, OUT/ar              the pair in the released layout                  (stage export)
     OUT/eval.json               held-out evaluation                             (stage eval)
@@ -128,13 +129,18 @@ class Pipeline:
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else min(self.eos_ids)
 
-    def build_ar(self, final: bool):
+    def build_ar(self, final: bool, refit: bool = True):
+        """The AR after stage ``ar`` (final=False), or after every stage that trains it (ar, rl's AR
+        updates, then refit unless ``refit`` is False)."""
         from nla_serve.train.models import build_ar
 
         ar = build_ar(self.cfg.target, self.cfg.layer, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha,
                       device=self.device)
-        for path, key in ((self.work / "ar.pt", "model"), (self.work / "rl.pt", "ar")):
-            state = load_state(path) if (final or key == "model") else None
+        states = [(self.work / "ar.pt", "model")]
+        if final:
+            states += [(self.work / "rl.pt", "ar")] + ([(self.work / "refit.pt", "model")] if refit else [])
+        for path, key in states:
+            state = load_state(path)
             if state is not None:
                 load_trainable(ar, state[key])
         return ar.eval()
@@ -244,6 +250,30 @@ class Pipeline:
                  progress=cfg.progress)
         return self.losses("rl", key="reward")
 
+    def stage_refit(self) -> dict:
+        from nla_serve.train.evaluate import stratified
+        from nla_serve.train.refit import explain_rows
+        from nla_serve.train.sft import train_ar
+
+        cfg = self.cfg
+        if cfg.refit_rows <= 0 or cfg.refit_steps <= 0:
+            return {"skipped": "refit_rows or refit_steps is 0"}
+        train = self.train_rows()
+        rows = [train[i] for i in stratified([self.acts.records[i] for i in train], cfg.refit_rows, cfg.seed + 3)]
+        vectors = self.acts.vectors[rows]
+        ids, at = self.prompt()
+        av = self.build_av(final=True)
+        bodies = explain_rows(av, self.tokenizer, ids, at, self.pair["injection_scale"], rows, vectors,
+                              self.work / "refit.jsonl", eos_ids=self.eos_ids, max_new_tokens=cfg.refit_max_tokens,
+                              batch=cfg.refit_gen_batch, progress=cfg.progress)
+        del av
+        ar = self.build_ar(final=True, refit=False)
+        train_ar(ar, self.tokenizer, cfg.ar_template, bodies, vectors, steps=cfg.refit_steps, batch=cfg.ar_batch,
+                 lr=cfg.refit_lr, seed=cfg.seed + 4, state_path=self.work / "refit.pt", log=self.log,
+                 device=self.device, dtype=cfg.dtype, save_every=cfg.save_every, progress=cfg.progress,
+                 stage="refit")
+        return {"rows": len(rows), **self.losses("refit")}
+
     def stage_export(self) -> dict:
         from nla_serve.train.export import export_pair
 
@@ -255,7 +285,8 @@ class Pipeline:
             marker=self.pair["marker"], lora=cfg.lora_rank > 0, adapter_dtype=cfg.adapter_dtype,
             extra={"injection_scale_source": self.pair["injection_scale_source"],
                    "training": {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "ar_steps", "av_steps",
-                                                             "rl_steps", "sources", "seed")}})
+                                                             "rl_steps", "refit_rows", "refit_steps", "sources",
+                                                             "seed")}})
         return {"av": str(av_dir), "ar": str(ar_dir)}
 
     def stage_calibrate(self) -> dict:
