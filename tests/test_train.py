@@ -31,6 +31,7 @@ from nla_serve.train.evaluate import derangement, evaluate, fve_report, stratifi
 from nla_serve.train.export import export_pair
 from nla_serve.train.loop import LossLog
 from nla_serve.train.pipeline import Pipeline, run_training
+from nla_serve.train.refit import explain_rows
 from nla_serve.train.targets import explanation_body, explanation_target
 
 WORDS = ("the quick brown fox jumps over lazy dog in beginning god created heaven and earth python is a "
@@ -167,8 +168,6 @@ def test_refit_trains_the_ar_on_the_avs_own_explanations(trained):
     written = [json.loads(line) for line in (cfg.work / "refit.jsonl").read_text().splitlines()]
     assert len(written) == cfg.refit_rows == result["refit"]["rows"]
     assert all(isinstance(r["body"], str) and r["tokens"] <= cfg.refit_max_tokens for r in written)
-    from nla_serve.train.pipeline import Pipeline
-
     train = set(Pipeline(cfg).train_rows())
     assert len({r["i"] for r in written}) == len(written) and {r["i"] for r in written} <= train  # never held out
     refit = LossLog(cfg.work / "losses.jsonl").read("refit")
@@ -185,9 +184,6 @@ def test_refit_trains_the_ar_on_the_avs_own_explanations(trained):
 
 
 def test_refit_explanations_resume_from_what_is_written(trained, tmp_path):
-    from nla_serve.train.pipeline import Pipeline
-    from nla_serve.train.refit import explain_rows
-
     cfg, _ = trained
     p = Pipeline(cfg)
     ids, at = p.prompt()
@@ -450,6 +446,19 @@ def test_resume_continues_instead_of_restarting(trained, tmp_path):
     assert [r["step"] for r in rows] == list(range(cfg.ar_steps + 5))
     assert (work / "losses.jsonl").read_text().count('"stage": "ar"') == before + 5
     assert torch.load(work / "ar.pt", weights_only=False)["step"] == cfg.ar_steps + 5
+    # RL and the refit started from the old AR: layering them over the new one would silently drop its 5
+    # steps, so every stage that would use them refuses and says what to delete
+    for stages in (("rl",), ("refit",), ("export",)):
+        with pytest.raises(ValueError, match=r"rl\.pt.*ar\.pt.*delete rl\.pt, refit\.jsonl, refit\.pt"):
+            run_training(tiny_config(cfg.target, work, Path(cfg.sources[0][5:]), ar_steps=cfg.ar_steps + 5,
+                                     stages=stages))
+    for name in ("rl.pt", "refit.jsonl", "refit.pt"):
+        (work / name).unlink()
+    redo = run_training(tiny_config(cfg.target, work, Path(cfg.sources[0][5:]), ar_steps=cfg.ar_steps + 5,
+                                    stages=("rl", "refit")))
+    assert redo["refit"]["rows"] == cfg.refit_rows
+    assert json.loads((work / "inputs.json").read_text())["refit.pt"] == {
+        "ar.pt": cfg.ar_steps + 5, "av.pt": cfg.av_steps, "rl.pt": cfg.rl_steps}
     with pytest.raises(ValueError, match="layer"):
         run_training(tiny_config(cfg.target, work, Path(cfg.sources[0][5:]), layer=1, stages=("ar",)))
 

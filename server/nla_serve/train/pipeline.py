@@ -32,6 +32,11 @@ from nla_serve.train.loop import LossLog, load_state, load_trainable, resolve_de
 
 DEFAULT_CHATS = 200
 
+# later training outputs and the saved states they started from: once one of those states trains on
+# (a raised --ar-steps, say), the later output is stale, and layering it on top would silently
+# discard the new training, so it is refused (``Pipeline.check_inputs``)
+DERIVED = {"rl.pt": ("ar.pt", "av.pt"), "refit.jsonl": ("av.pt", "rl.pt"), "refit.pt": ("ar.pt", "av.pt", "rl.pt")}
+
 
 class Pipeline:
     def __init__(self, cfg: TrainConfig):
@@ -129,6 +134,24 @@ class Pipeline:
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else min(self.eos_ids)
 
+    def check_inputs(self, output: str) -> None:
+        """Record the steps of ``output``'s input states (``DERIVED``) when it is first made; refuse
+        to use an existing ``output`` once one of them has moved on."""
+        path, now = self.work / "inputs.json", {}
+        for name in DERIVED[output]:
+            state = load_state(self.work / name)
+            now[name] = int(state["step"]) if state is not None else None
+        book = json.loads(path.read_text()) if path.is_file() else {}
+        if (self.work / output).exists() and output in book:
+            if book[output] != now:
+                later = list(DERIVED)[list(DERIVED).index(output):]  # DERIVED is in stage order
+                raise ValueError(f"{self.work / output} was made from {book[output]}, but those states are now "
+                                 f"at {now}; delete {', '.join(later)} in {self.work} to redo those stages "
+                                 "from the new states")
+            return
+        book[output] = now
+        path.write_text(json.dumps(book, indent=2))
+
     def build_ar(self, final: bool, refit: bool = True):
         """The AR after stage ``ar`` (final=False), or after every stage that trains it (ar, rl's AR
         updates, then refit unless ``refit`` is False)."""
@@ -142,6 +165,8 @@ class Pipeline:
         for path, key in states:
             state = load_state(path)
             if state is not None:
+                if path.name in DERIVED:
+                    self.check_inputs(path.name)
                 load_trainable(ar, state[key])
         return ar.eval()
 
@@ -152,6 +177,8 @@ class Pipeline:
         for path, key in ((self.work / "av.pt", "model"), (self.work / "rl.pt", "av")):
             state = load_state(path) if (final or key == "model") else None
             if state is not None:
+                if path.name in DERIVED:
+                    self.check_inputs(path.name)
                 load_trainable(av, state[key])
         return av.eval()
 
@@ -238,6 +265,7 @@ class Pipeline:
         cfg = self.cfg
         if cfg.rl_steps <= 0:
             return {"skipped": "rl_steps is 0"}
+        self.check_inputs("rl.pt")
         rows = self.train_rows()
         ids, at = self.prompt()
         av, ar = self.build_av(final=False), self.build_ar(final=False)
@@ -261,6 +289,8 @@ class Pipeline:
         train = self.train_rows()
         rows = [train[i] for i in stratified([self.acts.records[i] for i in train], cfg.refit_rows, cfg.seed + 3)]
         vectors = self.acts.vectors[rows]
+        for output in DERIVED:  # rl.pt first: a stale RL is the cause to name, not its stale refit
+            self.check_inputs(output)
         ids, at = self.prompt()
         av = self.build_av(final=True)
         bodies = explain_rows(av, self.tokenizer, ids, at, self.pair["injection_scale"], rows, vectors,
