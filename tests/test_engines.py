@@ -300,7 +300,7 @@ def test_stop_token_ids(target, loop):
 
 
 def test_injected_row_equals_transformers(embeds_engine, hf_av, tiny, loop):
-    from nla_serve.tiny import MARKER, canonical_av_ids
+    from nla_serve.nla.sidecar import MARKER, canonical_av_ids
 
     ids = canonical_av_ids(embeds_engine.tokenizer)
     at = ids.index(embeds_engine.tokenizer.convert_tokens_to_ids(MARKER))
@@ -425,7 +425,8 @@ def test_rows_and_slots():
 def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     from safetensors.torch import save_file
 
-    from nla_serve.engines.vllm_capture import CaptureDir, CaptureError, capture_file
+    from nla_serve.engines.vllm_capture import CaptureError, capture_file
+    from nla_serve.engines.vllm_capture_reader import CaptureDir
 
     cap = CaptureDir(str(tmp_path / "cap"))
     os.makedirs(cap.path)

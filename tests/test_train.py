@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nla_serve.config import EngineSettings, ReconstructorSettings
 from nla_serve.errors import CheckpointError
 from nla_serve.nla.checkpoint import load_nla
 from nla_serve.nla.lora import is_lora_folder, merge_lora, resolve_folder
@@ -115,7 +116,8 @@ def test_outputs_load_and_explain_like_a_released_pair(trained, loop, tmp_path):
     assert ck.fve_baseline == pytest.approx(trained[1]["calibrate"]["fve_baseline"], abs=1e-6)
     assert "measured" in ck.baseline_source
     held = load_activations(cfg.work / "activations").split("heldout")
-    rt = loop.run(NLARuntime.open(str(av), str(ar), engine="transformers", device="cpu", dtype="float32"))
+    rt = loop.run(NLARuntime.open(ck, EngineSettings(model=str(av), kind="transformers", device="cpu", dtype="float32"),
+                                  ReconstructorSettings(device="cpu", dtype="float32")))
     try:
         res = loop.run(rt.explain_vectors(held.vectors[:3], max_tokens=30))
     finally:
@@ -334,8 +336,10 @@ def test_lora_and_full_weight_checkpoints_agree_after_merging(trained, loop, tmp
     held = load_activations(cfg.work / "activations").split("heldout")
     outs = []
     for av_dir, ar_dir in ((merged_av, merged_ar), (full_av, full_ar)):
-        rt = loop.run(NLARuntime.open(str(av_dir), str(ar_dir), engine="transformers", device="cpu",
-                                      dtype="float32", fve_baseline=0.5))
+        rt = loop.run(NLARuntime.open(load_nla(av_dir, ar_dir, fve_baseline=0.5),
+                                      EngineSettings(model=str(av_dir), kind="transformers", device="cpu",
+                                                     dtype="float32"),
+                                      ReconstructorSettings(device="cpu", dtype="float32")))
         try:
             outs.append(loop.run(rt.explain_vectors(held.vectors[:4], max_tokens=24)))
         finally:

@@ -48,7 +48,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def prompt_ids(svc: Service, i: int) -> list[int]:
-    from nla_serve.nla.checkpoint import chat_ids
+    from nla_serve.model_folder import chat_ids
 
     return chat_ids(svc.tokenizer, PROMPTS[i % len(PROMPTS)])
 
@@ -116,7 +116,7 @@ def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Pa
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from nla_serve.tiny import av_meta, ar_meta, write_yaml
+    from nla_serve.nla.sidecar import ar_meta, av_meta, write_meta
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -125,7 +125,7 @@ def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Pa
     if not (av / "nla_meta.yaml").exists():
         shutil.copytree(model_dir, av, dirs_exist_ok=True)
         marker = next(c for c in "㊗ψ★§¶" if len(tok.encode(c, add_special_tokens=False)) == 1)
-        write_yaml(av / "nla_meta.yaml", av_meta(tok, layer, d, injection_scale=math.sqrt(d) * 4, marker=marker))
+        write_meta(av / "nla_meta.yaml", av_meta(tok, layer, d, injection_scale=math.sqrt(d) * 4, marker=marker))
         ar.mkdir(parents=True, exist_ok=True)
         w = load_file(str(Path(model_dir) / "model.safetensors"))
         keep = {k: v for k, v in w.items() if not k.startswith(("lm_head", "model.norm"))
@@ -136,7 +136,7 @@ def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Pa
         tok.save_pretrained(ar)
         save_file({"weight": torch.eye(d)}, str(ar / "value_head.safetensors"))
         meta = ar_meta(tok, layer, d, marker=marker)
-        write_yaml(ar / "nla_meta.yaml", meta)
+        write_meta(ar / "nla_meta.yaml", meta)
     return av, ar
 
 

@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKER = "ψ"
-AV_TEMPLATE = "Explain the concept <concept>{injection_char}</concept> in plain words."
-AR_TEMPLATE = "<text>{explanation}</text> <summary>"
+from nla_serve.nla.sidecar import AR_TEMPLATE, AV_TEMPLATE, MARKER, ar_meta, av_meta, write_meta
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -116,49 +115,6 @@ def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: i
     return path
 
 
-def canonical_av_ids(tokenizer, template: str = AV_TEMPLATE, marker: str = MARKER) -> list[int]:
-    from nla_serve.nla.checkpoint import chat_ids
-
-    return chat_ids(tokenizer, template.replace("{injection_char}", marker))
-
-
-def av_meta(tokenizer, layer: int, d_model: int, *, injection_scale: float = 12.0,
-            template: str = AV_TEMPLATE, marker: str = MARKER) -> dict:
-    ids = canonical_av_ids(tokenizer, template, marker)
-    marker_id = tokenizer.encode(marker, add_special_tokens=False)[0]
-    p = ids.index(marker_id)
-    return {
-        "schema_version": 2,
-        "kind": "nla_model",
-        "role": "av",
-        "d_model": d_model,
-        "extraction_layer_index": layer,
-        "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
-        "tokens": {
-            "injection_char": marker,
-            "injection_token_id": marker_id,
-            "injection_left_neighbor_id": ids[p - 1],
-            "injection_right_neighbor_id": ids[p + 1],
-        },
-        "prompt_templates": {"av": template, "ar": AR_TEMPLATE},
-    }
-
-
-def ar_meta(tokenizer, layer: int, d_model: int, *, marker: str = MARKER) -> dict:
-    suffix = tokenizer.encode(AR_TEMPLATE.split("{explanation}")[1], add_special_tokens=False)
-    meta = av_meta(tokenizer, layer, d_model, marker=marker)
-    meta["role"] = "ar"
-    meta["extraction"] = {"injection_scale": None, "mse_scale": math.sqrt(d_model)}
-    meta["tokens"]["critic_suffix_ids"] = suffix
-    return meta
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
 def build_nla(root: str | Path, target: str | Path, layer: int, *, seed: int = 1) -> tuple[Path, Path]:
     """AV and AR folders for ``target`` in the released layout; returns (av, ar)."""
     import torch
@@ -172,7 +128,7 @@ def build_nla(root: str | Path, target: str | Path, layer: int, *, seed: int = 1
 
     av = root / "av"
     build_target(av, layers=cfg.num_hidden_layers, hidden=d, seed=seed, tokenizer=tok)
-    write_yaml(av / "nla_meta.yaml", av_meta(tok, layer, d))
+    write_meta(av / "nla_meta.yaml", av_meta(tok, layer, d))
 
     ar = root / "ar"
     ar_cfg = AutoConfig.from_pretrained(target)
@@ -188,7 +144,7 @@ def build_nla(root: str | Path, target: str | Path, layer: int, *, seed: int = 1
     tok.save_pretrained(ar)
     head = torch.randn(d, d, generator=torch.Generator().manual_seed(seed + 2)) / math.sqrt(d)
     save_file({"weight": head}, str(ar / "value_head.safetensors"))
-    write_yaml(ar / "nla_meta.yaml", ar_meta(tok, layer, d))
+    write_meta(ar / "nla_meta.yaml", ar_meta(tok, layer, d))
     return av, ar
 
 

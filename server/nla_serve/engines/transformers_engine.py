@@ -20,50 +20,13 @@ import asyncio
 from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.config import EngineSettings
-from nla_serve.engines import check_prompt
+from nla_serve.engines.base import check_prompt
 from nla_serve.errors import ClientError, EngineError
+from nla_serve.model_folder import eos_ids_of, resolve_device, resolve_dtype
 from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(name: str, device: str, config_dtype) -> "torch.dtype":
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if device == "cpu":  # bf16 matmuls are slow and lossy on most CPUs; the reference stays exact
-        return torch.float32
-    if isinstance(config_dtype, str):
-        config_dtype = getattr(torch, config_dtype, None)
-    return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def eos_ids_of(model_dir: str, tokenizer) -> set[int]:
-    """Every id that ends a turn: the generation config's EOS set plus the tokenizer's EOS."""
-    from transformers import GenerationConfig
-
-    ids: set[int] = set()
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        eos = None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(i) for i in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
@@ -104,8 +67,10 @@ class TransformersEngine:
         self.model = None
         self.tokenizer = None
         self.hidden_size = self.num_layers = self.max_model_len = 0  # known after start()
+        self.dtype = None  # torch dtype, known after start()
         self._lock = asyncio.Lock()
-        self._aborted: set[str] = set()
+        self._running: set[str] = set()  # request ids inside generate()
+        self._aborted: set[str] = set()  # subset of _running asked to stop
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -116,7 +81,7 @@ class TransformersEngine:
         s = self.settings
         self.device = resolve_device(s.device)
         config = AutoConfig.from_pretrained(s.model)
-        self.dtype = resolve_dtype(s.dtype, self.device, getattr(config, "torch_dtype", None))
+        self.dtype = resolve_dtype(s.dtype, s.model)  # "auto": the checkpoint's own, as on vLLM
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         self.model = AutoModelForCausalLM.from_pretrained(s.model, dtype=self.dtype).to(self.device).eval()
         text_cfg = getattr(config, "text_config", config)
@@ -131,7 +96,11 @@ class TransformersEngine:
             )
 
     async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+        if request_id in self._running:  # an id that is not running has nothing to stop
+            self._aborted.add(request_id)
+
+    def in_flight(self) -> dict[str, int]:
+        return {"requests": len(self._running), "aborts": len(self._aborted)}
 
     async def shutdown(self) -> None:
         self.model = None
@@ -148,15 +117,17 @@ class TransformersEngine:
     ) -> AsyncIterator[StepOutput]:
         self._check(prompt, options)
         capture = capture and self.settings.capture_layer is not None
-        async with self._lock:
-            try:
+        self._running.add(request_id)
+        try:
+            async with self._lock:
                 for index in range(options.n):
                     async for out in self._one_choice(prompt, options, request_id, index, capture):
                         yield out
                         if out.finish_reason == "abort":
                             return
-            finally:
-                self._aborted.discard(request_id)
+        finally:
+            self._running.discard(request_id)
+            self._aborted.discard(request_id)
 
     async def _one_choice(self, prompt, options, request_id, index, capture) -> AsyncIterator[StepOutput]:
         import torch

@@ -35,8 +35,11 @@ import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from nla_serve.config import EngineSettings, resolve_eager
-from nla_serve.engines import check_prompt, vllm_capture
+from nla_serve.engines import vllm_capture
+from nla_serve.engines.base import check_prompt
+from nla_serve.engines.vllm_capture_reader import CaptureDir
 from nla_serve.errors import ClientError, EngineError
+from nla_serve.model_folder import resolve_dtype_name
 from nla_serve.types import (CapturedRows, EngineStats, FinishReason, Prompt, SamplingOptions, StepOutput,
                              TokenLogprob)
 
@@ -71,8 +74,8 @@ class VLLMEngine:
         self.max_model_len = 0
         self.on_cpu = False
         self._llm: Any = None  # AsyncLLM
-        self._dtype: Any = None  # torch dtype of the model in the engine
-        self._capture: vllm_capture.CaptureDir | None = None
+        self.dtype: Any = None  # torch dtype the weights run in (known after start)
+        self._capture: CaptureDir | None = None
         self._active: dict[str, set[str]] = {}  # caller's request id -> engine-side ids in flight
         self.stats = EngineStats()  # updated by vLLM's stat-logger hook (see _stat_logger_factory)
 
@@ -102,7 +105,7 @@ class VLLMEngine:
             )
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         if s.capture_layer is not None:
-            self._capture = vllm_capture.CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
+            self._capture = CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
         try:
             self._llm = await asyncio.to_thread(self._build)
         except BaseException:
@@ -112,10 +115,10 @@ class VLLMEngine:
             raise
         cfg = self._llm.vllm_config
         self.max_model_len = int(cfg.model_config.max_model_len)
-        self._dtype = cfg.model_config.dtype
+        self.dtype = cfg.model_config.dtype
         log.info(
             "vLLM engine up: %s dtype=%s max_model_len=%d capture_layer=%s prompt_embeds=%s",
-            s.model, self._dtype, self.max_model_len, s.capture_layer, s.enable_prompt_embeds,
+            s.model, self.dtype, self.max_model_len, s.capture_layer, s.enable_prompt_embeds,
         )
 
     def _build(self):
@@ -139,7 +142,9 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the capture connector needs it
         kwargs: dict[str, Any] = dict(
             model=s.model,
-            dtype=s.dtype,
+            # "auto" is the checkpoint's own dtype, as on the reference engine (vLLM's own "auto"
+            # would run a float32 checkpoint in bfloat16 on CPU and in float16/bfloat16 on GPU)
+            dtype=resolve_dtype_name(s.dtype, s.model),
             seed=s.seed,
             max_model_len=s.max_model_len,
             # vLLM refuses a step budget below the number of sequences; a small budget (to force
@@ -216,6 +221,12 @@ class VLLMEngine:
         if self._capture is not None:
             self._capture.close()
             self._capture = None
+
+    def in_flight(self) -> dict[str, int]:
+        if self._capture is not None:
+            self._capture.sweep()
+        return {"requests": len(self._active),
+                "discarded_captures": self._capture.discarded if self._capture is not None else 0}
 
     async def abort(self, request_id: str) -> None:
         if self._llm is None:
@@ -295,7 +306,7 @@ class VLLMEngine:
                 if not keys:
                     del self._active[request_id]
             if capture and self._capture is not None and len(delivered) < n:
-                self._capture.discard(key)  # rows of aborted choices, whenever they land
+                self._capture.discard(key, n - len(delivered))  # rows of aborted choices, whenever they land
 
     def _held_back_text(self, token_ids: list[int], text: str) -> str:
         """What vLLM's incremental detokenizer still holds at the end: the U+FFFD of an incomplete
@@ -364,8 +375,8 @@ class VLLMEngine:
         if tuple(row.shape) != (self.hidden_size,):
             raise ClientError(f"inject_row has shape {tuple(row.shape)}; expected ({self.hidden_size},)")
         # Mixed mode: full-length embeddings, zeros where the engine embeds the token itself.
-        embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self._dtype)  # [P, d]
-        embeds[prompt.inject_at] = row.detach().to("cpu", torch.float32).to(self._dtype)
+        embeds = torch.zeros(len(prompt.token_ids), self.hidden_size, dtype=self.dtype)  # [P, d]
+        embeds[prompt.inject_at] = row.detach().to("cpu", torch.float32).to(self.dtype)
         mask = [True] * len(prompt.token_ids)
         mask[prompt.inject_at] = False
         return {

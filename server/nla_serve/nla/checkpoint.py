@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from nla_serve.errors import CheckpointError
+from nla_serve.model_folder import chat_ids, eos_ids_of
+from nla_serve.nla.sidecar import META, read_meta
 
-META = "nla_meta.yaml"
 VALUE_HEAD = "value_head.safetensors"
 
 # Published FVE baselines of the released pairs, keyed by (d_model, layer K).
@@ -86,23 +87,6 @@ class NLACheckpoint:
 
 
 # -- small readers that name file and field -------------------------------------------------
-
-
-def read_meta(folder: Path) -> tuple[Path, dict]:
-    import yaml
-
-    path = folder / META
-    if not folder.is_dir():
-        raise CheckpointError(str(folder), None, "not a directory; expected an NLA checkpoint folder")
-    if not path.is_file():
-        raise CheckpointError(str(path), None, "missing; every NLA folder carries an nla_meta.yaml sidecar")
-    try:
-        meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CheckpointError(str(path), None, f"not valid YAML ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(str(path), None, f"expected a mapping at top level, got {type(meta).__name__}")
-    return path, meta
 
 
 def _get(meta: dict, dotted: str) -> Any:
@@ -180,20 +164,6 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(str(folder), None, f"cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
 
-def chat_ids(tokenizer, messages: str | list[dict]) -> list[int]:
-    """Token ids of a conversation (or of one user message, given as a string) through the
-    tokenizer's chat template, generation prompt included. Every chat prompt in nla-serve goes
-    through here: tokenized in one step (never render-then-encode, which doubles BOS on
-    Llama/Gemma), with transformers' return shapes unwrapped."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-    ids = out["input_ids"]
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
 def fill(template: str, file: Path, field_name: str, **values: str) -> str:
     try:
         return template.format(**values)
@@ -254,8 +224,6 @@ def load_av(folder: str | Path) -> AVCheckpoint:
         raise CheckpointError(str(file), "tokens.injection_right_neighbor_id",
                               f"is {right} but the canonical prompt has {ids[p + 1]} right of the marker "
                               "(tokenizer or template drift)")
-    from nla_serve.engines.transformers_engine import eos_ids_of
-
     eos = tuple(sorted(eos_ids_of(str(folder), tokenizer)))
     if not eos:
         raise CheckpointError(str(folder / "generation_config.json"), "eos_token_id",

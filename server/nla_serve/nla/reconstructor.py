@@ -20,6 +20,48 @@ if TYPE_CHECKING:
     import torch
 
 
+def load_truncated_base(folder: str, *, dtype: "torch.dtype", num_layers: int | None = None) -> "torch.nn.Module":
+    """The AR's body, for serving and for training alike: the architecture's base model (no
+    lm_head) with the final norm replaced by the identity. ``num_layers`` truncates a full target
+    to blocks 0..K while training (a released AR folder is already truncated)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    cfg = AutoConfig.from_pretrained(folder)
+    if num_layers is not None:
+        cfg.get_text_config().num_hidden_layers = num_layers
+    # The AR ships no lm_head and no final norm, so transformers reports them as newly initialised
+    # (and, for a target being truncated, the deeper blocks as unused): expected, so kept quiet.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModel.from_pretrained(folder, config=cfg, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
+    for attr in ("norm", "final_layernorm", "ln_f"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.nn.Identity())
+            break
+    return model
+
+
+def ar_batch(tokenizer, template: str, bodies: list[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The AR's inputs, for serving and training alike: the template filled with each body,
+    tokenized as a raw string with special tokens (BOS matters), right-padded. -> ids, mask: [B, T]."""
+    import torch
+
+    enc = [tokenizer(template.format(explanation=b), add_special_tokens=True)["input_ids"] for b in bodies]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    T = max(len(e) for e in enc)
+    ids = torch.full((len(enc), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    for r, e in enumerate(enc):
+        ids[r, :len(e)] = torch.tensor(e)
+        mask[r, :len(e)] = 1
+    return ids, mask
+
+
 @dataclass
 class Score:
     mse: float
@@ -54,39 +96,19 @@ class Reconstructor:
         self.model = None
 
     def load(self) -> None:
-        import torch
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from nla_serve.engines.transformers_engine import resolve_device, resolve_dtype
+        from nla_serve.model_folder import resolve_device, resolve_dtype
 
         path = str(self.ckpt.path)
         self.device = resolve_device(self.device_name)
-        cfg = AutoConfig.from_pretrained(path)
-        self.dtype = resolve_dtype(self.dtype_name, self.device, getattr(cfg, "torch_dtype", None))
+        self.dtype = resolve_dtype(self.dtype_name, path)  # "auto": the checkpoint's own
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # The base model only: the AR ships no lm_head, and the final norm (absent from the weights,
-        # so transformers reports it as newly initialised) is replaced by the identity.
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            model = AutoModel.from_pretrained(path, dtype=self.dtype)
-        finally:
-            hf_logging.set_verbosity(level)
-        for attr in ("norm", "final_layernorm", "ln_f"):
-            if hasattr(model, attr):
-                setattr(model, attr, torch.nn.Identity())
-                break
-        self.model = model.to(self.device).eval()
+        self.model = load_truncated_base(path, dtype=self.dtype).to(self.device).eval()
         head = load_file(str(self.ckpt.path / "value_head.safetensors"))
         self.head_w = head["weight"].float().to(self.device)  # [d, d]
         self.head_b = head["bias"].float().to(self.device) if "bias" in head else None
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def prompt(self, explanation: str) -> str:
-        return self.ckpt.template.format(explanation=explanation)
 
     def reconstruct(self, texts: list[str]) -> "torch.Tensor":
         """texts: N explanation bodies -> [N, d] float32 predictions (cpu)."""
@@ -97,18 +119,11 @@ class Reconstructor:
         outs = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = [self.tokenizer(self.prompt(t), add_special_tokens=True)["input_ids"]
-                       for t in texts[i:i + self.batch_size]]
-                T = max(len(e) for e in enc)
-                ids = torch.full((len(enc), T), self.pad_id, dtype=torch.long)  # [B, T], right-padded
-                mask = torch.zeros((len(enc), T), dtype=torch.long)
-                for r, e in enumerate(enc):
-                    ids[r, :len(e)] = torch.tensor(e)
-                    mask[r, :len(e)] = 1
+                ids, mask = ar_batch(self.tokenizer, self.ckpt.template, texts[i:i + self.batch_size])  # [B, T]
                 h = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                use_cache=False).last_hidden_state  # [B, T, d]
                 last = mask.sum(dim=1) - 1  # [B]
-                h_last = h[torch.arange(len(enc)), last.to(self.device)].float()  # [B, d]
+                h_last = h[torch.arange(ids.shape[0]), last.to(self.device)].float()  # [B, d]
                 pred = h_last @ self.head_w.T
                 if self.head_b is not None:
                     pred = pred + self.head_b

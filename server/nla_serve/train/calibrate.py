@@ -39,7 +39,7 @@ def fve_baseline(vectors: "torch.Tensor") -> float:
 def write_baseline(folders: list[Path], baseline: float, *, n: int, measured_on: str) -> None:
     import yaml
 
-    from nla_serve.tiny import write_yaml
+    from nla_serve.nla.sidecar import write_meta
 
     for folder in folders:
         path = Path(folder) / "nla_meta.yaml"
@@ -47,7 +47,7 @@ def write_baseline(folders: list[Path], baseline: float, *, n: int, measured_on:
         block = meta.get("nla_serve") or {}
         block.update({"fve_baseline": round(baseline, 6), "fve_baseline_n": n, "fve_baseline_measured_on": measured_on})
         meta["nla_serve"] = block
-        write_yaml(path, meta)
+        write_meta(path, meta)
 
 
 def calibrate(av: Path | None, ar: Path | None, vectors: "torch.Tensor", *, measured_on: str) -> float:

@@ -79,8 +79,7 @@ def generate_chats(target: str, out: Path, n: int, *, max_new_tokens: int = 160,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nla_serve.engines.transformers_engine import eos_ids_of
-    from nla_serve.nla.checkpoint import chat_ids
+    from nla_serve.model_folder import chat_ids, eos_ids_of
     from nla_serve.train.generation import generate_ids
 
     done = [Document.from_json(line) for line in out.read_text().splitlines()] if out.is_file() else []

@@ -100,7 +100,7 @@ def _activations(args, layer: int):
     """Held-out activations: from a training work dir, or collected now from text sources."""
     from nla_serve.train.activations import collect, load_activations
     from nla_serve.train.corpus import text_sources_documents
-    from nla_serve.train.loop import resolve_device
+    from nla_serve.model_folder import resolve_device
 
     if args.work:
         return load_activations(Path(args.work) / "activations").split("heldout")
@@ -150,7 +150,7 @@ def _layer(av: Path) -> int:
 
 def run_eval(args) -> int:
     from nla_serve.train.evaluate import evaluate, write_report
-    from nla_serve.train.loop import resolve_device
+    from nla_serve.model_folder import resolve_device
 
     acts = _activations(args, _layer(args.av))
     report = evaluate(args.av, args.ar, acts, n=args.n, engine=args.engine, device=resolve_device(args.device),

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from nla_serve.tiny import AR_TEMPLATE, AV_TEMPLATE
+from nla_serve.nla.sidecar import AR_TEMPLATE, AV_TEMPLATE
 
 STAGES = ("corpus", "collect", "targets", "ar", "av", "rl", "refit", "export", "calibrate", "eval")
 

@@ -86,10 +86,15 @@ def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, devi
         return [(s.body, s.closed, len(s.token_ids), broken_reason(s.body)) for s in samples]
     import asyncio
 
+    import dataclasses
+
+    from nla_serve.config import EngineSettings
     from nla_serve.nla.runtime import NLARuntime
 
     async def run():
-        rt = await NLARuntime.open(str(av_path), None, engine=engine, device=device, dtype="float32", checkpoint=ckpt)
+        # the AV alone: scoring happens here, batched, with the AR under evaluation
+        rt = await NLARuntime.open(dataclasses.replace(ckpt, ar=None),
+                                   EngineSettings(model=str(av_path), kind=engine, device=device, dtype="float32"))
         try:
             verbs = await rt.verbalizer.verbalize(vectors, max_tokens=max_tokens)
         finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from nla_serve.nla.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, fingerprint
-from nla_serve.tiny import MARKER, ar_meta, av_meta, canonical_av_ids, write_yaml
+from nla_serve.nla.sidecar import MARKER, ar_meta, av_meta, canonical_av_ids, write_meta
 from nla_serve.train.models import ARModel, adapter_state, lora_modules, merged_state
 
 MARKER_CANDIDATES = (MARKER, "ζ", "λ", "Ω", "§", "¤", "µ", "∆", "◊", "龘", "㊗")
@@ -117,7 +117,7 @@ def export_av(model, target: str, tokenizer, folder: Path, meta: dict, *, lora: 
         full.load_state_dict(merged_state(model), strict=True)
         full.save_pretrained(folder)
     _copy_side_files(target, folder, tokenizer, lora=lora)
-    write_yaml(folder / "nla_meta.yaml", meta)
+    write_meta(folder / "nla_meta.yaml", meta)
     return folder
 
 
@@ -145,7 +145,7 @@ def export_ar(model: ARModel, target: str, tokenizer, folder: Path, meta: dict, 
     save_file(head, str(folder / "value_head.safetensors"))
     if not lora:
         tokenizer.save_pretrained(folder)
-    write_yaml(folder / "nla_meta.yaml", meta)
+    write_meta(folder / "nla_meta.yaml", meta)
     return folder
 
 

@@ -99,12 +99,6 @@ class LossLog:
         return [by_step[s] for s in sorted(by_step)]
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 @contextlib.contextmanager
 def compute(device: str, dtype: str) -> Iterator[None]:
     """Autocast matmuls to ``dtype`` (weights stay fp32); a no-op for float32."""

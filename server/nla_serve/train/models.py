@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nla_serve.nla.lora import PEFT_PREFIX, lora_delta
+from nla_serve.nla.reconstructor import load_truncated_base
 from nla_serve.nla.verbalizer import injection_row
 
 
@@ -186,39 +187,13 @@ class ARModel(nn.Module):
 
 
 def build_ar(target: str, layer: int, *, rank: int, alpha: float, device: str) -> ARModel:
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(target)
-    cfg.get_text_config().num_hidden_layers = layer + 1
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the deeper blocks and lm_head are skipped on purpose
-    try:
-        base = AutoModel.from_pretrained(target, config=cfg, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(level)
-    for attr in ("norm", "final_layernorm", "ln_f"):
-        if hasattr(base, attr):
-            setattr(base, attr, nn.Identity())
-            break
+    base = load_truncated_base(target, dtype=torch.float32, num_layers=layer + 1)
     if rank > 0:
         add_lora(base, rank, alpha)
-    model = ARModel(base, cfg.get_text_config().hidden_size)
+    model = ARModel(base, AutoConfig.from_pretrained(target).get_text_config().hidden_size)
     return model.to(device)
-
-
-def ar_batch(tokenizer, template: str, bodies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """AR inputs exactly as the runtime builds them: template filled with the body, special tokens
-    on (BOS), right-padded. -> ids, mask: [B, T]."""
-    enc = [tokenizer(template.format(explanation=b), add_special_tokens=True)["input_ids"] for b in bodies]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    T = max(len(e) for e in enc)
-    ids = torch.full((len(enc), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    for r, e in enumerate(enc):
-        ids[r, :len(e)] = torch.tensor(e)
-        mask[r, :len(e)] = 1
-    return ids, mask
 
 
 def normalized_mse(pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 
 from nla_serve.train.config import STAGES, TrainConfig
 from nla_serve.train.corpus import Document, parse_source, text_sources_documents
-from nla_serve.train.loop import LossLog, load_state, load_trainable, resolve_device
+from nla_serve.model_folder import resolve_device
+from nla_serve.train.loop import LossLog, load_state, load_trainable
 
 DEFAULT_CHATS = 200
 
@@ -118,14 +119,14 @@ class Pipeline:
         return pair
 
     def prompt(self) -> tuple[list[int], int]:
-        from nla_serve.tiny import canonical_av_ids
+        from nla_serve.nla.sidecar import canonical_av_ids
 
         ids = canonical_av_ids(self.tokenizer, self.cfg.av_template, self.pair["marker"])
         return ids, ids.index(self.tokenizer.encode(self.pair["marker"], add_special_tokens=False)[0])
 
     @property
     def eos_ids(self) -> set[int]:
-        from nla_serve.engines.transformers_engine import eos_ids_of
+        from nla_serve.model_folder import eos_ids_of
 
         return eos_ids_of(self.cfg.target, self.tokenizer)
 

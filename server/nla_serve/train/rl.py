@@ -21,7 +21,8 @@ from tqdm import tqdm
 from nla_serve.train.generation import generate
 from nla_serve.train.loop import (LossLog, batch_indices, compute, load_state, load_trainable, optimizer,
                                   save_state, set_lr, trainable_state)
-from nla_serve.train.models import ARModel, ar_batch, av_logprobs, lora_merged, normalized_mse, trainable
+from nla_serve.nla.reconstructor import ar_batch
+from nla_serve.train.models import ARModel, av_logprobs, lora_merged, normalized_mse, trainable
 
 
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from nla_serve.train.loop import (LossLog, batch_indices, compute, load_state, load_trainable, optimizer,
                                   save_state, set_lr, trainable_state)
-from nla_serve.train.models import ARModel, ar_batch, av_logprobs, normalized_mse, trainable
+from nla_serve.nla.reconstructor import ar_batch
+from nla_serve.train.models import ARModel, av_logprobs, normalized_mse, trainable
 
 
 def _resume(model, opt, path: Path) -> int:

@@ -1,0 +1,82 @@
+"""The engine interface every implementation follows, and the helpers they share.
+
+``TargetEngine`` is what the rest of nla-serve talks to; ``transformers_engine`` (the reference)
+and ``vllm_engine`` (production) implement it and import from here, never from the package.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
+
+from nla_serve.config import EngineSettings
+from nla_serve.types import Completion, Prompt, SamplingOptions, StepOutput
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+@runtime_checkable
+class TargetEngine(Protocol):
+    settings: EngineSettings
+    tokenizer: "PreTrainedTokenizerBase"
+    hidden_size: int
+    num_layers: int
+    max_model_len: int
+    dtype: "torch.dtype"  # what the weights really run in (known after start)
+
+    async def start(self) -> None: ...
+
+    def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
+    ) -> AsyncIterator[StepOutput]:
+        """Yield token deltas per choice as they come; the final update of each choice has
+        ``finished=True``. When ``capture`` and the engine has a ``capture_layer``, the updates of
+        each choice together carry rows for positions ``0 .. P+G-2`` (every token fed through the
+        model; the last sampled token never is)."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def in_flight(self) -> dict[str, int]:
+        """Sizes of every per-request structure the engine keeps (all 0 when idle)."""
+        ...
+
+
+async def generate_all(
+    engine: TargetEngine, prompts: list[Prompt], options: SamplingOptions, request_id: str
+) -> list[Completion]:
+    """Run many single-choice prompts concurrently (the engine batches them) and collect them."""
+    import asyncio
+
+    async def one(i: int, prompt: Prompt) -> Completion:
+        ids: list[int] = []
+        text: list[str] = []
+        reason = None
+        async for out in engine.generate(prompt, options, f"{request_id}-{i}", capture=False):
+            ids.extend(out.token_ids)
+            text.append(out.text)
+            if out.finished:
+                reason = out.finish_reason
+        return Completion(token_ids=ids, text="".join(text), finish_reason=reason)
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -> None:
+    """The checks every engine makes before generating: a prompt, and room for max_tokens."""
+    from nla_serve.errors import ClientError, ContextLengthError
+
+    if not prompt.token_ids:
+        raise ClientError("the prompt is empty", param="prompt")
+    if len(prompt.token_ids) + options.max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({options.max_tokens}) exceeds "
+            f"the model's context of {max_model_len} tokens",
+            param="max_tokens",
+        )
+
+
+__all__ = ["TargetEngine", "check_prompt", "generate_all"]

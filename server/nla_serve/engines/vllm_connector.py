@@ -1,0 +1,169 @@
+"""The engine processes' end of activation capture: a KV connector that writes each finished
+capturing request's layer-K rows to the capture directory (see ``vllm_capture`` for the design).
+
+vLLM's scheduler and worker processes import this module by path (``kv_connector_module_path``);
+the connector class is built on first access (module ``__getattr__``) so that importing the module
+does not need vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, SUFFIX, ERROR_SUFFIX,
+                                            block_slots, capture_file, remove_file, rows_to_save)
+
+
+
+
+@dataclass
+class PendingCapture:
+    """One finished request's rows to write: sent from the scheduler to the worker."""
+
+    req_id: str
+    path: str
+    block_ids: list[int]  # the hidden-state group's blocks, in position order
+    num_rows: int
+    token_ids: list[int]  # the tokens of those rows (prompt + output, without the last)
+
+
+def _build_connector_class():
+    """Subclass vLLM's hidden-states connector; called on first access to ``CONNECTOR_NAME``.
+
+    Reused from the stock class: locating the hidden-state KV group and its block size,
+    ``register_kv_caches`` (finds the cache-only layer's buffer, views
+    ``[num_blocks, num_states, block_size, d]``), the layout it needs and ``get_finished_count``
+    (only tensor-parallel rank 0 writes).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+        ExampleHiddenStatesConnector,
+    )
+    from vllm.logger import init_logger
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+    logger = init_logger(CONNECTOR_MODULE)
+
+    @dataclass
+    class CaptureMetadata(KVConnectorMetadata):
+        saves: list[PendingCapture] = field(default_factory=list)
+
+    class NLAShmHiddenStatesConnector(ExampleHiddenStatesConnector):
+        """Writes each finished capturing request's layer-K rows to ``capture_dir`` (see module doc)."""
+
+        def __init__(self, vllm_config, role, kv_cache_config):
+            # Skip the stock __init__ (thread pool, lock files, storage path); keep what its
+            # inherited methods read.
+            KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+            if vllm_config.speculative_config is None:
+                raise ValueError(f"{CONNECTOR_NAME} needs the 'extract_hidden_states' speculative method")
+            self._cache_kv_group_id = self._find_cache_kv_group_id(kv_cache_config)
+            self._block_size = self._get_cache_block_size(vllm_config, kv_cache_config, self._cache_kv_group_id)
+            self._capture_dir = self._kv_transfer_config.get_from_extra_config("capture_dir", None)
+            if not self._capture_dir:
+                raise ValueError(f"{CONNECTOR_NAME} needs kv_connector_extra_config.capture_dir")
+            self.cache_layers: list[str] = []
+            self._kv_cache = None
+            self._is_tp_rank_zero = True
+            self._pending: dict[str, PendingCapture] = {}  # scheduler side
+
+        # -- scheduler side ----------------------------------------------------------------
+
+        def get_num_new_matched_tokens(self, request, num_computed_tokens):
+            return 0, False  # store-only
+
+        def update_state_after_alloc(self, request, blocks, num_external_tokens):
+            return None
+
+        def build_connector_meta(self, scheduler_output):
+            meta = CaptureMetadata(saves=list(self._pending.values()))
+            self._pending.clear()
+            return meta
+
+        def request_finished(self, request, block_ids):
+            params = request.kv_transfer_params or {}
+            if not params.get(CAPTURE_PARAM):
+                return False, None
+            num_rows = rows_to_save(request.num_tokens, request.num_computed_tokens)
+            if num_rows == 0 or not block_ids:
+                return False, None  # never ran (aborted while waiting, or preempted to zero)
+            path = capture_file(self._capture_dir, request.request_id)
+            self._pending[request.request_id] = PendingCapture(
+                req_id=request.request_id,
+                path=path,
+                block_ids=list(block_ids),
+                num_rows=num_rows,
+                token_ids=list(request.all_token_ids[:num_rows]),
+            )
+            # True: keep the blocks until the worker has copied the rows (next step).
+            return True, {CAPTURE_PARAM: path, "num_rows": num_rows}
+
+        # -- worker side -------------------------------------------------------------------
+
+        def start_load_kv(self, *args, **kwargs):
+            return None
+
+        def wait_for_layer_load(self, layer_name):
+            return None
+
+        def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+            return None  # the cache-only layer already wrote the rows during the forward
+
+        def wait_for_save(self):
+            return None
+
+        def get_finished(self, finished_req_ids):
+            done: set[str] = set()
+            if self.has_connector_metadata():
+                meta = self._get_connector_metadata()
+                if isinstance(meta, CaptureMetadata):
+                    for save in meta.saves:
+                        if self._is_tp_rank_zero:
+                            self._write(save)
+                        done.add(save.req_id)
+            # A save arrives in the same step as its request's id in finished_req_ids (both come
+            # from one schedule()), and the copy is synchronous, so the blocks can go at once.
+            return (done or None), None
+
+        def _write(self, save: PendingCapture) -> None:
+            tmp = os.path.join(os.path.dirname(save.path), "." + os.path.basename(save.path) + ".tmp")
+            try:
+                assert self._kv_cache is not None, "register_kv_caches was not called"
+                cache = self._kv_cache  # [num_blocks, num_states, block_size, d]
+                slots = torch.tensor(block_slots(save.block_ids, self._block_size, save.num_rows), dtype=torch.long)
+                slots = slots.to(cache.device)
+                # A synchronous device->host copy between steps (on GPU it waits for the step in
+                # flight; a request's rows are a few hundred KB, copied once, when it ends).
+                with gpu_sync_allowed():
+                    rows = cache[slots // self._block_size, 0, slots % self._block_size].to("cpu")  # [num_rows, d]
+                tensors = {
+                    "hidden_states": rows.contiguous(),
+                    "token_ids": torch.tensor(save.token_ids, dtype=torch.long),
+                }
+                save_file(tensors, tmp, metadata={"request_id": save.req_id})
+                os.replace(tmp, save.path)
+            except Exception as e:  # never take the engine down over one request's rows
+                logger.exception("capture of %s failed", save.req_id)
+                remove_file(tmp)
+                try:
+                    with open(save.path[: -len(SUFFIX)] + ERROR_SUFFIX, "w") as f:
+                        f.write(f"{type(e).__name__}: {e}")
+                except OSError:
+                    pass
+
+    NLAShmHiddenStatesConnector.__module__ = CONNECTOR_MODULE
+    CaptureMetadata.__module__ = CONNECTOR_MODULE
+    CaptureMetadata.__qualname__ = CaptureMetadata.__name__ = "CaptureMetadata"
+    return NLAShmHiddenStatesConnector, CaptureMetadata
+
+
+def __getattr__(name: str):
+    if name in (CONNECTOR_NAME, "CaptureMetadata"):
+        connector, meta = _build_connector_class()
+        globals()[CONNECTOR_NAME] = connector
+        globals()["CaptureMetadata"] = meta
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

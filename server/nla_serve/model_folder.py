@@ -1,0 +1,93 @@
+"""Facts read from a Hugging Face model folder, and where to run it: its own dtype, the ids that
+end its turns, the device.
+
+Engines, the reconstructor, the NLA checkpoint loader and the trainer all need these, so they live
+here rather than in any one of them. ``auto`` always means "what the folder says": a float32
+checkpoint runs in float32 on every engine and device unless a setting asks otherwise, so the same
+NLA gives the same explanations whichever engine serves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when there is one, else ``cpu``; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def checkpoint_dtype(config: Any) -> str:
+    """The dtype a checkpoint was saved in (``dtype``/``torch_dtype`` in its config, top level or
+    its text config); ``float32`` when the config does not say (transformers' own default)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for attr in ("dtype", "torch_dtype"):
+            value = cfg.get(attr) if isinstance(cfg, dict) else getattr(cfg, attr, None)
+            name = dtype_name(value) if value is not None else None
+            if name in DTYPE_NAMES:
+                return name
+    return "float32"
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype_name(setting: str, model_dir: str | Path) -> str:
+    """The dtype a model runs in: an explicit setting wins; ``auto`` is the checkpoint's own."""
+    if setting != "auto":
+        return setting
+    from transformers import AutoConfig
+
+    return checkpoint_dtype(AutoConfig.from_pretrained(str(model_dir)))
+
+
+def resolve_dtype(setting: str, model_dir: str | Path) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, resolve_dtype_name(setting, model_dir))
+
+
+def eos_ids_of(model_dir: str | Path, tokenizer) -> set[int]:
+    """Every id that ends a turn: the generation config's EOS set plus the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:
+        eos = None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def chat_ids(tokenizer, messages: str | list[dict]) -> list[int]:
+    """Token ids of a conversation (or of one user message, given as a string) through the
+    tokenizer's chat template, generation prompt included. Every chat prompt in nla-serve goes
+    through here: tokenized in one step (never render-then-encode, which doubles BOS on
+    Llama/Gemma), with transformers' return shapes unwrapped."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    ids = out["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(i) for i in ids]
