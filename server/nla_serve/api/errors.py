@@ -31,9 +31,15 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
-    e = errs[0]
-    # drop "body" and pydantic's union-member tags ("bool", "list[int]", "function-after[...]")
-    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+
+    def loc_of(err) -> list[str]:
+        # drop "body" and pydantic's union-member tags ("bool", "list[int]", "ExplainOptions")
+        return [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+
+    # A union reports one error per member; the one that got furthest into the value is the one
+    # the client meant ({"explain": {"max_tokens": 0}} is an object with a bad field, not a bad bool).
+    e = max(errs, key=lambda err: len(loc_of(err)))
+    loc = loc_of(e)
     param = ".".join(loc) or None
     kind = e.get("type", "")
     if kind == "extra_forbidden":
@@ -47,8 +53,10 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _is_type_tag(part) -> bool:
+    # Our wire fields are snake_case, so a capitalised part is a model's name in a union.
     return isinstance(part, str) and (part in ("bool", "str", "int", "float", "list", "dict", "none", "any")
-                                      or "[" in part or part.startswith(("function-", "lax-", "json-")))
+                                      or "[" in part or part[:1].isupper()
+                                      or part.startswith(("function-", "lax-", "json-")))
 
 
 def install(app: FastAPI) -> None:

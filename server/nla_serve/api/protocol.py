@@ -3,11 +3,12 @@ them) rather than silently ignored: a parameter we do not implement must not loo
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic_core import PydanticCustomError
 
-from nla_serve.config import MAX_EXPLANATION_TOKENS
+from nla_serve.explain.options import ExplainOptions
 
 Strict = ConfigDict(extra="forbid")
 
@@ -37,7 +38,14 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-Explain = Union[StrictBool, dict[str, Any], None]
+def _explain_shape(value):
+    # One clear message for a value of the wrong kind, instead of one per union member.
+    if value is None or isinstance(value, (bool, dict, ExplainOptions)):
+        return value
+    raise PydanticCustomError("explain_type", "explain must be true, false or an object")
+
+
+Explain = Annotated[Union[StrictBool, ExplainOptions, None], BeforeValidator(_explain_shape)]
 
 
 class SamplingFields(BaseModel):
@@ -74,18 +82,13 @@ class CompletionRequest(SamplingFields):
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
-class ExplanationsRequest(BaseModel):
+class ExplanationsRequest(ExplainOptions):
+    """``/v1/explanations``: what to explain (exactly one of ``input``, ``messages``, ``vectors``),
+    with the ``explain`` options as top-level fields."""
+
     model_config = Strict
     model: str
     input: str | None = None
     messages: list[ChatMessage] | None = None
     vectors: list[list[float]] | None = None
-    positions: Union[str, dict[str, Any], list[StrictInt], None] = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPLANATION_TOKENS)
-    reconstruct: bool | None = None
-    min_fve: float | None = Field(default=None, le=1)
-    on_low_fve: Literal["flag", "drop"] | None = None
-    seed: StrictInt | None = None
-    max_explanations: StrictInt | None = Field(default=None, ge=1)
     user: str | None = None

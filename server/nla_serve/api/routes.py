@@ -1,5 +1,6 @@
-"""Thin handlers: parse, plan, refuse what must be refused before the first byte, then hand the
-events of ``generation.run`` to the streaming or collecting writer."""
+"""Thin handlers: parse, plan, take an admission ticket (refusing what must be refused before the
+first byte), then hand the events of ``generation.run`` to the streaming or collecting writer. The
+ticket is released when the response is over: the body sent, the stream ended, or the client gone."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from nla_serve.admission import Ticket
 from nla_serve.api.auth import require_key
+from nla_serve.api.items import apply_min_fve, explanation_item, unavailable_item
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ExplanationsRequest
 from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationJob
-from nla_serve.nla.checkpoint import chat_ids as template_ids
-from nla_serve.generation import GenerationRequest, apply_min_fve, explanation_item, run, unavailable_item
+from nla_serve.generation import GenerationRequest, run
+from nla_serve.model_folder import chat_ids as template_ids
+from nla_serve.model_folder import dtype_name
 from nla_serve.service import Service
 from nla_serve.types import SamplingOptions
 
@@ -96,20 +100,37 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
         raise ClientError(f"explain.positions asks for index {max(plan.positions)}, but prompt ({len(ids)} tokens) "
                           f"+ max_tokens ({options.max_tokens}) leaves activations for indices 0.."
                           f"{len(ids) + options.max_tokens - 2} only", param="explain.positions")
-    svc.check_admission()
+    if not body.stream and body.stream_options is not None:
+        raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    shape = ResponseShape(kind, rid, svc.model_name, svc.tokenizer)
-    events = run(svc, GenerationRequest(rid, ids, options, plan))
+    shape = ResponseShape(kind, rid, svc.model_name, svc.tokenizer, layer=svc.layer, plan=plan)
+    ticket = svc.admission.admit()  # 429 here, before any byte; released when the response is over
+    events = run(svc, GenerationRequest(rid, ids, options, plan), ticket)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(events, shape, include_usage, want_logprobs,
-                                               svc.settings.sse_keepalive_seconds),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-    if body.stream_options is not None:
-        raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
-    result = await until_disconnected(request, collect(events, shape, options.n, want_logprobs))
+        return TicketedStreamingResponse(ticket, stream_events(events, shape, include_usage, want_logprobs,
+                                                               svc.settings.sse_keepalive_seconds),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+    with ticket:
+        result = await until_disconnected(request, collect(events, shape, options.n, want_logprobs))
     return JSONResponse(result, headers={"X-Request-Id": rid})
+
+
+class TicketedStreamingResponse(StreamingResponse):
+    """A stream that holds its request's admission ticket until the last byte is sent or the
+    client is gone (also when the body never started: a generator that never ran has no
+    ``finally`` of its own to release it)."""
+
+    def __init__(self, ticket: Ticket, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
 
 
 async def until_disconnected(request: Request, work):
@@ -155,8 +176,6 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/explanations", dependencies=guarded)
 async def explanations(body: ExplanationsRequest, request: Request):
     """Explain without generating: text/chat positions (from a prefill) or raw vectors."""
-    import torch
-
     svc = service_of(request)
     check_model(svc, body.model)
     given = [k for k in ("input", "messages", "vectors") if getattr(body, k) is not None]
@@ -165,40 +184,23 @@ async def explanations(body: ExplanationsRequest, request: Request):
                           param=given[1] if len(given) > 1 else "input")
     if svc.nla is None:
         return {"object": "list", "data": [unavailable_item(svc.nla_reason)]}
-    d = svc.settings.explain
-    options = {k: v for k, v in dict(positions=body.positions, temperature=body.temperature,
-                                     max_tokens=body.max_tokens, reconstruct=body.reconstruct, min_fve=body.min_fve,
-                                     on_low_fve=body.on_low_fve, seed=body.seed,
-                                     max_explanations=body.max_explanations).items() if v is not None}
-    try:
-        plan = make_plan(options or True, d)
-    except ClientError as e:  # here the options are top-level fields, not inside 'explain'
-        raise ClientError(e.message.replace("explain.", ""), param=(e.param or "").replace("explain.", "")) from None
+    plan = make_plan(body, svc.settings.explain, field="")  # the options are top-level fields here
     check_room(svc, plan, "max_tokens")
-    svc.check_admission()
     if body.vectors is not None:
-        if body.positions is not None:
-            raise ClientError("positions apply to 'input' or 'messages', not to 'vectors'", param="positions")
-        if not body.vectors:
-            raise ClientError("vectors is empty", param="vectors")
-        if len(body.vectors) > svc.settings.max_vectors:
-            raise ClientError(f"{len(body.vectors)} vectors; at most {svc.settings.max_vectors} per request",
-                              param="vectors")
-        widths = {len(v) for v in body.vectors}
-        if widths != {svc.nla.d_model}:
-            raise ClientError(f"every vector must have {svc.nla.d_model} floats (the NLA's width); got widths "
-                              f"{sorted(widths)}", param="vectors")
-        vec = torch.tensor(body.vectors, dtype=torch.float32)
-        if not torch.isfinite(vec).all():
-            raise ClientError("vectors contain NaN or infinite values", param="vectors")
+        vectors = vectors_of(svc, body)
         rid = "expl-" + uuid.uuid4().hex
-        futures = [svc.worker.submit(ExplanationJob.for_plan(plan, rid, v)) for v in vec]
-        data = []
-        for i, fut in enumerate(futures):
-            item = apply_min_fve(explanation_item(await fut, layer=svc.layer, index=i), plan)
-            if item is not None:
-                data.append(item)
-        return {"object": "list", "data": data}
+        with svc.admission.admit():
+            futures = [svc.worker.submit(ExplanationJob.for_plan(plan, rid, v)) for v in vectors]
+
+            async def items() -> list[dict | None]:
+                return [apply_min_fve(explanation_item(await fut, layer=svc.layer, index=i), plan)
+                        for i, fut in enumerate(futures)]
+
+            try:
+                data = await until_disconnected(request, items())
+            finally:
+                svc.worker.cancel(rid)  # a client gone: its remaining jobs are not worth running
+        return {"object": "list", "data": [item for item in data if item is not None]}
 
     ids = chat_ids(svc, body.messages) if body.messages is not None else text_ids(svc, body.input)
     if len(ids) + 1 > svc.target.max_model_len:
@@ -210,10 +212,32 @@ async def explanations(body: ExplanationsRequest, request: Request):
     if plan.positions in ("auto", "generated"):  # no generation here: auto means the last token
         plan = dataclasses.replace(plan, positions="last")
     rid = "expl-" + uuid.uuid4().hex
-    events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan))
-    items = (await collect(events, ResponseShape("completion", rid, svc.model_name, svc.tokenizer), 1, False))
-    data = [it | {"index": n} for n, it in enumerate(items["explanations"])]
-    return {"object": "list", "data": data}
+    shape = ResponseShape("completion", rid, svc.model_name, svc.tokenizer, layer=svc.layer, plan=plan)
+    with svc.admission.admit() as ticket:
+        events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan), ticket)
+        items = await until_disconnected(request, collect(events, shape, 1, False))
+    return {"object": "list", "data": [it | {"index": n} for n, it in enumerate(items["explanations"])]}
+
+
+def vectors_of(svc: Service, body: ExplanationsRequest):
+    """The request's vectors as float32 [N, d], refused unless each is finite and NLA-wide."""
+    import torch
+
+    if body.positions is not None:
+        raise ClientError("positions apply to 'input' or 'messages', not to 'vectors'", param="positions")
+    if not body.vectors:
+        raise ClientError("vectors is empty", param="vectors")
+    if len(body.vectors) > svc.settings.max_vectors:
+        raise ClientError(f"{len(body.vectors)} vectors; at most {svc.settings.max_vectors} per request",
+                          param="vectors")
+    widths = {len(v) for v in body.vectors}
+    if widths != {svc.nla.d_model}:
+        raise ClientError(f"every vector must have {svc.nla.d_model} floats (the NLA's width); got widths "
+                          f"{sorted(widths)}", param="vectors")
+    vec = torch.tensor(body.vectors, dtype=torch.float32)
+    if not torch.isfinite(vec).all():
+        raise ClientError("vectors contain NaN or infinite values", param="vectors")
+    return vec
 
 
 @router.get("/v1/models", dependencies=guarded)
@@ -221,10 +245,11 @@ async def models(request: Request):
     svc = service_of(request)
     card = {"id": svc.model_name, "object": "model", "created": int(svc.started_at), "owned_by": "nla-serve",
             "root": str(svc.model_dir), "max_model_len": svc.target.max_model_len,
+            "dtype": dtype_name(svc.target.dtype),  # what the weights really run in
             "nla": None if svc.nla is None else {
                 "layer": svc.nla.layer, "d_model": svc.nla.d_model, "av": str(svc.nla.ckpt.av.path),
                 "ar": str(svc.nla.ckpt.ar.path) if svc.nla.ckpt.ar else None,
-                "fve_baseline": svc.nla.ckpt.fve_baseline}}
+                "fve_baseline": svc.nla.ckpt.fve_baseline, "dtype": svc.nla.dtypes}}
     return {"object": "list", "data": [card]}
 
 

@@ -23,7 +23,8 @@ FLAGS = [
     ("--port", "port", int, "port"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
     ("--device", "device", str, "auto | cpu | cuda (transformers engine and reconstructor)"),
-    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--dtype", "dtype", str, "auto (each checkpoint's own) | float32 | bfloat16 | float16; target and NLA"),
+    ("--nla-dtype", "nla_dtype", str, "the NLA's (AV and AR) dtype when it should differ from --dtype"),
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--target-memory-fraction", "target_memory_fraction", float, "GPU memory share of the target engine"),
     ("--verbalizer-memory-fraction", "verbalizer_memory_fraction", float, "GPU memory share of the verbalizer"),
@@ -34,7 +35,7 @@ FLAGS = [
     ("--max-concurrent-requests", "max_concurrent_requests", int, "beyond this, 429"),
     ("--explain-queue-size", "explain_queue_size", int, "explanation jobs queued before new ones are skipped"),
     ("--explain-batch-size", "explain_batch_size", int, "explanations per verbalizer batch"),
-    ("--cache-dir", "cache_dir", str, "where the default model is converted (default ~/.cache/nla-serve)"),
+    ("--cache-dir", "cache_dir", str, "cache root: the converted default model, merged LoRA NLAs (default ~/.cache/nla-serve)"),
     ("--enforce-eager", "enforce_eager", bool, "on | off: vLLM eager mode (default: on for CPU, off for GPU)"),
 ]
 POLICY_FLAGS = [

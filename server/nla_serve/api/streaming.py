@@ -18,7 +18,9 @@ import logging
 import time
 from typing import AsyncIterator
 
+from nla_serve.api.items import apply_min_fve, event_item
 from nla_serve.errors import NLAServeError
+from nla_serve.explain.policy import ExplainPlan
 from nla_serve.generation import Event, ExplanationEvent, TokenEvent, UsageEvent
 from nla_serve.types import TokenLogprob
 
@@ -30,14 +32,22 @@ def sse(data: dict | str) -> bytes:
 
 
 class ResponseShape:
-    """What differs between chat and completions: object names and how a choice looks."""
+    """What differs between responses: chat or completions (object names, how a choice looks),
+    and how this request's explanation items are written (the NLA layer, ``min_fve``)."""
 
-    def __init__(self, kind: str, request_id: str, model: str, tokenizer, created: int | None = None):
+    def __init__(self, kind: str, request_id: str, model: str, tokenizer, *, layer: int | None,
+                 plan: ExplainPlan, created: int | None = None):
         self.kind = kind  # "chat" | "completion"
         self.id = request_id
         self.model = model
         self.tokenizer = tokenizer
+        self.layer = layer
+        self.plan = plan
         self.created = created or int(time.time())
+
+    def explanation_item(self, ev: ExplanationEvent) -> dict | None:
+        """The item for ``ev``, or None when ``min_fve`` drops it."""
+        return apply_min_fve(event_item(ev, layer=self.layer, tokenizer=self.tokenizer), self.plan)
 
     def base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -129,7 +139,9 @@ async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, incl
                     continue
                 yield sse(shape.base(chunk_obj) | {"choices": [choice]})
             elif isinstance(ev, ExplanationEvent):
-                yield sse(shape.base(chunk_obj) | {"choices": [], "explanations": ev.items})
+                item = shape.explanation_item(ev)
+                if item is not None:
+                    yield sse(shape.base(chunk_obj) | {"choices": [], "explanations": [item]})
             elif isinstance(ev, UsageEvent) and include_usage:
                 yield sse(shape.base(chunk_obj) | {"choices": [], "usage": shape.usage(ev)})
     except NLAServeError as e:
@@ -155,7 +167,9 @@ async def collect(events: AsyncIterator[Event], shape: ResponseShape, n: int, wa
             if ev.logprobs:
                 lps.setdefault(ev.index, []).extend(ev.logprobs)
         elif isinstance(ev, ExplanationEvent):
-            explanations.extend(ev.items)
+            item = shape.explanation_item(ev)
+            if item is not None:
+                explanations.append(item)
         elif isinstance(ev, UsageEvent):
             usage = shape.usage(ev)
     explanations.sort(key=lambda it: (it.get("choice_index") or 0, it.get("token_index") or 0))

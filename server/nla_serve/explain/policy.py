@@ -1,4 +1,5 @@
-"""Turn a request's ``explain`` field and the server defaults into a plan. Pure: no torch.
+"""Turn a request's ``explain`` field and the server defaults into a plan, and a plan into the
+positions of each choice to explain. Pure: no torch.
 
 Positions count over prompt + completion (0 = first prompt token). The row at position p is the
 layer-K state after reading token p. The last completion token is never fed through the model, so
@@ -17,14 +18,10 @@ Named policies (P prompt tokens, G generated, rows 0 .. P+G-2):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from nla_serve.config import MAX_EXPLANATION_TOKENS, ExplainDefaults
+from nla_serve.config import ExplainDefaults
 from nla_serve.errors import ClientError
-
-NAMED = ("auto", "last", "all", "generated", "prompt")
-OPTION_KEYS = {"positions", "max_explanations", "reconstruct", "temperature", "max_tokens", "min_fve",
-               "on_low_fve", "seed"}
+from nla_serve.explain.options import Every, ExplainOptions, Positions
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,34 @@ class ExplainPlan:
         return [P - 1] + spread(list(range(P, n_rows)), cap - 1)
 
 
+@dataclass(frozen=True)
+class Target:
+    """One position of a choice to explain, or to answer ``skipped`` with ``skip_reason``."""
+
+    position: int
+    skip_reason: str | None = None
+
+
+def choice_targets(plan: ExplainPlan, index: int, P: int, G: int, n_rows: int) -> list[Target]:
+    """What to explain for choice ``index`` (P prompt tokens, G generated, ``n_rows`` rows captured).
+
+    Prompt rows are identical across choices, so they are explained once, under choice 0. A
+    position without a row is answered ``skipped``: the last generated token never has one."""
+    positions = plan.select(P, G)
+    if index > 0:
+        positions = [p for p in positions if p >= P]
+    total = P + G
+    out = []
+    for p in positions:
+        if p < n_rows:
+            out.append(Target(p))
+        elif p == total - 1:
+            out.append(Target(p, "the last generated token is never fed through the model, so it has no activation"))
+        else:
+            out.append(Target(p, f"position {p} is beyond this choice's {total} tokens"))
+    return out
+
+
 def spread(items: list[int], k: int) -> list[int]:
     """At most k items, evenly spaced, always keeping the last one."""
     if k <= 0:
@@ -73,89 +98,45 @@ def spread(items: list[int], k: int) -> list[int]:
     return sorted({items[round(i * step)] for i in range(k)})
 
 
-def _bad(msg: str, param: str = "explain") -> ClientError:
-    return ClientError(msg, param=param)
-
-
-def parse_positions(value: Any, limit: int) -> str | int | tuple[int, ...]:
-    if isinstance(value, str):
-        if value not in NAMED:
-            raise _bad(f"explain.positions {value!r} is not one of {list(NAMED)}, {{'every': n}} or a list of "
-                       "token indices", "explain.positions")
-        return value
-    if isinstance(value, dict):
-        if set(value) != {"every"} or not isinstance(value["every"], int) or isinstance(value["every"], bool) \
-                or value["every"] < 1:
-            raise _bad("explain.positions as an object must be {\"every\": n} with an integer n >= 1",
-                       "explain.positions")
-        return int(value["every"])
+def _positions(value: Positions) -> str | int | tuple[int, ...]:
+    if isinstance(value, Every):
+        return value.every
     if isinstance(value, list):
-        if not value:
-            raise _bad("explain.positions is an empty list", "explain.positions")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-            raise _bad("explain.positions must hold integer token indices", "explain.positions")
-        if any(i < 0 for i in value):
-            raise _bad("explain.positions holds a negative index; indices count from 0 over prompt + completion",
-                       "explain.positions")
-        if len(set(value)) > limit:
-            raise _bad(f"explain.positions asks for {len(set(value))} positions; the limit is {limit}",
-                       "explain.positions")
         return tuple(sorted(set(value)))
-    raise _bad("explain.positions must be a string, {\"every\": n} or a list of indices", "explain.positions")
+    return value
 
 
-def _number(explain: dict, key: str, lo: float | None, hi: float | None, *, integer: bool = False,
-            why: str | None = None) -> float | int:
-    """``explain[key]`` if it is a number (an int when ``integer``; never a bool) within [lo, hi]."""
-    v = explain[key]
-    kind = (int,) if integer else (int, float)
-    in_range = (lo is None or v >= lo) and (hi is None or v <= hi) if isinstance(v, kind) else False
-    if isinstance(v, bool) or not isinstance(v, kind) or not in_range:
-        what = "an integer" if integer else "a number"
-        rng = why or (f"from {lo} to {hi}" if lo is not None else "")
-        raise _bad(f"explain.{key} must be {what} {rng}".rstrip(), f"explain.{key}")
-    return v
+def make_plan(explain: bool | ExplainOptions | None, defaults: ExplainDefaults, *, field: str = "explain") -> ExplainPlan:
+    """``explain``: None (absent: the server's policy), a bool, or validated options. ``field``
+    is where the options were sent, for error params: ``explain`` in a generation request, ``""``
+    for the top-level fields of ``/v1/explanations``."""
 
+    def param(name: str) -> str:
+        return f"{field}.{name}" if field else name
 
-def make_plan(explain: Any, defaults: ExplainDefaults) -> ExplainPlan:
-    """``explain`` is the raw request value: None (absent), a bool, or an options object."""
-    limit = defaults.max_explanations_limit
-    base = dict(positions=parse_positions(defaults.positions, limit), max_explanations=defaults.max_explanations,
-                reconstruct=defaults.reconstruct, temperature=defaults.temperature, max_tokens=defaults.max_tokens)
+    base = dict(positions=defaults.positions,
+                max_explanations=defaults.max_explanations, reconstruct=defaults.reconstruct,
+                temperature=defaults.temperature, max_tokens=defaults.max_tokens)
     if explain is None:
         return ExplainPlan(enabled=defaults.enabled, **base)
     if isinstance(explain, bool):
         return ExplainPlan(enabled=explain, explicit=explain, **base)
-    if not isinstance(explain, dict):
-        raise _bad("explain must be true, false or an object")
-    unknown = sorted(set(explain) - OPTION_KEYS)
-    if unknown:
-        raise _bad(f"explain has unknown field(s) {unknown}; known: {sorted(OPTION_KEYS)}", f"explain.{unknown[0]}")
-    opts = dict(base)
-    if "positions" in explain:
-        opts["positions"] = parse_positions(explain["positions"], limit)
-    if "max_explanations" in explain:
-        opts["max_explanations"] = _number(explain, "max_explanations", 1, limit, integer=True,
-                                           why=f"from 1 to {limit} (the server's limit)")
-    if "reconstruct" in explain:
-        if not isinstance(explain["reconstruct"], bool):
-            raise _bad("explain.reconstruct must be true or false", "explain.reconstruct")
-        opts["reconstruct"] = explain["reconstruct"]
-    if "temperature" in explain:
-        opts["temperature"] = float(_number(explain, "temperature", 0, 2))
-    if "max_tokens" in explain:
-        opts["max_tokens"] = _number(explain, "max_tokens", 1, MAX_EXPLANATION_TOKENS, integer=True)
-    if explain.get("min_fve") is not None:
-        opts["min_fve"] = float(_number(explain, "min_fve", -10, 1, why="<= 1"))
-    if "on_low_fve" in explain:
-        if explain["on_low_fve"] not in ("flag", "drop"):
-            raise _bad("explain.on_low_fve must be 'flag' or 'drop'", "explain.on_low_fve")
-        opts["on_low_fve"] = explain["on_low_fve"]
-    if explain.get("seed") is not None:
-        opts["seed"] = _number(explain, "seed", None, None, integer=True)
-    if isinstance(opts["positions"], tuple) and len(opts["positions"]) > opts["max_explanations"]:
-        if "max_explanations" in explain:
-            raise _bad(f"explain.positions lists {len(opts['positions'])} positions but max_explanations is "
-                       f"{opts['max_explanations']}", "explain.positions")
-        opts["max_explanations"] = len(opts["positions"])  # an explicit list sets its own count
+    given = {k: v for k, v in explain.model_dump(include=set(ExplainOptions.model_fields)).items() if v is not None}
+    if "positions" in given:
+        given["positions"] = _positions(explain.positions)
+    opts = base | given
+    limit = defaults.max_explanations_limit
+    if opts["max_explanations"] > limit:
+        raise ClientError(f"{param('max_explanations')} is {opts['max_explanations']}; the server's limit is {limit}",
+                          param=param("max_explanations"))
+    positions = opts["positions"]
+    if isinstance(positions, tuple):
+        if len(positions) > limit:
+            raise ClientError(f"{param('positions')} asks for {len(positions)} positions; the limit is {limit}",
+                              param=param("positions"))
+        if len(positions) > opts["max_explanations"]:
+            if "max_explanations" in given:
+                raise ClientError(f"{param('positions')} lists {len(positions)} positions but max_explanations is "
+                                  f"{opts['max_explanations']}", param=param("positions"))
+            opts["max_explanations"] = len(positions)  # an explicit list sets its own count
     return ExplainPlan(enabled=True, explicit=True, **opts)

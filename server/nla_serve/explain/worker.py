@@ -7,8 +7,9 @@ bounded queue, batching jobs from every request in flight.
                             'skipped'          └─ each job's future gets its Explanation
 
 Results travel back on each job's own future, exceptions as ``failed`` explanations: a failing
-verbalizer never fails the generation that asked. ``cancel(request_id)`` drops a disconnected
-client's pending jobs. While one batch runs, new jobs pile up and form the next batch, so
+verbalizer never fails the generation that asked. ``cancel(request_id)`` resolves a finished or
+disconnected request's pending jobs as ``skipped`` at once. The only per-request structure is the
+index of pending jobs by request, and a job leaves it when it resolves, so it is empty when idle. While one batch runs, new jobs pile up and form the next batch, so
 concurrent requests share batches without any waiting timer.
 """
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nla_serve.worker")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in sets
 class ExplanationJob:
     request_id: str
     vector: "torch.Tensor"  # [d_model] float32
@@ -63,7 +64,7 @@ class ExplanationWorker:
         self.metrics = metrics
         self._queue: asyncio.Queue[ExplanationJob] | None = None
         self._task: asyncio.Task | None = None
-        self._cancelled: set[str] = set()
+        self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
         self.batches_run = 0
 
     @property
@@ -88,7 +89,6 @@ class ExplanationWorker:
         """Queue a job; its future resolves with an Explanation (never raises)."""
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
-        self._cancelled.discard(job.request_id)
         cached = self.cache.get(cache_key(job.vector, *job.settings))
         if cached is not None:
             cached.extra["cached"] = True
@@ -99,6 +99,7 @@ class ExplanationWorker:
             return job.future
         try:
             self._queue.put_nowait(job)
+            self._pending.setdefault(job.request_id, set()).add(job)
         except asyncio.QueueFull:
             self._resolve(job, Explanation(
                 status="skipped",
@@ -106,12 +107,25 @@ class ExplanationWorker:
         return job.future
 
     def cancel(self, request_id: str) -> None:
-        """Forget the pending jobs of a request (its client went away)."""
-        self._cancelled.add(request_id)
+        """Resolve the request's pending jobs as skipped (its client went away, or it ended)."""
+        for job in list(self._pending.get(request_id, ())):
+            self._resolve(job, Explanation(status="skipped", reason="the request was cancelled"))
+
+    def in_flight(self) -> dict[str, int]:
+        return {"requests": len(self._pending), "queued_jobs": self.depth}
+
+    def _forget(self, job: ExplanationJob) -> None:
+        jobs = self._pending.get(job.request_id)
+        if jobs is not None:
+            jobs.discard(job)
+            if not jobs:
+                del self._pending[job.request_id]
 
     def _resolve(self, job: ExplanationJob, exp: Explanation, cached: bool = False) -> None:
-        if job.future is not None and not job.future.done():
-            job.future.set_result(exp)
+        self._forget(job)
+        if job.future is None or job.future.done():
+            return  # resolved already (cancelled while queued or running): counted then
+        job.future.set_result(exp)
         if self.metrics is not None:
             latency = time.monotonic() - job.captured_at if exp.status in ("ok", "truncated") else None
             self.metrics.record_explanation(exp.status, exp.tokens, exp.fve, latency, cached=cached)
@@ -122,8 +136,8 @@ class ExplanationWorker:
             batch.append(self._queue.get_nowait())
         live = []
         for job in batch:
-            if job.request_id in self._cancelled or (job.future is not None and job.future.cancelled()):
-                self._resolve(job, Explanation(status="skipped", reason="the request was cancelled"))
+            if job.future is not None and job.future.done():  # cancelled while queued: resolved already
+                self._forget(job)
             else:
                 live.append(job)
         return live

@@ -1,6 +1,6 @@
 """The library entry point: explain vectors and score the explanations.
 
-    rt = await NLARuntime.open("nla/av", "nla/ar", engine="vllm")
+    rt = await NLARuntime.open(load_nla("nla/av", "nla/ar"), EngineSettings(model="nla/av", kind="vllm"))
     [e] = await rt.explain_vectors(torch.randn(1, rt.d_model))
     e.status, e.text, e.fve
 
@@ -15,9 +15,10 @@ import asyncio
 import math
 from typing import TYPE_CHECKING
 
-from nla_serve.config import MAX_EXPLANATION_TOKENS, EngineKind, EngineSettings
+from nla_serve.config import MAX_EXPLANATION_TOKENS, EngineSettings, ReconstructorSettings
 from nla_serve.errors import ClientError
-from nla_serve.nla.checkpoint import NLACheckpoint, load_nla
+from nla_serve.nla.checkpoint import NLACheckpoint, read_config
+from nla_serve.model_folder import dtype_name
 from nla_serve.nla.reconstructor import Reconstructor
 from nla_serve.nla.verbalizer import Verbalization, Verbalizer
 from nla_serve.types import Explanation
@@ -65,6 +66,15 @@ class NLARuntime:
         return self.ckpt.d_model
 
     @property
+    def dtypes(self) -> dict[str, str | None]:
+        """What the AV and AR really run in (``/v1/models`` reports it)."""
+        return {"av": dtype_name(self.engine.dtype),
+                "ar": dtype_name(self.reconstructor.dtype) if self.reconstructor is not None else None}
+
+    def in_flight(self) -> dict[str, int]:
+        return self.engine.in_flight()
+
+    @property
     def layer(self) -> int:
         return self.ckpt.layer
 
@@ -74,31 +84,31 @@ class NLARuntime:
         return min(MAX_EXPLANATION_TOKENS, self.engine.max_model_len - len(self.ckpt.av.prompt_ids))
 
     @classmethod
-    async def open(cls, av: str, ar: str | None = None, *, engine: EngineKind = "vllm", device: str = "auto",
-                   dtype: str = "auto", fve_baseline: float | None = None, target_hidden_size: int | None = None,
-                   target_num_layers: int | None = None, target_model_type: str | None = None,
-                   memory_fraction: float = 0.3, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                   enforce_eager: bool | None = None, checkpoint: NLACheckpoint | None = None) -> "NLARuntime":
+    async def open(cls, checkpoint: NLACheckpoint, engine: EngineSettings,
+                   reconstructor: ReconstructorSettings | None = None) -> "NLARuntime":
+        """Start the verbalizer engine (``engine``: kind, device, dtype, memory; built by
+        ``ServerSettings.verbalizer_engine`` in the server) and load the AR, if the pair has one.
+        The engine's context is sized here: the AV prompt plus the longest explanation allowed,
+        within the AV's own position limit."""
         from nla_serve.engines import make_engine
 
-        ckpt = checkpoint or load_nla(av, ar, target_hidden_size=target_hidden_size,
-                                      target_num_layers=target_num_layers, target_model_type=target_model_type,
-                                      fve_baseline=fve_baseline)
-        from nla_serve.nla.checkpoint import read_config
-
-        # context: the AV prompt plus the longest explanation allowed, within the AV's own limit
+        ckpt = checkpoint
         limit = read_config(ckpt.av.path).get("max_position_embeddings")
         ctx = len(ckpt.av.prompt_ids) + MAX_EXPLANATION_TOKENS
-        settings = EngineSettings(model=str(ckpt.av.path), kind=engine, device=device, dtype=dtype,
-                                  enable_prompt_embeds=True, memory_fraction=memory_fraction,
-                                  kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                                  max_model_len=min(ctx, limit) if isinstance(limit, int) else ctx)
+        settings = engine.model_copy(update=dict(
+            model=str(ckpt.av.path), enable_prompt_embeds=True,
+            max_model_len=min(ctx, limit) if isinstance(limit, int) else ctx))
         eng = make_engine(settings)
         await eng.start()
         rec = None
         if ckpt.ar is not None:
-            rec = Reconstructor(ckpt.ar, device=device, dtype=dtype)
-            await asyncio.to_thread(rec.load)
+            r = reconstructor or ReconstructorSettings()
+            rec = Reconstructor(ckpt.ar, device=r.device, dtype=r.dtype)
+            try:
+                await asyncio.to_thread(rec.load)
+            except BaseException:
+                await eng.shutdown()
+                raise
         return cls(ckpt, eng, rec)
 
     async def explain_vectors(self, vectors: "torch.Tensor", *, temperature: float = 0.0, max_tokens: int = 200,
