@@ -4,6 +4,7 @@ a time, no NLA) are extra apps sharing the same engines on the session loop."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import threading
@@ -694,3 +695,185 @@ def torch_free_vectors() -> list[list[float]]:
     rng = random.Random(11)
     return [[rng.gauss(0, 3) for _ in range(64)] for _ in range(3)]
 
+
+
+# -- faults, floods and hostile input (issue: keep serving) ------------------------------------------
+
+
+def test_every_vllm_exception_is_mapped():
+    """Every exception class vLLM defines lands on one of ours, in the right family (client
+    errors 4xx, server errors 5xx), as httpx tests its own map."""
+    import inspect
+    from http import HTTPStatus
+
+    vllm_required()
+    import vllm.exceptions
+    import vllm.v1.engine.exceptions
+    from nla_serve.engines.vllm_engine import map_vllm_error
+    from nla_serve.errors import NLAServeError
+
+    classes = {c for mod in (vllm.exceptions, vllm.v1.engine.exceptions)
+               for _, c in inspect.getmembers(mod, inspect.isclass)
+               if issubclass(c, vllm.exceptions.VLLMError)}
+    assert len(classes) >= 10
+    for cls in classes:
+        exc = None
+        for args in (("boom",), ("boom", HTTPStatus.TOO_MANY_REQUESTS), ()):
+            try:
+                exc = cls(*args)
+                break
+            except TypeError:
+                continue
+        assert exc is not None, cls
+        mapped = map_vllm_error(exc)
+        assert isinstance(mapped, NLAServeError), cls
+        if isinstance(exc, vllm.exceptions.VLLMClientError):
+            assert 400 <= mapped.status_code < 500, (cls, mapped.status_code)
+        elif isinstance(exc, vllm.exceptions.VLLMServerError):
+            assert mapped.status_code >= 500, (cls, mapped.status_code)
+    validation = vllm.exceptions.VLLMValidationError("n must be 1", parameter="n", value=2)
+    assert map_vllm_error(validation).param == "n" and "parameter=" not in map_vllm_error(validation).message
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2, "temperature": 0}, "n"),
+    ({"seed": 2**64, "temperature": 0}, "seed"),
+    ({"stream": 0}, "stream"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"temperature": "0.5"}, "temperature"),
+])
+def test_values_engines_refuse_are_400s_naming_the_parameter(app, extra, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3} | extra
+    r = httpx.post(app.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+class ExplodingEngine(CountingEngine):
+    """The real engine whose generate fails unexpectedly (a bug we cannot produce on purpose)."""
+
+    async def generate(self, *args, **kwargs):
+        raise RuntimeError("unexpected")
+        yield
+
+
+def test_500_keeps_the_connection(base, loop):
+    """An unexpected error answers an OpenAI-shaped 500 and leaves the keep-alive connection
+    usable: the next request on the same socket gets its answer."""
+    v = Variant(loop, base, target=ExplodingEngine(base.target))
+    try:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+        req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        import socket
+
+        with socket.create_connection(("127.0.0.1", v.server.port), timeout=30) as sock:
+            sock.sendall(req)
+            first = read_response(sock)
+            assert first[0] == 500 and b"internal_server_error" in first[2]
+            assert first[1].get("connection") != "close"
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            second = read_response(sock)
+            assert second[0] == 200 and b'"ok"' in second[2]
+    finally:
+        v.close()
+
+
+def read_response(sock) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response with a Content-Length body from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    n = int(headers.get("content-length", 0))
+    while len(rest) < n:
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, rest[:n]
+
+
+def test_method_not_allowed_says_allow(app):
+    r = httpx.get(app.url + "/v1/chat/completions", timeout=30)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+
+
+def test_chunked_body_over_the_limit_is_413(base, loop):
+    v = Variant(loop, base, max_body_bytes=4096)
+    try:
+        def chunks():
+            yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"x" * 1000
+            yield b'"}]}'
+
+        r = httpx.post(v.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413 and "4096" in r.json()["error"]["message"], r.text
+    finally:
+        v.close()
+
+
+def test_vector_whose_norm_overflows_is_refused(app):
+    r = httpx.post(app.url + "/v1/explanations", json={"model": MODEL, "vectors": [[1e38] * 64]}, timeout=30)
+    assert r.status_code == 400 and "norm" in r.json()["error"]["message"] and r.json()["error"]["param"] == "vectors"
+
+
+def test_docs_and_schema_are_behind_the_key(base, loop):
+    v = Variant(loop, base, api_key="sekrit")
+    try:
+        assert httpx.get(v.url + "/docs").status_code == 404
+        assert httpx.get(v.url + "/openapi.json").status_code == 401
+        r = httpx.get(v.url + "/openapi.json", headers={"Authorization": "Bearer sekrit"})
+        assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
+        h = httpx.get(v.url + "/health").json()
+        assert "model" not in h and h["status"] == "ok"
+    finally:
+        v.close()
+
+
+def test_models_show_names_and_hashes_not_paths(app):
+    card = httpx.get(app.url + "/v1/models").json()["data"][0]
+    assert "/" not in card["root"] and "/" not in card["nla"]["av"] and "/" not in card["nla"]["ar"]
+    assert set(card) >= {"sha256"} and set(card["nla"]) >= {"av_sha256", "ar_sha256"}
+
+
+def test_folder_hash_is_remembered_and_follows_the_content(tmp_path):
+    from nla_serve.model_folder import folder_sha256
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"1234")
+    cache = tmp_path / "fp.json"
+    first = folder_sha256(folder, cache)
+    assert folder_sha256(folder, cache) == first and str(folder.resolve()) in cache.read_text()
+    (folder / "a.bin").write_bytes(b"12345")
+    assert folder_sha256(folder, cache) != first
+
+
+def test_openapi_schema_says_what_the_server_answers(app):
+    doc = httpx.get(app.url + "/openapi.json").json()
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert "422" not in op["responses"], path
+    chat_op = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "413", "429", "503"} <= set(chat_op)
+    assert "text/event-stream" in chat_op["200"]["content"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_api_key_file_and_a_warning_for_the_flag(tmp_path, capsys):
+    from nla_serve.api.serve import register, settings_from
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    key = tmp_path / "key"
+    key.write_text("from-a-file\n")
+    s = settings_from(parser.parse_args(["serve", "--api-key-file", str(key)]))
+    assert s.api_key == "from-a-file"
+    s = settings_from(parser.parse_args(["serve", "--api-key", "visible"]))
+    assert s.api_key == "visible" and "visible to every user" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="could not be read"):
+        settings_from(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))

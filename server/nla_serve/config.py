@@ -146,6 +146,8 @@ class ServerSettings(BaseModel):
     max_vectors: int = Field(default=64, ge=1)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     cache_dir: str | None = None  # None: default_cache_root()
+    engine_restarts: int = Field(default=5, ge=0)  # engine deaths survived per 10 minutes before exiting
+    shutdown_timeout: float = Field(default=30.0, ge=0)  # after SIGTERM, requests still running are ended
 
     @property
     def cache_root(self) -> Path:

@@ -111,6 +111,10 @@ class _FanIn:
             else:
                 yield ev
 
+    def fail(self, error: Exception) -> None:
+        """End the stream with ``error`` now, whatever the producers are doing."""
+        self.queue.put_nowait(_Failure(error))
+
     def cancel(self) -> None:
         for task in self.tasks:
             task.cancel()
@@ -208,6 +212,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
                 fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P))
 
     fan_in.spawn(read_engine(), critical=True)
+    service.track(req.request_id, fan_in.fail)
     try:
         async for ev in fan_in.events():
             yield ev
@@ -224,6 +229,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
     finally:
         if not completed:  # the client went away or the engine failed: count it as vLLM does
             service.metrics.record_finished(P, "abort", time.monotonic() - req.arrived)
+        service.untrack(req.request_id)
         fan_in.cancel()
         if not engine_done:
             await service.target.abort(req.request_id)

@@ -91,3 +91,43 @@ def chat_ids(tokenizer, messages: str | list[dict]) -> list[int]:
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+def folder_sha256(folder: str | Path, cache_file: Path | None = None) -> str:
+    """SHA-256 over a model folder's files (names and bytes, sorted by name): what ``/v1/models``
+    shows instead of server paths, and what identifies a model in logs and records.
+
+    Hashing a large model takes a while (a 7B model is ~15 GB), so the result is remembered in
+    ``cache_file`` keyed by the folder and each file's size and modification time."""
+    import hashlib
+    import json
+
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    signature = [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    known: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            known = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            known = {}
+    entry = known.get(str(root))
+    if entry and entry.get("signature") == signature:
+        return entry["sha256"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    if cache_file is not None:
+        known[str(root)] = {"signature": signature, "sha256": digest}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # a read-only cache only costs the re-hash next time
+    return digest

@@ -7,16 +7,19 @@ memory fraction (vLLM checks its fraction against free memory at start).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from nla_serve.admission import Admission
 from nla_serve.config import ServerSettings
 from nla_serve.engines import TargetEngine, make_engine
-from nla_serve.errors import CheckpointError
+from nla_serve.errors import CheckpointError, NLAServeError, UnavailableError
 from nla_serve.explain.worker import ExplanationWorker
 from nla_serve.metrics import Metrics
+from nla_serve.supervisor import EngineState, EngineSupervisor
 from nla_serve.model_folder import dtype_name
 
 log = logging.getLogger("nla_serve")
@@ -57,6 +60,81 @@ class Service:
         self.metrics = metrics or Metrics(model_name)
         self.admission = Admission(settings.max_concurrent_requests)
         self.started_at = time.time()
+        self.fingerprints: dict[str, str] = {}  # role -> SHA-256 of its folder, filled in the background
+        self._fingerprinting: asyncio.Task | None = None
+        # engine -> "up" | "restarting" | "failed", with why (see supervisor.py)
+        self.states: dict[str, EngineState] = {"target": "up"} | ({"verbalizer": "up"} if nla is not None else {})
+        self.state_reasons: dict[str, str | None] = {}
+        self.supervisors: list[EngineSupervisor] = []
+        self.on_fatal: Callable[[str], None] | None = None  # the CLI exits non-zero; tests just look
+        self.fatal: str | None = None
+        self._enders: dict[str, Callable[[NLAServeError], None]] = {}  # request id -> ends it in-band
+
+    # -- engine health ---------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Watch both engines; a dead one is restarted in-process (supervisor.py)."""
+        def replace_target(engine) -> None:
+            self.target = engine
+
+        kw = dict(on_change=self._engine_changed, max_restarts=self.settings.engine_restarts)
+        self.supervisors = [EngineSupervisor("target", lambda: self.target, replace_target, **kw)]
+        if self.nla is not None:
+            self.supervisors.append(EngineSupervisor("verbalizer", lambda: self.nla.engine,
+                                                     self.nla.replace_engine, **kw))
+        for sup in self.supervisors:
+            sup.start()
+
+    def _engine_changed(self, name: str, state: EngineState, reason: str | None) -> None:
+        self.states[name] = state
+        self.state_reasons[name] = reason
+        if name == "target" and state != "up":
+            self.end_all(UnavailableError(reason or "the target engine is down"))
+        if name == "verbalizer" and self.worker is not None:
+            self.worker.unavailable_reason = None if state == "up" else reason
+        if state == "failed":
+            self.fatal = reason
+            log.critical("%s: giving up", reason)
+            if self.on_fatal is not None:
+                self.on_fatal(reason or "an engine failed")
+
+    def check_target(self) -> None:
+        """Refuse new generations (503) while the target engine is down."""
+        if self.states["target"] != "up":
+            raise UnavailableError(self.state_reasons.get("target") or "the target engine is down; retry shortly")
+
+    def track(self, request_id: str, end: Callable[[NLAServeError], None]) -> None:
+        self._enders[request_id] = end
+
+    def untrack(self, request_id: str) -> None:
+        self._enders.pop(request_id, None)
+
+    def end_all(self, error: NLAServeError) -> None:
+        """End every request in flight with ``error`` (in-band in streams): the engine died, or the
+        shutdown timeout passed."""
+        for end in list(self._enders.values()):
+            end(error)
+
+    def start_fingerprints(self) -> None:
+        """Hash the target, AV and AR folders off the event loop (minutes for a large model, the
+        first time; remembered in the cache root after that)."""
+        from nla_serve.model_folder import folder_sha256
+
+        folders = {"target": self.model_dir}
+        if self.nla is not None:
+            folders["av"] = self.nla.ckpt.av.path
+            if self.nla.ckpt.ar is not None:
+                folders["ar"] = self.nla.ckpt.ar.path
+        cache = self.settings.cache_root / "fingerprints.json"
+
+        async def hash_all() -> None:
+            for role, folder in folders.items():
+                try:
+                    self.fingerprints[role] = await asyncio.to_thread(folder_sha256, folder, cache)
+                except OSError as e:
+                    log.warning("could not hash the %s folder %s: %s", role, folder, e)
+
+        self._fingerprinting = asyncio.create_task(hash_all(), name="nla-fingerprints")
 
     @property
     def tokenizer(self):
@@ -123,9 +201,16 @@ class Service:
         else:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
             log.warning("%s: responses will mark explanations 'unavailable'", reason)
-        return cls(settings, target, model_name, model_dir, nla, reason, worker, metrics)
+        service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics)
+        service.start_fingerprints()
+        service.supervise()
+        return service
 
     async def stop(self) -> None:
+        if self._fingerprinting is not None:
+            self._fingerprinting.cancel()
+        for sup in self.supervisors:
+            await sup.stop()
         if self.worker is not None:
             await self.worker.stop()
         if self.nla is not None:
@@ -141,7 +226,8 @@ class Service:
 
     def in_flight(self) -> dict[str, dict[str, int]]:
         """Every per-request structure of the service and its parts, by size (all 0 when idle)."""
-        out = {"admission": {"admitted": self.admission.admitted}, "target": self.target.in_flight()}
+        out = {"admission": {"admitted": self.admission.admitted, "tracked": len(self._enders)},
+               "target": self.target.in_flight()}
         if self.worker is not None:
             out["worker"] = self.worker.in_flight()
         if self.nla is not None:

@@ -8,14 +8,18 @@ across apps), and stops what it started. A pure-ASGI guard refuses bodies over
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+from typing import Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nla_serve.api import errors as api_errors
+from nla_serve.api import openapi
+from nla_serve.api.auth import require_key
 from nla_serve.api.routes import router
 from nla_serve.config import ServerSettings
+from nla_serve.errors import PayloadTooLargeError
 from nla_serve.service import Service
 
 log = logging.getLogger("nla_serve")
@@ -33,42 +37,36 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self.too_large(scope, send)
+            return await api_errors.send_error(send, PayloadTooLargeError(self.message()))
         seen = 0
-        too_big = False
 
         async def limited_receive():
-            nonlocal seen, too_big
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    too_big = True
-                    raise _TooLarge()
+                    # Raised inside the route's body read: FastAPI lets HTTP exceptions through
+                    # (anything else it turns into a 400 "error parsing the body").
+                    raise StarletteHTTPException(413, self.message())
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self.too_large(scope, send)
+        await self.app(scope, limited_receive, send)
 
-    async def too_large(self, scope, send):
-        body = json.dumps(api_errors.error_body(
-            f"request body exceeds the limit of {self.limit} bytes", "invalid_request_error", None, 413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    def message(self) -> str:
+        return f"request body exceeds the limit of {self.limit} bytes"
 
 
-class _TooLarge(Exception):
-    pass
+def create_app(settings: ServerSettings, service: Service | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """``on_fatal`` is called when an engine cannot be kept alive (the CLI then exits non-zero)."""
 
-
-def create_app(settings: ServerSettings, service: Service | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         owned = service is None
         svc = service or await Service.start(settings)
+        if on_fatal is not None:
+            svc.on_fatal = on_fatal
         app.state.service = svc
         app.state.metrics = svc.metrics
         try:
@@ -78,11 +76,23 @@ def create_app(settings: ServerSettings, service: Service | None = None) -> Fast
             if owned:
                 await svc.stop()
 
-    app = FastAPI(title="nla-serve", version="0.1.0", lifespan=lifespan)
+    # With an API key, the schema is served behind it and the browsable docs not at all (their
+    # pages fetch the schema without a key); without one, everything is open as before.
+    keyed = bool(settings.api_key)
+    app = FastAPI(title="nla-serve", version="0.1.0", lifespan=lifespan,
+                  docs_url=None if keyed else "/docs", redoc_url=None if keyed else "/redoc",
+                  openapi_url=None if keyed else "/openapi.json")
+    openapi.install(app)
+    if keyed:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+        async def schema():
+            return app.openapi()
+
     app.state.settings = settings
     app.state.service = None
     app.state.metrics = None
     api_errors.install(app)
     app.include_router(router)
+    app.add_middleware(api_errors.CatchAll)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -80,12 +80,58 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         count(exc.status_code, request)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        msg = f"No route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(msg, type_, None, exc.status_code), status_code=exc.status_code)
+        if exc.status_code == 404:
+            msg = f"No route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            msg = f"Method {request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow')}"
+        else:
+            msg = str(exc.detail)
+        # keep the exception's headers: a 405 must say which methods are allowed (Allow)
+        return JSONResponse(error_body(msg, type_, None, exc.status_code), status_code=exc.status_code,
+                            headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        count(500, request)
-        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log",
-                                       "internal_server_error", None, 500), status_code=500)
+
+def internal_error(exc: BaseException) -> NLAServeError:
+    from nla_serve.errors import ServerError
+
+    return ServerError(f"internal error ({type(exc).__name__}); see the server log")
+
+
+async def send_error(send, exc: NLAServeError) -> None:
+    """Write an OpenAI-shaped error as a whole ASGI response (for middleware, below the routes)."""
+    resp = error_response(exc)
+    await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+class CatchAll:
+    """The last net under the routes: an unexpected exception becomes an OpenAI-shaped 500 here.
+
+    Starlette's own outermost handler also answers 500, but then re-raises, and the server closes
+    the keep-alive connection, so a client's *next* request fails too. Caught here, the
+    connection stays usable. After the response has started there is nothing to send: streams
+    report failures in-band themselves (``api/streaming.py``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            metrics = getattr(scope.get("app").state, "metrics", None) if scope.get("app") else None
+            if metrics is not None:
+                metrics.record_error(500)
+            if not started:
+                await send_error(send, internal_error(exc))

@@ -8,14 +8,18 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from pydantic_core import PydanticCustomError
 
-from nla_serve.explain.options import ExplainOptions
+from nla_serve.explain.options import ExplainOptions, Number
 
 Strict = ConfigDict(extra="forbid")
 
 
+# torch generators (both engines seed one per request) take seeds in this range
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+
+
 class StreamOptions(BaseModel):
     model_config = Strict
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -51,14 +55,14 @@ Explain = Annotated[Union[StrictBool, ExplainOptions, None], BeforeValidator(_ex
 class SamplingFields(BaseModel):
     model_config = Strict
     model: str
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)
     n: StrictInt = Field(default=1, ge=1, le=16)
     stop: Union[str, list[str], None] = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     user: str | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     explain: Explain = None
 
@@ -72,7 +76,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 

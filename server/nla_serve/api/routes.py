@@ -21,6 +21,7 @@ from nla_serve.explain.worker import ExplanationJob
 from nla_serve.generation import GenerationRequest, run
 from nla_serve.model_folder import chat_ids as template_ids
 from nla_serve.model_folder import dtype_name
+from nla_serve.nla.runtime import check_vectors
 from nla_serve.service import Service
 from nla_serve.types import SamplingOptions
 
@@ -104,6 +105,7 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
         raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     shape = ResponseShape(kind, rid, svc.model_name, svc.tokenizer, layer=svc.layer, plan=plan)
+    svc.check_target()  # 503 while the target engine is restarting
     ticket = svc.admission.admit()  # 429 here, before any byte; released when the response is over
     events = run(svc, GenerationRequest(rid, ids, options, plan), ticket)
     if body.stream:
@@ -213,6 +215,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
         plan = dataclasses.replace(plan, positions="last")
     rid = "expl-" + uuid.uuid4().hex
     shape = ResponseShape("completion", rid, svc.model_name, svc.tokenizer, layer=svc.layer, plan=plan)
+    svc.check_target()
     with svc.admission.admit() as ticket:
         events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan), ticket)
         items = await until_disconnected(request, collect(events, shape, 1, False))
@@ -234,31 +237,42 @@ def vectors_of(svc: Service, body: ExplanationsRequest):
     if widths != {svc.nla.d_model}:
         raise ClientError(f"every vector must have {svc.nla.d_model} floats (the NLA's width); got widths "
                           f"{sorted(widths)}", param="vectors")
-    vec = torch.tensor(body.vectors, dtype=torch.float32)
-    if not torch.isfinite(vec).all():
-        raise ClientError("vectors contain NaN or infinite values", param="vectors")
-    return vec
+    return check_vectors(torch.tensor(body.vectors, dtype=torch.float64), svc.nla.d_model)
 
 
 @router.get("/v1/models", dependencies=guarded)
 async def models(request: Request):
     svc = service_of(request)
+    # Names and content hashes, never server paths (sha256 is null while it is being computed).
+    fp = svc.fingerprints
+    ckpt = svc.nla.ckpt if svc.nla is not None else None
     card = {"id": svc.model_name, "object": "model", "created": int(svc.started_at), "owned_by": "nla-serve",
-            "root": str(svc.model_dir), "max_model_len": svc.target.max_model_len,
+            "root": svc.model_dir.name, "sha256": fp.get("target"), "max_model_len": svc.target.max_model_len,
             "dtype": dtype_name(svc.target.dtype),  # what the weights really run in
-            "nla": None if svc.nla is None else {
-                "layer": svc.nla.layer, "d_model": svc.nla.d_model, "av": str(svc.nla.ckpt.av.path),
-                "ar": str(svc.nla.ckpt.ar.path) if svc.nla.ckpt.ar else None,
-                "fve_baseline": svc.nla.ckpt.fve_baseline, "dtype": svc.nla.dtypes}}
+            "nla": None if ckpt is None else {
+                "layer": svc.nla.layer, "d_model": svc.nla.d_model,
+                "av": ckpt.av.path.name, "av_sha256": fp.get("av"),
+                "ar": ckpt.ar.path.name if ckpt.ar else None, "ar_sha256": fp.get("ar"),
+                "fve_baseline": ckpt.fve_baseline, "dtype": svc.nla.dtypes}}
     return {"object": "list", "data": [card]}
 
 
 @router.get("/health")
 async def health(request: Request):
+    """200 while the target serves (``degraded`` when explanations cannot be made), 503 while it
+    is down or restarting, so a load balancer takes the instance out only when it cannot answer.
+    No model name or paths: /health needs no key."""
     svc = getattr(request.app.state, "service", None)
     if svc is None:
         return JSONResponse({"status": "starting"}, status_code=503)
-    return {"status": "ok", "model": svc.model_name, "explanations": svc.nla is not None}
+    target, verbalizer = svc.states["target"], svc.states.get("verbalizer")
+    explaining = verbalizer == "up"
+    body = {"status": "down" if target != "up" else ("ok" if explaining or svc.nla is None else "degraded"),
+            "target": target, "verbalizer": verbalizer or "none", "explanations": explaining}
+    reasons = {k: v for k, v in svc.state_reasons.items() if v}
+    if reasons:
+        body["reasons"] = reasons
+    return JSONResponse(body, status_code=200 if target == "up" else 503)
 
 
 @router.get("/metrics", dependencies=guarded)

@@ -4,10 +4,13 @@ uvicorn. Flags win over the environment; errors name the flag and the value."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
+import uvicorn
 from pydantic import ValidationError
 
 from nla_serve.config import ExplainDefaults, ServerSettings
@@ -21,7 +24,9 @@ FLAGS = [
     ("--engine", "engine", str, "vllm | transformers"),
     ("--host", "host", str, "bind address"),
     ("--port", "port", int, "port"),
-    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
+    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health "
+                                  "(visible in ps: prefer --api-key-file or the environment)"),
+    ("--api-key-file", "api_key_file", str, "read the API key from this file (first line)"),
     ("--device", "device", str, "auto | cpu | cuda (transformers engine and reconstructor)"),
     ("--dtype", "dtype", str, "auto (each checkpoint's own) | float32 | bfloat16 | float16; target and NLA"),
     ("--nla-dtype", "nla_dtype", str, "the NLA's (AV and AR) dtype when it should differ from --dtype"),
@@ -36,6 +41,9 @@ FLAGS = [
     ("--explain-queue-size", "explain_queue_size", int, "explanation jobs queued before new ones are skipped"),
     ("--explain-batch-size", "explain_batch_size", int, "explanations per verbalizer batch"),
     ("--cache-dir", "cache_dir", str, "cache root: the converted default model, merged LoRA NLAs (default ~/.cache/nla-serve)"),
+    ("--engine-restarts", "engine_restarts", int, "engine deaths survived per 10 minutes (restart in-process); "
+                                                  "beyond: exit non-zero"),
+    ("--shutdown-timeout", "shutdown_timeout", float, "seconds after SIGTERM before running requests are ended"),
     ("--enforce-eager", "enforce_eager", bool, "on | off: vLLM eager mode (default: on for CPU, off for GPU)"),
 ]
 POLICY_FLAGS = [
@@ -80,9 +88,25 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                 raise SystemExit(f"nla-serve: {flag} has value {raw!r}; not a valid {typ.__name__}") from None
         return out
 
+    values = gather(FLAGS)
+    if getattr(args, "api_key", None):
+        print("nla-serve: warning: --api-key on the command line is visible to every user in `ps`; "
+              "use --api-key-file or NLA_SERVE_API_KEY", file=sys.stderr)
+    key_file = values.pop("api_key_file", None)
+    if key_file is not None:
+        if "api_key" in values:
+            raise SystemExit("nla-serve: give --api-key or --api-key-file, not both")
+        try:
+            key = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise SystemExit(f"nla-serve: --api-key-file {key_file!r} could not be read as a key "
+                             f"({type(e).__name__}: {e})") from None
+        if not key:
+            raise SystemExit(f"nla-serve: --api-key-file {key_file!r} holds an empty key")
+        values["api_key"] = key
     try:
         policy = ExplainDefaults(**gather(POLICY_FLAGS))
-        return ServerSettings(**gather(FLAGS), explain=policy)
+        return ServerSettings(**values, explain=policy)
     except ValidationError as e:
         err = e.errors()[0]
         raise SystemExit(f"nla-serve: setting {'.'.join(map(str, err['loc']))} has value {err.get('input')!r}: "
@@ -90,21 +114,56 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from nla_serve.api.app import create_app
     from nla_serve.errors import NLAServeError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
-    app = create_app(settings)
+    fatal: list[str] = []
+
+    def give_up(reason: str) -> None:  # an engine could not be kept alive: exit, non-zero
+        fatal.append(reason)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=give_up)
     log = logging.getLogger("nla_serve")
     log.info("starting nla-serve on http://%s:%d (engine %s)", settings.host, settings.port, settings.engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
-    server = uvicorn.Server(config)
+    # uvicorn's own graceful timeout is the backstop; ours ends requests in-band first
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10)
+    server = DrainingServer(config, app, settings.shutdown_timeout)
     try:
         server.run()
     except NLAServeError as e:
         print(f"nla-serve: {e.message}", file=sys.stderr)
         return 2
+    if fatal:
+        print(f"nla-serve: {fatal[0]}; exiting", file=sys.stderr)
+        return 3
     return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a shutdown that gives running requests ``timeout`` seconds and then
+    ends them in-band (a 503 ``error`` chunk in a stream, a 503 response otherwise), recorded as
+    aborted, instead of waiting for them without a limit."""
+
+    def __init__(self, config: uvicorn.Config, app, timeout: float):
+        super().__init__(config)
+        self.app = app
+        self.timeout = timeout
+
+    async def shutdown(self, sockets=None):
+        from nla_serve.errors import UnavailableError
+
+        svc = getattr(self.app.state, "service", None)
+        timer = None
+        if svc is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.timeout, svc.end_all,
+                UnavailableError(f"the server is shutting down (its {self.timeout:g} s shutdown timeout passed)"))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()

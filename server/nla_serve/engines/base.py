@@ -27,6 +27,11 @@ class TargetEngine(Protocol):
 
     async def start(self) -> None: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine cannot serve any more (its processes died); see supervisor.py."""
+        ...
+
     def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
     ) -> AsyncIterator[StepOutput]:
@@ -71,6 +76,10 @@ def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -
 
     if not prompt.token_ids:
         raise ClientError("the prompt is empty", param="prompt")
+    if options.n > 1 and options.temperature == 0:
+        # vLLM refuses it too: greedy sampling would return n identical choices
+        raise ClientError(f"n is {options.n}, but greedy sampling (temperature 0) gives n identical choices; "
+                          "use n: 1 or a temperature above 0", param="n")
     if len(prompt.token_ids) + options.max_tokens > max_model_len:
         raise ContextLengthError(
             f"prompt ({len(prompt.token_ids)} tokens) + max_tokens ({options.max_tokens}) exceeds "

@@ -95,6 +95,10 @@ class TransformersEngine:
                 f"(0..{self.num_layers - 1})"
             )
 
+    @property
+    def alive(self) -> bool:
+        return self.model is not None  # in-process: it lives and dies with the server
+
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:  # an id that is not running has nothing to stop
             self._aborted.add(request_id)

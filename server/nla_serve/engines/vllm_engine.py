@@ -38,7 +38,8 @@ from nla_serve.config import EngineSettings, resolve_eager
 from nla_serve.engines import vllm_capture
 from nla_serve.engines.base import check_prompt
 from nla_serve.engines.vllm_capture_reader import CaptureDir
-from nla_serve.errors import ClientError, EngineError
+from nla_serve.errors import (ClientError, EngineError, NLAServeError, NotFoundError, OverloadedError,
+                               UnavailableError)
 from nla_serve.model_folder import resolve_dtype_name
 from nla_serve.types import (CapturedRows, EngineStats, FinishReason, Prompt, SamplingOptions, StepOutput,
                              TokenLogprob)
@@ -222,6 +223,17 @@ class VLLMEngine:
             self._capture.close()
             self._capture = None
 
+    @property
+    def alive(self) -> bool:
+        # vLLM's monitor thread marks the engine dead as soon as an engine-core process exits
+        return self._llm is not None and not self._llm.errored
+
+    def engine_pids(self) -> list[int]:
+        """The engine-core processes' pids (for fault tests and the soak run)."""
+        manager = getattr(getattr(self._llm, "engine_core", None), "resources", None)
+        manager = getattr(manager, "engine_manager", None)
+        return [proc.pid for proc in getattr(manager, "processes", [])]
+
     def in_flight(self) -> dict[str, int]:
         if self._capture is not None:
             self._capture.sweep()
@@ -316,21 +328,14 @@ class VLLMEngine:
         return rest if rest and not rest.strip("\ufffd") else ""
 
     async def _translate_errors(self, stream):
-        """vLLM's exceptions -> ours (client errors found at submission, dead engine)."""
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+        """vLLM's exceptions -> ours, through the one map (``map_vllm_error``)."""
+        from vllm.exceptions import VLLMError
 
         try:
             async for out in stream:
                 yield out
-        except VLLMClientError as e:
-            raise ClientError(str(e)) from e
-        except EngineDeadError as e:
-            raise EngineError("the vLLM engine died; see the server log") from e
-        except EngineGenerateError as e:
-            if isinstance(e.__cause__, (ValueError, TypeError)):
-                raise ClientError(str(e.__cause__)) from e
-            raise EngineError(f"vLLM failed the request: {e.__cause__ or e}") from e
+        except VLLMError as e:
+            raise map_vllm_error(e) from e
 
     def _sampling_params(self, o: SamplingOptions, prompt: Prompt, capture: bool):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -358,8 +363,11 @@ class VLLMEngine:
                 output_kind=RequestOutputKind.DELTA,
                 extra_args=vllm_capture.capture_extra_args() if capture else None,
             )
-        except ValueError as e:  # vLLM validates ranges (temperature < 0, top_p > 1, n < 1, ...)
-            raise ClientError(str(e)) from e
+        except Exception as e:  # vLLM validates ranges (temperature < 0, top_p > 1, n > 1 when greedy, ...)
+            mapped = map_vllm_error(e)
+            if isinstance(mapped, ClientError):
+                raise mapped from e
+            raise
 
     def _engine_prompt(self, prompt: Prompt) -> dict[str, Any]:
         if prompt.inject_at is None:
@@ -384,6 +392,50 @@ class VLLMEngine:
             "prompt_token_ids": list(prompt.token_ids),
             "prompt_is_token_ids": mask,
         }
+
+
+# vLLM's parameter names -> the request fields our clients sent
+_PARAMS = {"max_tokens": "max_tokens", "n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+           "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
+
+
+def map_vllm_error(e: BaseException) -> NLAServeError:
+    """The one translation of vLLM's exceptions (and the plain ones it raises for bad values) into
+    ours: client errors become 400/404 naming the parameter, queue limits 429, a dead engine 503,
+    anything else 500. A test checks that every exception class vLLM defines lands on a status
+    of the right family."""
+    from vllm.exceptions import (GracefulHTTPError, VLLMClientError, VLLMNotFoundError, VLLMServerError,
+                                 VLLMValidationError)
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    if isinstance(e, NLAServeError):
+        return e
+    if isinstance(e, VLLMValidationError):
+        message = super(VLLMValidationError, e).__str__()  # without vLLM's "(parameter=..., value=...)"
+        return ClientError(message, param=_PARAMS.get(e.parameter or "", e.parameter))
+    if isinstance(e, VLLMNotFoundError):
+        return NotFoundError(str(e))
+    if isinstance(e, VLLMClientError):
+        return ClientError(str(e))
+    if isinstance(e, GracefulHTTPError):
+        status = int(e.http_status)
+        if status == 429:
+            return OverloadedError(e.message, code="429")
+        if 400 <= status < 500:
+            return ClientError(e.message)
+        return UnavailableError(e.message) if status == 503 else EngineError(e.message)
+    if isinstance(e, EngineDeadError):
+        return UnavailableError("the vLLM engine died; it is being restarted, retry shortly")
+    if isinstance(e, EngineGenerateError):
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, TypeError, OverflowError)):
+            return ClientError(str(cause))
+        return EngineError(f"vLLM failed the request: {cause or e}")
+    if isinstance(e, VLLMServerError):
+        return EngineError(f"vLLM failed the request: {e}")
+    if isinstance(e, (ValueError, TypeError, OverflowError)):
+        return ClientError(str(e))
+    return EngineError(f"vLLM failed the request ({type(e).__name__}: {e})")
 
 
 @contextlib.contextmanager
@@ -422,4 +474,4 @@ def _logprobs(token_ids: list[int], positions, k: int | None) -> list[TokenLogpr
     return out
 
 
-__all__ = ["VLLMEngine"]
+__all__ = ["VLLMEngine", "map_vllm_error"]

@@ -65,6 +65,7 @@ class ExplanationWorker:
         self._queue: asyncio.Queue[ExplanationJob] | None = None
         self._task: asyncio.Task | None = None
         self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
+        self.unavailable_reason: str | None = None  # set while the verbalizer engine is down
         self.batches_run = 0
 
     @property
@@ -93,6 +94,9 @@ class ExplanationWorker:
         if cached is not None:
             cached.extra["cached"] = True
             self._resolve(job, cached, cached=True)
+            return job.future
+        if self.unavailable_reason is not None:
+            self._resolve(job, Explanation(status="skipped", reason=self.unavailable_reason))
             return job.future
         if self._task is None or self._task.done():
             self._resolve(job, Explanation(status="failed", reason="the explanation worker is not running"))

@@ -40,7 +40,13 @@ def check_vectors(vectors: "torch.Tensor", d_model: int) -> "torch.Tensor":
                           param="vectors")
     v = v.to(torch.float32)
     if not torch.isfinite(v).all():
-        raise ClientError("vectors contain NaN or infinite values", param="vectors")
+        raise ClientError("vectors contain NaN or infinite values (or values beyond float32)", param="vectors")
+    # The injection divides by the norm; a norm that overflows float32 would turn the vector into
+    # zeros and the explanation would describe nothing. [N]
+    bad = (~torch.isfinite(torch.linalg.vector_norm(v, dim=-1))).nonzero().flatten().tolist()
+    if bad:
+        raise ClientError(f"vector {bad[0]} has a norm beyond float32's range; scale it down (only its "
+                          "direction is explained)", param="vectors")
     return v
 
 
@@ -144,6 +150,11 @@ class NLARuntime:
             r.mse, r.cos, r.fve = s.mse, s.cos, s.fve
             if s.fve is None:
                 r.fve_reason = self.ckpt.baseline_source
+
+    def replace_engine(self, engine: "TargetEngine") -> None:
+        """Swap in a restarted verbalizer engine (same settings; see supervisor.py)."""
+        self.engine = engine
+        self.verbalizer.engine = engine
 
     async def close(self) -> None:
         await self.engine.shutdown()

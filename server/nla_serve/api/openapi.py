@@ -1,0 +1,59 @@
+"""The OpenAPI schema as the server really behaves, so that a client generated from it is right.
+
+FastAPI's default lists 200 and 422 only. This server never answers 422 (validation errors are
+400s naming the parameter, ``api/errors.py``) and does answer 400/401/404/413/429/503 with the
+OpenAI error shape; generation routes stream ``text/event-stream`` when ``stream`` is true. Both
+are written into the schema here, once, from the routes FastAPI already knows.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}},
+    }},
+}
+ERRORS = {
+    "400": "a bad value, an unknown parameter, too many positions, or context overflow",
+    "401": "missing or wrong API key",
+    "404": "unknown model or route",
+    "413": "request body over the size limit",
+    "429": "over --max-concurrent-requests; retry shortly",
+    "503": "starting, stopping, or an engine is down",
+}
+OPEN_ROUTES = {"/health"}  # no key, no body: only 503 while starting
+STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions"}
+SSE = {"text/event-stream": {"schema": {"type": "string", "description":
+                                        "Server-sent events: `data: <chunk JSON>` lines, ending with `data: [DONE]`"}}}
+
+
+def install(app: FastAPI) -> None:
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            components["Error"] = ERROR_SCHEMA
+            for path, ops in doc.get("paths", {}).items():
+                for op in ops.values():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    codes = {"503"} if path in OPEN_ROUTES else set(ERRORS)
+                    for code in sorted(codes):
+                        responses[code] = {"description": ERRORS[code], "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                    if path in STREAMING_ROUTES and "200" in responses:
+                        responses["200"].setdefault("content", {}).update(SSE)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = schema
