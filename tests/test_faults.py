@@ -67,6 +67,21 @@ def kill(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def test_aborted_requests_leave_no_activation_files(served):
+    """A dropped long prompt's rows land in /dev/shm after the abort; they are removed within
+    seconds, with no other request needed to trigger it, and the directory size is exported."""
+    svc, url = served
+    capture_dir = svc.target._capture.path
+    for i in range(3):
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                          json=chat_body("word " * 250 + str(i), max_tokens=200, stream=True,
+                                         explain={"positions": "all", "max_explanations": 8})) as r:
+            assert next(l for l in r.iter_lines() if l.startswith("data:"))
+    assert until(lambda: os.listdir(capture_dir) == [], 15), os.listdir(capture_dir)
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'nla_capture_dir_bytes{model_name="tiny"} 0.0' in metrics
+
+
 def test_dead_target_engine_is_noticed_and_restarted(served):
     svc, url = served
     assert health(url) == (200, {"status": "ok", "target": "up", "verbalizer": "up", "explanations": True})

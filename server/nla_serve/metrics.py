@@ -38,6 +38,8 @@ class Metrics:
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for admission", L, registry=r)
         self.explanations = Counter("nla_explanations", "Explanations by status", L + ["status"], registry=r)
         self.queue_depth = Gauge("nla_explanation_queue_depth", "Explanation jobs queued", L, registry=r)
+        self.capture_bytes = Gauge("nla_capture_dir_bytes", "Bytes of captured activations waiting in /dev/shm",
+                                   L, registry=r)
         self.latency = Histogram("nla_explanation_latency_seconds",
                                  "From the explained token's activation being captured to its explanation ready",
                                  L, buckets=LATENCY_BUCKETS, registry=r)
@@ -88,6 +90,7 @@ class Metrics:
     def record_engine(self, stats) -> None:
         """Export what the engine reports about itself (vLLM only) and drain its queue times."""
         self.kv_cache_usage.labels(self.model_name).set(stats.kv_cache_usage)
+        self.capture_bytes.labels(self.model_name).set(stats.capture_dir_bytes)
         times, stats.queue_times[:] = list(stats.queue_times), []
         for t in times:
             self.queue_time.labels(self.model_name).observe(t)

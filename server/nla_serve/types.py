@@ -135,4 +135,5 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     num_running: int = 0
     num_waiting: int = 0
+    capture_dir_bytes: int = 0  # captured activations waiting in shared memory
     queue_times: list[float] = field(default_factory=list)  # seconds queued, per finished request, not yet exported

@@ -125,6 +125,34 @@ class CaptureDir:
                     if entry[1] <= 0:
                         del self._graveyard[key_of(name[: -len(suffix)])]
 
+    def collect_garbage(self, max_age_s: float, max_bytes: int) -> int:
+        """Remove what nobody will read, and return the bytes left: files (and half-written
+        temporaries) older than ``max_age_s`` (a request whose reader is gone), then the oldest
+        files while the directory holds more than ``max_bytes``."""
+        now = time.time()
+        entries = []
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            full = os.path.join(self.path, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime > max_age_s:
+                remove_file(full)
+            else:
+                entries.append((st.st_mtime, st.st_size, full))
+        total = sum(size for _, size, _ in entries)
+        for _, size, full in sorted(entries):
+            if total <= max_bytes:
+                break
+            remove_file(full)
+            total -= size
+        return total
+
     @property
     def discarded(self) -> int:
         """Keys whose files are still awaited for deletion."""

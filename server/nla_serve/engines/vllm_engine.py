@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 _GiB = 1 << 30
 _BUILD_LOCK = threading.Lock()
 _SHUTDOWN_GRACE_S = 20.0
+CAPTURE_MAX_AGE_S = 120.0  # a capture file nobody read for this long belongs to no live request
+CAPTURE_MAX_BYTES = 1 << 30  # shared memory is RAM: never hold more than this in captures
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -78,6 +80,7 @@ class VLLMEngine:
         self.dtype: Any = None  # torch dtype the weights run in (known after start)
         self._capture: CaptureDir | None = None
         self._active: dict[str, set[str]] = {}  # caller's request id -> engine-side ids in flight
+        self._janitor: asyncio.Task | None = None  # keeps the capture directory clean and bounded
         self.stats = EngineStats()  # updated by vLLM's stat-logger hook (see _stat_logger_factory)
 
     # ------------------------------------------------------------------------------------------
@@ -115,6 +118,8 @@ class VLLMEngine:
                 self._capture = None
             raise
         cfg = self._llm.vllm_config
+        if self._capture is not None:
+            self._janitor = asyncio.create_task(self._clean_captures(), name="nla-capture-janitor")
         self.max_model_len = int(cfg.model_config.max_model_len)
         self.dtype = cfg.model_config.dtype
         log.info(
@@ -200,7 +205,20 @@ class VLLMEngine:
 
         return _Collector
 
+    async def _clean_captures(self) -> None:
+        """Every second: delete the files of aborted requests as they land (``discard``), orphans
+        older than ``CAPTURE_MAX_AGE_S``, and the oldest files beyond ``CAPTURE_MAX_BYTES``; export
+        what is left. Files are normally read and deleted within a step of their request's end."""
+        while self._capture is not None:
+            cap = self._capture
+            cap.sweep()
+            self.stats.capture_dir_bytes = cap.collect_garbage(CAPTURE_MAX_AGE_S, CAPTURE_MAX_BYTES)
+            await asyncio.sleep(1.0)
+
     async def shutdown(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+            self._janitor = None
         llm, self._llm = self._llm, None
         if llm is not None:
             for keys in list(self._active.values()):
