@@ -877,3 +877,60 @@ def test_api_key_file_and_a_warning_for_the_flag(tmp_path, capsys):
     assert s.api_key == "visible" and "visible to every user" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not be read"):
         settings_from(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
+
+
+class RecordingRuntime:
+    """The real NLA runtime, recording which vectors each verbaliser batch held."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.batches: list[list[float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def explain_vectors(self, vectors, **kw):
+        self.batches.append([float(v[0]) for v in vectors])
+        return await self.inner.explain_vectors(vectors, **kw)
+
+
+def test_worker_shares_batches_fairly_between_requests(base, loop):
+    import torch
+
+    from nla_serve.explain.worker import ExplanationJob
+
+    recorder = RecordingRuntime(base.nla)
+    worker = ExplanationWorker(recorder, batch_size=2, cache_size=0)
+
+    async def go():
+        await worker.start()
+        # request A queues 6 jobs, then B 2: with FIFO batches B would wait for all of A's
+        futs = [worker.submit(ExplanationJob("A", torch.full((64,), 1.0 + i / 100), max_tokens=3)) for i in range(6)]
+        futs += [worker.submit(ExplanationJob("B", torch.full((64,), 2.0 + i / 100), max_tokens=3)) for i in range(2)]
+        results = await asyncio.gather(*futs)
+        await worker.stop()
+        return results
+
+    results = loop.run(go())
+    assert all(r.status in ("ok", "truncated", "failed") for r in results)
+    owners = [["A" if v < 2 else "B" for v in batch] for batch in recorder.batches]
+    assert owners[0] == ["A", "B"] and owners[1] == ["A", "B"], owners
+    assert worker.in_flight() == {"requests": 0, "queued_jobs": 0}
+
+
+def test_explanation_deadline_answers_skipped_instead_of_waiting(base, loop):
+    v = Variant(loop, base, explain_cache_size=0, explain_batch_size=1)
+    try:
+        r = chat(v.client(), content="a deadline", max_tokens=8,
+                 extra_body={"explain": {"positions": "all", "max_explanations": 16, "max_tokens": 300,
+                                         "deadline_s": 0.5}})
+        items = explanations_of(r)
+        late = [i for i in items if i["status"] == "skipped" and "deadline" in (i["reason"] or "")]
+        assert len(items) == 16 and late, [i["status"] for i in items]
+        assert r.choices[0].message.content is not None
+        assert wait_idle(v.service, 60)["worker"] == {"requests": 0, "queued_jobs": 0}
+        bad = httpx.post(v.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "explain": {"deadline_s": 0}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "explain.deadline_s"
+    finally:
+        v.close()

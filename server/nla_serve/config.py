@@ -106,6 +106,7 @@ class ExplainDefaults(BaseModel):
     temperature: float = Field(default=0.0, ge=0)
     max_tokens: int = Field(default=200, ge=1, le=MAX_EXPLANATION_TOKENS)
     reconstruct: bool = True
+    deadline_s: float | None = Field(default=60.0, gt=0)  # from the request's arrival; None: no deadline
 
 
 class ServerSettings(BaseModel):

@@ -168,6 +168,11 @@ class _Timing:
         return self.first - self.arrived if self.first is not None else -1.0
 
 
+def deadline_reason(seconds: float) -> str:
+    return (f"the explanation deadline ({seconds:g} s from the request's arrival) passed first; the server is "
+            "busy: raise explain.deadline_s or ask for fewer explanations")
+
+
 async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> AsyncIterator[Event]:
     plan = req.plan
     explaining = plan.enabled and service.nla is not None
@@ -198,15 +203,21 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
         ids = req.prompt_ids + choice.token_ids
         pending: dict[asyncio.Future, int] = {}
         n_rows = 0 if rows is None else rows.shape[0]
+        deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
         for target in choice_targets(plan, index, P, len(choice.token_ids), n_rows):
             p = target.position
             if target.skip_reason is not None:
                 fan_in.put(ExplanationEvent(Explanation(status="skipped", reason=target.skip_reason), index, p,
                                             ids[p] if p < len(ids) else None, P))
             else:
-                pending[service.worker.submit(ExplanationJob.for_plan(plan, req.request_id, rows[p]))] = p
+                job = ExplanationJob.for_plan(plan, req.request_id, rows[p], req.arrived)
+                pending[service.worker.submit(job)] = p
         while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # the deadline passed: what is still pending comes back skipped, at once
+                service.worker.cancel(req.request_id, deadline_reason(plan.deadline_s))
+                continue
             for fut in done:
                 p = pending.pop(fut)
                 fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P))

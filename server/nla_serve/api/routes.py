@@ -4,6 +4,7 @@ ticket is released when the response is over: the body sent, the stream ended, o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 
@@ -18,7 +19,7 @@ from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationJob
-from nla_serve.generation import GenerationRequest, run
+from nla_serve.generation import GenerationRequest, deadline_reason, run
 from nla_serve.model_folder import chat_ids as template_ids
 from nla_serve.model_folder import dtype_name
 from nla_serve.nla.runtime import check_vectors
@@ -195,7 +196,10 @@ async def explanations(body: ExplanationsRequest, request: Request):
             futures = [svc.worker.submit(ExplanationJob.for_plan(plan, rid, v)) for v in vectors]
 
             async def items() -> list[dict | None]:
-                return [apply_min_fve(explanation_item(await fut, layer=svc.layer, index=i), plan)
+                _, late = await asyncio.wait(futures, timeout=plan.deadline_s)
+                if late:
+                    svc.worker.cancel(rid, deadline_reason(plan.deadline_s))
+                return [apply_min_fve(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
                         for i, fut in enumerate(futures)]
 
             try:

@@ -52,6 +52,8 @@ POLICY_FLAGS = [
     ("--explain-max", "max_explanations", int, "default explanations per request"),
     ("--explain-limit", "max_explanations_limit", int, "most explanations a request may ask for"),
     ("--explain-max-tokens", "max_tokens", int, "verbalizer max tokens"),
+    ("--explain-deadline", "deadline_s", float, "seconds from a request's arrival after which its pending "
+                                              "explanations are answered 'skipped' (default 60)"),
 ]
 
 

@@ -40,3 +40,4 @@ class ExplainOptions(BaseModel):
     min_fve: Number | None = Field(default=None, ge=-10, le=1)
     on_low_fve: Literal["flag", "drop"] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    deadline_s: Number | None = Field(default=None, gt=0, le=3600)

@@ -35,6 +35,7 @@ class ExplainPlan:
     min_fve: float | None = None
     on_low_fve: str = "flag"  # "flag" | "drop"
     seed: int | None = None
+    deadline_s: float | None = None  # from the request's arrival
     explicit: bool = False  # the request asked for explanations (vs. the server default)
 
     def select(self, P: int, G: int) -> list[int]:
@@ -116,7 +117,7 @@ def make_plan(explain: bool | ExplainOptions | None, defaults: ExplainDefaults, 
 
     base = dict(positions=defaults.positions,
                 max_explanations=defaults.max_explanations, reconstruct=defaults.reconstruct,
-                temperature=defaults.temperature, max_tokens=defaults.max_tokens)
+                temperature=defaults.temperature, max_tokens=defaults.max_tokens, deadline_s=defaults.deadline_s)
     if explain is None:
         return ExplainPlan(enabled=defaults.enabled, **base)
     if isinstance(explain, bool):

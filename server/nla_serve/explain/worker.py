@@ -1,10 +1,16 @@
 """The explanation worker: one owner of the verbalizer engine and the reconstructor, fed by a
 bounded queue, batching jobs from every request in flight.
 
-    submit(job) ──> [bounded queue] ──> loop: take everything queued (up to batch_size)
-                        │ full                 ├─ cache hits resolve at once
-                        └─> job resolved       ├─ group by settings -> NLARuntime.explain_vectors
-                            'skipped'          └─ each job's future gets its Explanation
+    submit(job) ──> [bounded queue,   ──> loop: take up to batch_size jobs, one per request in turn
+                     one lane per           ├─ jobs past their deadline resolve 'skipped'
+                     request]               ├─ group by settings -> NLARuntime.explain_vectors
+                        │ full              └─ each job's future gets its Explanation
+                        └─> 'skipped'
+
+Fair sharing: each request has its own lane and batches are filled round-robin across lanes, so
+one request's 64 explanations cannot starve another's one. Deadlines: a job carries the time by
+which it must have started (``explain.deadline_s`` / ``--explain-deadline``, from the request's
+arrival); past it the job is answered ``skipped`` with the reason instead of holding the response.
 
 Results travel back on each job's own future, exceptions as ``failed`` explanations: a failing
 verbalizer never fails the generation that asked. ``cancel(request_id)`` resolves a finished or
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +49,7 @@ class ExplanationJob:
     reconstruct: bool = True
     seed: int | None = None
     captured_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic time after which the job is not worth starting
     future: asyncio.Future | None = None
 
     @property
@@ -49,9 +57,13 @@ class ExplanationJob:
         return (self.temperature, self.max_tokens, self.reconstruct, self.seed)
 
     @classmethod
-    def for_plan(cls, plan, request_id: str, vector: "torch.Tensor") -> "ExplanationJob":
-        """A job with the verbalizer settings of an ``ExplainPlan``."""
-        return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed)
+    def for_plan(cls, plan, request_id: str, vector: "torch.Tensor", arrived: float | None = None) -> "ExplanationJob":
+        """A job with the verbalizer settings and deadline of an ``ExplainPlan`` (the deadline counts
+        from ``arrived``, the request's arrival, default now)."""
+        start = time.monotonic() if arrived is None else arrived
+        deadline = start + plan.deadline_s if plan.deadline_s is not None else None
+        return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed,
+                   deadline=deadline)
 
 
 class ExplanationWorker:
@@ -62,7 +74,9 @@ class ExplanationWorker:
         self.batch_size = batch_size
         self.cache = ExplanationCache(cache_size)
         self.metrics = metrics
-        self._queue: asyncio.Queue[ExplanationJob] | None = None
+        self._lanes: OrderedDict[str, deque[ExplanationJob]] = OrderedDict()  # request id -> its queued jobs
+        self._queued = 0
+        self._ready: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
         self.unavailable_reason: str | None = None  # set while the verbalizer engine is down
@@ -70,10 +84,10 @@ class ExplanationWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue else 0
+        return self._queued
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._ready = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="nla-explanation-worker")
 
     async def stop(self) -> None:
@@ -83,8 +97,11 @@ class ExplanationWorker:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        while self._queue and not self._queue.empty():
-            self._resolve(self._queue.get_nowait(), Explanation(status="skipped", reason="the server is shutting down"))
+        for lane in self._lanes.values():
+            for job in lane:
+                self._resolve(job, Explanation(status="skipped", reason="the server is shutting down"))
+        self._lanes.clear()
+        self._queued = 0
 
     def submit(self, job: ExplanationJob) -> asyncio.Future:
         """Queue a job; its future resolves with an Explanation (never raises)."""
@@ -101,19 +118,25 @@ class ExplanationWorker:
         if self._task is None or self._task.done():
             self._resolve(job, Explanation(status="failed", reason="the explanation worker is not running"))
             return job.future
-        try:
-            self._queue.put_nowait(job)
-            self._pending.setdefault(job.request_id, set()).add(job)
-        except asyncio.QueueFull:
+        if self._queued >= self.queue_size:
             self._resolve(job, Explanation(
                 status="skipped",
                 reason=f"the explanation queue is full ({self.queue_size} jobs); the server is overloaded"))
+            return job.future
+        self._lanes.setdefault(job.request_id, deque()).append(job)
+        self._queued += 1
+        self._pending.setdefault(job.request_id, set()).add(job)
+        self._ready.set()
         return job.future
 
-    def cancel(self, request_id: str) -> None:
-        """Resolve the request's pending jobs as skipped (its client went away, or it ended)."""
+    def cancel(self, request_id: str, reason: str = "the request was cancelled") -> None:
+        """Resolve the request's pending jobs as skipped (its client went away, it ended, or its
+        deadline passed), queued or running; a running batch's results for them are dropped."""
         for job in list(self._pending.get(request_id, ())):
-            self._resolve(job, Explanation(status="skipped", reason="the request was cancelled"))
+            self._resolve(job, Explanation(status="skipped", reason=reason))
+        lane = self._lanes.pop(request_id, None)
+        if lane is not None:
+            self._queued -= len(lane)
 
     def in_flight(self) -> dict[str, int]:
         return {"requests": len(self._pending), "queued_jobs": self.depth}
@@ -134,24 +157,42 @@ class ExplanationWorker:
             latency = time.monotonic() - job.captured_at if exp.status in ("ok", "truncated") else None
             self.metrics.record_explanation(exp.status, exp.tokens, exp.fve, latency, cached=cached)
 
-    def _take_batch(self, first: ExplanationJob) -> list[ExplanationJob]:
-        batch = [first]
-        while len(batch) < self.batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        live = []
-        for job in batch:
-            if job.future is not None and job.future.done():  # cancelled while queued: resolved already
-                self._forget(job)
-            else:
-                live.append(job)
-        return live
+    def _take_batch(self) -> list[ExplanationJob]:
+        """Up to batch_size live jobs, one per request per round; each served lane goes to the back,
+        so the next batch starts with a request this one did not reach."""
+        batch: list[ExplanationJob] = []
+        now = time.monotonic()
+        while self._lanes and len(batch) < self.batch_size:
+            for request_id in list(self._lanes):
+                if len(batch) >= self.batch_size:
+                    break
+                lane = self._lanes[request_id]
+                job = lane.popleft()
+                self._queued -= 1
+                if not lane:
+                    del self._lanes[request_id]
+                else:
+                    self._lanes.move_to_end(request_id)
+                if job.future is not None and job.future.done():  # resolved while queued
+                    self._forget(job)
+                elif job.deadline is not None and now > job.deadline:
+                    self._resolve(job, Explanation(status="skipped", reason=(
+                        "the explanation deadline passed before the verbalizer could take it (the server is "
+                        "busy; raise explain.deadline_s or ask for fewer explanations)")))
+                else:
+                    batch.append(job)
+        return batch
 
     async def _loop(self) -> None:
         import torch
 
         while True:
-            first = await self._queue.get()
-            batch = self._take_batch(first)
+            await self._ready.wait()
+            batch = self._take_batch()
+            if not self._lanes:
+                self._ready.clear()
+            if not batch:
+                continue
             groups: dict[tuple, list[ExplanationJob]] = {}
             for job in batch:
                 groups.setdefault(job.settings, []).append(job)
