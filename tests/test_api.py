@@ -934,3 +934,19 @@ def test_explanation_deadline_answers_skipped_instead_of_waiting(base, loop):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "explain.deadline_s"
     finally:
         v.close()
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([{"role": "user", "content": "word " * 10_000}], "--max-message-chars"),
+    ([{"role": "user", "content": "hi"}] * 3000, "at most 2048"),
+    ([{"role": "user", "content": "word " * 5000}] * 8, "--max-prompt-chars"),
+])
+def test_oversized_prompts_are_refused_before_tokenizing(app, messages, needle):
+    """The tiny model's context is 512 tokens, so the default limit is 32,768 characters."""
+    r = httpx.post(app.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "messages"
+    r = httpx.post(app.url + "/v1/completions", json={"model": MODEL, "prompt": "x" * 40_000, "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text

@@ -144,6 +144,10 @@ class ServerSettings(BaseModel):
     explain_batch_size: int = Field(default=32, ge=1)
     explain_cache_size: int = Field(default=4096, ge=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Prompt size, refused before tokenizing (None: 64 characters per token of context, far more
+    # than any prompt that fits; no tokenizer packs more than a few dozen characters in a token)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    max_message_chars: int | None = Field(default=None, ge=1)
     max_vectors: int = Field(default=64, ge=1)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     cache_dir: str | None = None  # None: default_cache_root()
@@ -153,6 +157,9 @@ class ServerSettings(BaseModel):
     @property
     def cache_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+
+    def prompt_char_limit(self, context_tokens: int) -> int:
+        return self.max_prompt_chars or 64 * context_tokens
 
     @property
     def nla_dtype_setting(self) -> DType:

@@ -72,8 +72,23 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+MAX_MESSAGES = 2048
+
+
+def _few_enough(value):
+    # Counted before the messages are validated one by one: 150k messages would otherwise hold the
+    # event loop for a third of a second just to be refused.
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise PydanticCustomError("too_many_messages", "{n} messages; this server takes at most {limit} per request",
+                                  {"n": len(value), "limit": MAX_MESSAGES})
+    return value
+
+
+Messages = Annotated[list[ChatMessage], BeforeValidator(_few_enough)]
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Messages = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
@@ -93,6 +108,6 @@ class ExplanationsRequest(ExplainOptions):
     model_config = Strict
     model: str
     input: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Messages | None = None
     vectors: list[list[float]] | None = None
     user: str | None = None

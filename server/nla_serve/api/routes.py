@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nla_serve.admission import Ticket
@@ -26,7 +28,28 @@ from nla_serve.nla.runtime import check_vectors
 from nla_serve.service import Service
 from nla_serve.types import SamplingOptions
 
-router = APIRouter()
+class OffLoopJSONRequest(Request):
+    """A request whose JSON body is decoded in a worker thread: a body of several MB takes tens of
+    milliseconds to decode, which would otherwise stall every other client (``/health`` included)."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            self._json = await asyncio.to_thread(json.loads, body)
+        return self._json
+
+
+class OffLoopJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(OffLoopJSONRequest(request.scope, request.receive))
+
+        return route
+
+
+router = APIRouter(route_class=OffLoopJSONRoute)
 guarded = [Depends(require_key)]
 
 
@@ -43,22 +66,43 @@ def check_model(svc: Service, model: str) -> None:
                             "(see GET /v1/models)", param="model", code="model_not_found")
 
 
-def chat_ids(svc: Service, messages) -> list[int]:
+def check_prompt_size(svc: Service, texts: list[str], param: str) -> None:
+    """Refuse oversized prompts before any tokenizing: a few comparisons instead of seconds of
+    templating (the limits are far above what fits a context; see ServerSettings)."""
+    limit = svc.settings.prompt_char_limit(svc.target.max_model_len)
+    per_message = svc.settings.max_message_chars or limit
+    for i, text in enumerate(texts):
+        if len(text) > per_message:
+            where = f"{param}[{i}]" if param == "messages" else param
+            raise ClientError(f"{where} has {len(text)} characters; this server takes at most {per_message} per "
+                              "message (--max-message-chars)", param=param)
+    total = sum(len(t) for t in texts)
+    if total > limit:
+        raise ClientError(f"the {param} hold {total} characters in all; this server takes at most {limit} per "
+                          f"request (--max-prompt-chars; the model's context is {svc.target.max_model_len} tokens)",
+                          param=param)
+
+
+async def chat_ids(svc: Service, messages) -> list[int]:
     convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    check_prompt_size(svc, [m["content"] for m in convo], "messages")
     try:
-        return template_ids(svc.tokenizer, convo)
+        # templating and tokenizing are CPU work: off the event loop, which keeps serving others
+        return await asyncio.to_thread(template_ids, svc.tokenizer, convo)
     except Exception as e:  # templates raise for conversations they do not allow
         raise ClientError(f"the model's chat template rejected these messages: {e}", param="messages") from None
 
 
-def text_ids(svc: Service, prompt) -> list[int]:
+async def text_ids(svc: Service, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise ClientError("send one prompt per request (a list of several prompts is not supported)",
                               param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return list(svc.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        check_prompt_size(svc, [prompt], "prompt")
+        encoded = await asyncio.to_thread(svc.tokenizer, prompt, add_special_tokens=True)
+        return list(encoded["input_ids"])
     vocab = len(svc.tokenizer)
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
@@ -161,7 +205,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_model(svc, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ClientError("top_logprobs requires logprobs: true", param="top_logprobs")
-    ids = chat_ids(svc, body.messages)
+    ids = await chat_ids(svc, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     lp = (body.top_logprobs or 0) if body.logprobs else None
     return await respond(svc, request, "chat", body, ids, sampling(svc, body, ids, max_tokens, lp), body.logprobs)
@@ -171,7 +215,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     svc = service_of(request)
     check_model(svc, body.model)
-    ids = text_ids(svc, body.prompt)
+    ids = await text_ids(svc, body.prompt)
     opts = sampling(svc, body, ids, body.max_tokens, body.logprobs)
     return await respond(svc, request, "completion", body, ids, opts, body.logprobs is not None)
 
@@ -208,7 +252,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
                 svc.worker.cancel(rid)  # a client gone: its remaining jobs are not worth running
         return {"object": "list", "data": [item for item in data if item is not None]}
 
-    ids = chat_ids(svc, body.messages) if body.messages is not None else text_ids(svc, body.input)
+    ids = await chat_ids(svc, body.messages) if body.messages is not None else await text_ids(svc, body.input)
     if len(ids) + 1 > svc.target.max_model_len:
         raise ContextLengthError(f"the input has {len(ids)} tokens; this model's context is "
                                  f"{svc.target.max_model_len}", param="input")

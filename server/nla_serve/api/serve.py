@@ -40,6 +40,9 @@ FLAGS = [
     ("--max-concurrent-requests", "max_concurrent_requests", int, "beyond this, 429"),
     ("--explain-queue-size", "explain_queue_size", int, "explanation jobs queued before new ones are skipped"),
     ("--explain-batch-size", "explain_batch_size", int, "explanations per verbalizer batch"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body (413 beyond)"),
+    ("--max-prompt-chars", "max_prompt_chars", int, "most prompt characters per request (default 64 x context)"),
+    ("--max-message-chars", "max_message_chars", int, "most characters per chat message (default: the above)"),
     ("--cache-dir", "cache_dir", str, "cache root: the converted default model, merged LoRA NLAs (default ~/.cache/nla-serve)"),
     ("--engine-restarts", "engine_restarts", int, "engine deaths survived per 10 minutes (restart in-process); "
                                                   "beyond: exit non-zero"),
