@@ -40,6 +40,12 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = doc.setdefault("components", {}).setdefault("schemas", {})
+            service = getattr(app.state, "service", None)
+            if service is not None:  # one model is served: say which (any other name is a 404)
+                for component in components.values():
+                    model = component.get("properties", {}).get("model")
+                    if model is not None and model.get("type") == "string":
+                        model["enum"] = [service.model_name]
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
             components["Error"] = ERROR_SCHEMA
@@ -53,6 +59,8 @@ def install(app: FastAPI) -> None:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
                     if path in STREAMING_ROUTES and "200" in responses:
                         responses["200"].setdefault("content", {}).update(SSE)
+            if service is None:
+                return doc  # before start-up: not cached, so the model name gets in later
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -1,0 +1,102 @@
+"""`make fuzz`: schemathesis over our own OpenAPI schema, against a real server on the tiny models.
+
+    python bench/fuzz.py [--engine transformers|vllm] [--examples N] [--max-time S]
+
+Starts `nla-serve serve` on the tiny target and NLA (built at start, in a temporary folder), lets
+schemathesis generate requests from the served schema (which names the one served model, so the
+requests get past the 404), and runs every check it has: no server errors, responses and status
+codes that conform to the schema, Allow on 405, and the rest. Prints one JSON line and exits
+non-zero when any check failed. `make test` runs a short form (tests/test_fuzz.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+# Checks that do not apply: our API is stateless (no resources created, so nothing to use after
+# free or to ensure is gone) and takes no auth here.
+EXCLUDED = "use_after_free,ensure_resource_availability,ignored_auth"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, engine: str) -> tuple[subprocess.Popen, str, Path]:
+    from nla_serve.tiny import build_all
+
+    tiny = build_all(root / "tiny")
+    port = free_port()
+    log = root / "serve.log"
+    exe = Path(sys.executable).with_name("nla-serve")
+    cmd = [str(exe), "serve", "--model", str(tiny.target), "--served-model-name", "tiny", "--nla-av", str(tiny.av),
+           "--nla-ar", str(tiny.ar), "--fve-baseline", "1.5", "--kv-cache-gib", "0.5", "--max-model-len", "512",
+           "--engine", engine, "--port", str(port), "--cache-dir", str(root / "cache"), "--explain-max-tokens", "8",
+           "--explain-deadline", "20"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("nla-serve did not become healthy")
+
+
+def fuzz(engine: str, examples: int, max_time: int, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        proc, url, log = start_server(root, engine)
+        try:
+            st = Path(sys.executable).with_name("st")
+            cmd = [str(st), "run", url + "/openapi.json", "--checks", "all", "--exclude-checks", EXCLUDED,
+                   "--max-examples", str(examples), "--max-time", str(max_time), "--seed", str(seed),
+                   "--request-timeout", "60", "--generation-allow-x00", "false", "--no-color"]
+            t0 = time.monotonic()
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            server_errors = log.read_text().count("unhandled error")
+            return {"engine": engine, "examples_per_operation": examples, "seconds": round(time.monotonic() - t0, 1),
+                    "schemathesis_exit_code": run.returncode, "server_errors_logged": server_errors,
+                    "ok": run.returncode == 0 and server_errors == 0,
+                    "output_tail": run.stdout[-4000:] + run.stderr[-2000:]}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument("--examples", type=int, default=100)
+    ap.add_argument("--max-time", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    result = fuzz(args.engine, args.examples, args.max_time, args.seed)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
