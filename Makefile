@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve bench fuzz soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ serve: install
 
 bench: install
 	$(BIN)/python -m nla_serve.bench
+
+# schemathesis over our OpenAPI schema against a tiny server, both engines (make test runs a short form)
+FUZZ_EXAMPLES ?= 50
+fuzz: install
+	$(BIN)/python bench/fuzz.py --engine transformers --examples $(FUZZ_EXAMPLES) --max-time 600
+	$(BIN)/python bench/fuzz.py --engine vllm --examples $(FUZZ_EXAMPLES) --max-time 600
+
+# a bounded load-and-fault run: concurrent explained streams, then kill -9 of each engine (one JSON)
+SOAK_MINUTES ?= 3
+soak: install
+	$(BIN)/python bench/soak.py --model tiny --minutes $(SOAK_MINUTES)
+	$(BIN)/python bench/soak.py --model default --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

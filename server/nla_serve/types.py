@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
 FinishReason = Literal["stop", "length", "abort"]
 ExplanationStatus = Literal["ok", "truncated", "skipped", "failed", "unavailable"]
 
@@ -36,6 +37,12 @@ class SamplingOptions:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures this small sample greedily, as in vLLM (dividing logits by 1e-300 would
+        overflow them to inf and the distribution to NaN)."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,12 @@ ERRORS = {
 }
 OPEN_ROUTES = {"/health"}  # no key, no body: only 503 while starting
 STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions"}
-SSE = {"text/event-stream": {"schema": {"type": "string", "description":
-                                        "Server-sent events: `data: <chunk JSON>` lines, ending with `data: [DONE]`"}}}
+SSE = {"text/event-stream": {"schema": {  # one server-sent event
+    "type": "object",
+    "properties": {"event": {"type": "string"},
+                   "data": {"type": "string", "description": "a chunk as JSON (choices, explanations, usage or "
+                                                             "error), or [DONE] last"}},
+    "required": ["data"]}}}
 
 
 def install(app: FastAPI) -> None:
@@ -59,6 +63,8 @@ def install(app: FastAPI) -> None:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
                     if path in STREAMING_ROUTES and "200" in responses:
                         responses["200"].setdefault("content", {}).update(SSE)
+                    if path == "/metrics":  # Prometheus text exposition, not JSON
+                        responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if service is None:
                 return doc  # before start-up: not cached, so the model name gets in later
             app.openapi_schema = doc

@@ -92,22 +92,22 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20, description="requires logprobs: true")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[StrictInt], list[str]]
+    prompt: Union[str, Annotated[list[StrictInt], Field(min_length=1)], Annotated[list[str], Field(min_length=1)]]
     max_tokens: StrictInt | None = Field(default=16, ge=1)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
 class ExplanationsRequest(ExplainOptions):
-    """``/v1/explanations``: what to explain (exactly one of ``input``, ``messages``, ``vectors``),
-    with the ``explain`` options as top-level fields."""
+    """Explain without generating: exactly one of ``input``, ``messages`` or ``vectors``, with the
+    ``explain`` options as top-level fields (``positions`` only with ``input`` or ``messages``)."""
 
     model_config = Strict
     model: str
     input: str | None = None
-    messages: Messages | None = None
-    vectors: list[list[float]] | None = None
+    messages: Annotated[Messages, Field(min_length=1)] | None = None
+    vectors: Annotated[list[list[float]], Field(min_length=1)] | None = None
     user: str | None = None

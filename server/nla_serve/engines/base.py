@@ -76,7 +76,7 @@ def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -
 
     if not prompt.token_ids:
         raise ClientError("the prompt is empty", param="prompt")
-    if options.n > 1 and options.temperature == 0:
+    if options.n > 1 and options.greedy:
         # vLLM refuses it too: greedy sampling would return n identical choices
         raise ClientError(f"n is {options.n}, but greedy sampling (temperature 0) gives n identical choices; "
                           "use n: 1 or a temperature above 0", param="n")

@@ -33,7 +33,7 @@ def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
     """logits: [vocab] float32 -> one token id."""
     import torch
 
-    if options.temperature == 0:
+    if options.greedy:
         return int(torch.argmax(logits))
     logits = logits / options.temperature
     if options.top_k and options.top_k > 0:
@@ -43,6 +43,7 @@ def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
     if options.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < options.top_p
+        keep[0] = True  # the most likely token always stays (a top_p like 5e-324 is 0 in float32)
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, keep)
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()

@@ -359,7 +359,7 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         check_prompt(prompt, o, self.max_model_len)
-        if self.on_cpu and o.seed is not None and o.temperature > 0:
+        if self.on_cpu and o.seed is not None and not o.greedy:
             raise ClientError(
                 "seed with temperature > 0 is not supported by the vLLM CPU engine (vLLM crashes "
                 "when such a prompt is split by chunked prefill); drop seed or use temperature 0",
