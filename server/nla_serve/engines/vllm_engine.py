@@ -234,7 +234,8 @@ class VLLMEngine:
             # Joins the engine processes. They need ~4 s to exit cleanly on a small CPU machine;
             # vLLM's default grace (5 s) often SIGKILLs the engine core instead, which can leave
             # its shared-memory queues behind in /dev/shm.
-            await asyncio.to_thread(llm.shutdown, _SHUTDOWN_GRACE_S)
+            # A dead engine has nothing left to finish: do not wait the full grace for it.
+            await asyncio.to_thread(llm.shutdown, 2.0 if llm.errored else _SHUTDOWN_GRACE_S)
             # AsyncLLM.__del__ shuts down again; at interpreter exit that raises. Once is enough.
             llm.shutdown = lambda timeout=None: None
         if self._capture is not None:
