@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from serving import launch, tiny_flags
 
 # Checks that do not apply: our API is stateless (no resources created, so nothing to use after
 # free or to ensure is gone) and takes no auth here. positive_data_acceptance expects every
@@ -32,38 +30,11 @@ import httpx
 EXCLUDED = "use_after_free,ensure_resource_availability,ignored_auth,positive_data_acceptance"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(root: Path, engine: str) -> tuple[subprocess.Popen, str, Path]:
-    from nla_serve.tiny import build_all
-
-    tiny = build_all(root / "tiny")
-    port = free_port()
     log = root / "serve.log"
-    exe = Path(sys.executable).with_name("nla-serve")
-    cmd = [str(exe), "serve", "--model", str(tiny.target), "--served-model-name", "tiny", "--nla-av", str(tiny.av),
-           "--nla-ar", str(tiny.ar), "--fve-baseline", "1.5", "--kv-cache-gib", "0.5", "--max-model-len", "512",
-           "--engine", engine, "--port", str(port), "--cache-dir", str(root / "cache"), "--explain-max-tokens", "8",
-           "--explain-deadline", "20"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("nla-serve did not become healthy")
+    proc, url = launch(tiny_flags(root) + ["--kv-cache-gib", "0.5", "--engine", engine, "--explain-max-tokens", "8",
+                                           "--explain-deadline", "20"], log, timeout_s=300)
+    return proc, url, log
 
 
 def fuzz(engine: str, examples: int, max_time: int, seed: int) -> dict:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving import launch, tiny_flags
 
 
 def children(pid: int) -> list[int]:
@@ -88,33 +83,11 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def start(model: str, root: Path) -> tuple[subprocess.Popen, str, str, Path]:
-    port = free_port()
-    exe = Path(sys.executable).with_name("nla-serve")
-    cmd = [str(exe), "serve", "--port", str(port), "--cache-dir", os.environ.get("NLA_SERVE_CACHE_DIR", str(
-        Path.home() / ".cache" / "nla-serve")), "--kv-cache-gib", "1"]
-    name = "SmolLM2-135M-Instruct"
-    if model == "tiny":
-        from nla_serve.tiny import build_all
-
-        tiny = build_all(root / "tiny")
-        name = "tiny"
-        cmd += ["--model", str(tiny.target), "--served-model-name", name, "--nla-av", str(tiny.av), "--nla-ar",
-                str(tiny.ar), "--fve-baseline", "1.5", "--max-model-len", "512", "--cache-dir", str(root / "cache")]
+    """The tiny models, or the embedded default model with the shipped NLA (in the usual cache)."""
     log = root / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, name, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("nla-serve did not become healthy")
+    flags = tiny_flags(root) if model == "tiny" else []
+    proc, url = launch(flags + ["--kv-cache-gib", "1"], log)
+    return proc, url, "tiny" if model == "tiny" else "SmolLM2-135M-Instruct", log
 
 
 class Load:
