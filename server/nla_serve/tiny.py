@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from nla_serve.nla.sidecar import AR_TEMPLATE, AV_TEMPLATE, MARKER, ar_meta, av_meta, write_meta
+from nla_serve.nla.sidecar import MARKER, ar_meta, av_meta, write_meta
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
