@@ -47,7 +47,7 @@ def fuzz(engine: str, examples: int, max_time: int, seed: int) -> dict:
                    "--max-examples", str(examples), "--max-time", str(max_time), "--seed", str(seed),
                    "--request-timeout", "90", "--max-response-time", "90", "--generation-allow-x00", "false", "--no-color"]
             t0 = time.monotonic()
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=root)  # its cache stays out of the repo
             text = log.read_text()
             server_errors = text.count("unhandled error")
             tracebacks = [chunk[:8000] for chunk in text.split("unhandled error")[1:]]
