@@ -67,6 +67,19 @@ def kill(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def test_models_carry_content_hashes_once_computed(served):
+    svc, url = served
+
+    def card():
+        return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+
+    assert until(lambda: card()["sha256"] and card()["nla"]["ar_sha256"], 60), card()
+    c = card()
+    for digest in (c["sha256"], c["nla"]["av_sha256"], c["nla"]["ar_sha256"]):
+        assert len(digest) == 64 and int(digest, 16) >= 0
+    assert c["nla"]["av_sha256"] != c["nla"]["ar_sha256"] and "/" not in c["root"]
+
+
 def test_aborted_requests_leave_no_activation_files(served):
     """A dropped long prompt's rows land in /dev/shm after the abort; they are removed within
     seconds, with no other request needed to trigger it, and the directory size is exported."""

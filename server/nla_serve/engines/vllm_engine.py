@@ -254,8 +254,6 @@ class VLLMEngine:
         return [proc.pid for proc in getattr(manager, "processes", [])]
 
     def in_flight(self) -> dict[str, int]:
-        if self._capture is not None:
-            self._capture.sweep()
         return {"requests": len(self._active),
                 "discarded_captures": self._capture.discarded if self._capture is not None else 0}
 
