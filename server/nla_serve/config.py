@@ -153,10 +153,40 @@ class ServerSettings(BaseModel):
     cache_dir: str | None = None  # None: default_cache_root()
     engine_restarts: int = Field(default=5, ge=0)  # engine deaths survived per 10 minutes before exiting
     shutdown_timeout: float = Field(default=30.0, ge=0)  # after SIGTERM, requests still running are ended
+    # Keys: ``api_keys`` maps key id -> key (``--api-keys-file``; ``--api-key`` alone is id "default");
+    # records name the id, never the key. ``admin_key`` opens /v1/audit/*, which is closed without it.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    admin_key: str | None = None
+    # The audit log (audit/): on by default, SQLite in the cache root unless a path or postgresql:// DSN
+    audit: bool = True
+    audit_db: str | None = None
+    audit_key: str | None = None  # the Ed25519 signing key file (created at first start, mode 0600)
+    audit_redact: Literal["none", "prompts"] = "none"
+    audit_retention_days: float | None = Field(default=None, gt=0)
+    audit_checkpoint_every: int = Field(default=256, ge=1)  # records between signed checkpoints, at most
+    audit_checkpoint_seconds: float = Field(default=10.0, gt=0)  # seconds between checkpoints, at most
+    audit_queue_size: int = Field(default=4096, ge=1)
 
     @property
     def cache_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+
+    def key_table(self) -> dict[str, str]:
+        """Key id -> API key, every key that may call the API (empty: the API is open)."""
+        return dict(self.api_keys) | ({"default": self.api_key} if self.api_key else {})
+
+    @property
+    def audit_location(self) -> str:
+        return self.audit_db or str(self.cache_root / "audit" / "audit.db")
+
+    @property
+    def audit_key_path(self) -> Path:
+        return Path(self.audit_key).expanduser() if self.audit_key else self.cache_root / "audit" / "ed25519.key"
+
+    @property
+    def audit_checkpoint_file(self) -> Path:
+        """The latest checkpoint, kept beside the key, outside the database."""
+        return self.audit_key_path.with_name("latest-checkpoint")
 
     def prompt_char_limit(self, context_tokens: int) -> int:
         return self.max_prompt_chars or 64 * context_tokens

@@ -5,6 +5,7 @@
     │   ├── UnsupportedParameterError  a parameter this server does not implement (400)
     │   ├── ContextLengthError         prompt + max_tokens exceed the model's context (400)
     │   ├── AuthenticationError (401)
+    │   ├── ForbiddenError (403)       a route this server keeps closed (audit routes without --admin-key)
     │   ├── NotFoundError (404)        unknown model or route
     │   └── PayloadTooLargeError (413)
     ├── OverloadedError (429)          the server is full; retry later
@@ -47,6 +48,11 @@ class ContextLengthError(ClientError):
 class AuthenticationError(ClientError):
     status_code = 401
     error_type = "authentication_error"
+
+
+class ForbiddenError(ClientError):
+    status_code = 403
+    error_type = "permission_error"
 
 
 class NotFoundError(ClientError):

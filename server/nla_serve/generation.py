@@ -57,6 +57,8 @@ class ExplanationEvent:
     position: int | None = None
     token_id: int | None = None
     num_prompt_tokens: int = 0
+    activation_sha256: str | None = None  # of the exact row bytes explained (the audit record's digest)
+    activation_dtype: str | None = None
 
 
 @dataclass
@@ -168,6 +170,16 @@ class _Timing:
         return self.first - self.arrived if self.first is not None else -1.0
 
 
+def row_digest(row) -> tuple[str, str]:
+    """SHA-256 of a captured row's bytes as captured (its dtype, native little-endian), and the dtype."""
+    import hashlib
+
+    import torch
+
+    flat = row.detach().contiguous().reshape(-1).cpu()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest(), str(flat.dtype).removeprefix("torch.")
+
+
 def deadline_reason(seconds: float) -> str:
     return (f"the explanation deadline ({seconds:g} s from the request's arrival) passed first; the server is "
             "busy: raise explain.deadline_s or ask for fewer explanations")
@@ -202,6 +214,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
         rows = choice.stacked_rows()
         ids = req.prompt_ids + choice.token_ids
         pending: dict[asyncio.Future, int] = {}
+        digests: dict[int, tuple[str, str]] = {}
         n_rows = 0 if rows is None else rows.shape[0]
         deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
         for target in choice_targets(plan, index, P, len(choice.token_ids), n_rows):
@@ -212,6 +225,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             else:
                 job = ExplanationJob.for_plan(plan, req.request_id, rows[p], req.arrived)
                 pending[service.worker.submit(job)] = p
+                digests[p] = row_digest(rows[p])
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -220,7 +234,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
                 continue
             for fut in done:
                 p = pending.pop(fut)
-                fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P))
+                fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P, *digests[p]))
 
     fan_in.spawn(read_engine(), critical=True)
     service.track(req.request_id, fan_in.fail)

@@ -8,6 +8,7 @@ memory fraction (vLLM checks its fraction against free memory at start).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable
 from nla_serve.admission import Admission
 from nla_serve.config import ServerSettings
 from nla_serve.engines import TargetEngine, make_engine
-from nla_serve.errors import CheckpointError, NLAServeError, UnavailableError
+from nla_serve.errors import CheckpointError, EngineError, NLAServeError, UnavailableError
 from nla_serve.explain.worker import ExplanationWorker
 from nla_serve.metrics import Metrics
 from nla_serve.supervisor import EngineState, EngineSupervisor
@@ -46,6 +47,37 @@ def resolve_folder(name: str, what: str) -> Path:
             "pass its folder") from None
 
 
+def open_audit(settings: ServerSettings):
+    """The audit log of ``settings``: its store, key (created at first start) and writer."""
+    from nla_serve.audit.log import AuditLog
+    from nla_serve.audit.note import LogKey, NoteError
+    from nla_serve.audit.store import open_store
+
+    try:
+        key = LogKey.load_or_create(settings.audit_key_path)
+    except NoteError as e:
+        raise CheckpointError(str(settings.audit_key_path), None, str(e)) from None
+    try:
+        store = open_store(settings.audit_location)
+    except Exception as e:  # sqlite3 / psycopg errors: say which database and why, then exit
+        raise EngineError(f"the audit database {_display(settings.audit_location)} could not be opened "
+                          f"({type(e).__name__}: {e}); fix it, move it (--audit-db) or run with --audit off") from None
+    audit = AuditLog(store, key, queue_size=settings.audit_queue_size,
+                     checkpoint_every=settings.audit_checkpoint_every,
+                     checkpoint_seconds=settings.audit_checkpoint_seconds,
+                     retention_days=settings.audit_retention_days,
+                     checkpoint_file=settings.audit_checkpoint_file).open()
+    log.info("audit log at %s (verifier key %s)", _display(settings.audit_location), key.verifier)
+    return audit
+
+
+def _display(location: str) -> str:
+    """A DSN without its password, for logs."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", location)
+
+
 class Service:
     def __init__(self, settings: ServerSettings, target: TargetEngine, model_name: str, model_dir: Path,
                  nla=None, nla_reason: str | None = None, worker: ExplanationWorker | None = None,
@@ -69,6 +101,8 @@ class Service:
         self.on_fatal: Callable[[str], None] | None = None  # the CLI exits non-zero; tests just look
         self.fatal: str | None = None
         self._enders: dict[str, Callable[[NLAServeError], None]] = {}  # request id -> ends it in-band
+        self.audit = None  # the AuditLog (audit/log.py) when --audit is on
+        self.meta_hashes: dict[str, str] = {}  # "av_meta" / "ar_meta" -> SHA-256 of that nla_meta.yaml
 
     # -- engine health ---------------------------------------------------------------------------
 
@@ -147,6 +181,22 @@ class Service:
     @classmethod
     async def start(cls, settings: ServerSettings) -> "Service":
         t0 = time.monotonic()
+        # The audit log first: a damaged log or a wrong key is an operator error found in a second,
+        # not after minutes of loading engines.
+        audit = await asyncio.to_thread(open_audit, settings) if settings.audit else None
+        try:
+            service = await cls._start(settings, t0)
+        except BaseException:
+            if audit is not None:
+                await asyncio.to_thread(audit.close)
+            raise
+        service.audit = audit
+        if audit is not None:
+            audit.metrics = service.metrics
+        return service
+
+    @classmethod
+    async def _start(cls, settings: ServerSettings, t0: float) -> "Service":
         if settings.model is None:
             from nla_serve.provision import default_model_dir
 
@@ -202,11 +252,29 @@ class Service:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
             log.warning("%s: responses will mark explanations 'unavailable'", reason)
         service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics)
+        if ckpt is not None:
+            for role, part in (("av_meta", ckpt.av), ("ar_meta", ckpt.ar)):
+                if part is not None and (part.path / "nla_meta.yaml").is_file():
+                    service.meta_hashes[role] = hashlib.sha256((part.path / "nla_meta.yaml").read_bytes()).hexdigest()
         service.start_fingerprints()
         service.supervise()
         return service
 
+    def producer(self) -> dict:
+        """What produced an answer, for its audit record: content hashes (null while still being
+        computed at start), layer, engine, dtypes and server version."""
+        from nla_serve import __version__
+
+        fp = self.fingerprints
+        return {"server_version": __version__, "engine": self.settings.engine, "model": self.model_name,
+                "target_sha256": fp.get("target"), "av_sha256": fp.get("av"), "ar_sha256": fp.get("ar"),
+                "av_meta_sha256": self.meta_hashes.get("av_meta"), "ar_meta_sha256": self.meta_hashes.get("ar_meta"),
+                "layer": self.layer, "dtype": dtype_name(self.target.dtype),
+                "nla_dtype": self.nla.dtypes if self.nla is not None else None}
+
     async def stop(self) -> None:
+        if self.audit is not None:  # after the last request: its record is the last one written
+            await asyncio.to_thread(self.audit.close)
         if self._fingerprinting is not None:
             self._fingerprinting.cancel()
         for sup in self.supervisors:

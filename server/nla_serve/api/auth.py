@@ -1,4 +1,10 @@
-"""API keys: ``Authorization: Bearer <key>`` on every route but ``/health`` when a key is set."""
+"""Keys: ``Authorization: Bearer <key>``.
+
+API routes take any key of ``settings.key_table()`` (every route but ``/health`` and ``/ui``
+when one is set) and note its *id* on the request (``request.state.key_id``) for the audit
+record; the key itself is never stored. Audit routes take only the admin key, and are refused
+(403) when no admin key is configured: an audit log is never open to anyone by default.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,42 @@ import hmac
 
 from fastapi import Request
 
-from nla_serve.errors import AuthenticationError
+from nla_serve.errors import AuthenticationError, ForbiddenError
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    return token.strip()
+
+
+def match_key(token: str, table: dict[str, str]) -> str | None:
+    """The id of the key equal to ``token``; every key is compared, in constant time each."""
+    found = None
+    for key_id, key in table.items():
+        if hmac.compare_digest(token.encode(), key.encode()):
+            found = key_id
+    return found
 
 
 async def require_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if not key:
+    table = request.app.state.settings.key_table()
+    request.state.key_id = None
+    if not table:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+    key_id = match_key(_bearer(request), table)
+    if key_id is None:
         raise AuthenticationError("Incorrect API key provided", code="invalid_api_key")
+    request.state.key_id = key_id
+
+
+async def require_admin(request: Request) -> None:
+    admin = request.app.state.settings.admin_key
+    if not admin:
+        raise ForbiddenError("the audit routes are closed on this server: start it with --admin-key-file "
+                             "(or NLA_SERVE_ADMIN_KEY) to open them to that key", code="audit_closed")
+    if match_key(_bearer(request), {"admin": admin}) is None:
+        raise AuthenticationError("Incorrect admin key provided (audit routes take the admin key, not an API key)",
+                                  code="invalid_api_key")

@@ -15,13 +15,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nla_serve.admission import Ticket
 from nla_serve.api.auth import require_key
-from nla_serve.api.items import apply_min_fve, explanation_item, unavailable_item
+from nla_serve.api.items import apply_min_fve, event_item, explanation_item, unavailable_item
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ExplanationsRequest
 from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationJob
-from nla_serve.generation import GenerationRequest, deadline_reason, run
+from nla_serve.generation import GenerationRequest, deadline_reason, row_digest, run
 from nla_serve.model_folder import chat_ids as template_ids
 from nla_serve.model_folder import dtype_name
 from nla_serve.nla.runtime import check_vectors
@@ -138,6 +138,38 @@ def check_room(svc: Service, plan, param: str) -> None:
                           f"{svc.nla.max_explanation_tokens} tokens", param=param)
 
 
+def prompt_of(body) -> dict:
+    """The prompt as the client sent it, for the audit record."""
+    if getattr(body, "messages", None) is not None:
+        return {"messages": [{"role": m.role, "content": m.text()} for m in body.messages]}
+    prompt = body.prompt if hasattr(body, "prompt") else body.input
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return {"text": prompt} if isinstance(prompt, str) else {"token_ids": list(prompt)}
+
+
+def recorder_for(svc: Service, request: Request, kind: str, rid: str, body, prompt: dict, prompt_tokens: int,
+                 plan, arrived: float | None = None):
+    """The audit recorder of this request, or None when the audit log is off."""
+    if svc.audit is None:
+        return None
+    from nla_serve.audit.record import Recorder
+
+    params = body.model_dump(mode="json", exclude_none=True, exclude={"messages", "prompt", "input", "vectors"})
+
+    def describe(ev) -> dict:  # the wire item, with min_fve as a flag (the record keeps dropped ones)
+        item = event_item(ev, layer=svc.layer, tokenizer=svc.tokenizer)
+        if plan.min_fve is not None and item.get("fve") is not None:
+            item["below_min_fve"] = item["fve"] < plan.min_fve
+        return item
+
+    producer = svc.producer() | {"policy": dataclasses.asdict(plan)}
+    return Recorder(svc.audit, kind=kind, request_id=rid, key_id=getattr(request.state, "key_id", None),
+                    model=svc.model_name, params=params, prompt=prompt, prompt_tokens=prompt_tokens,
+                    producer=producer, describe=describe, redact_prompts=svc.settings.audit_redact == "prompts",
+                    created=arrived)
+
+
 async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
                   want_logprobs: bool):
     plan = make_plan(body.explain, svc.settings.explain)
@@ -153,6 +185,9 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
     svc.check_target()  # 503 while the target engine is restarting
     ticket = svc.admission.admit()  # 429 here, before any byte; released when the response is over
     events = run(svc, GenerationRequest(rid, ids, options, plan), ticket)
+    recorder = recorder_for(svc, request, kind, rid, body, prompt_of(body), len(ids), plan)
+    if recorder is not None:  # the record is durable before [DONE] or the JSON body
+        events = recorder.tap(events)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return TicketedStreamingResponse(ticket, stream_events(events, shape, include_usage, want_logprobs,
@@ -238,6 +273,9 @@ async def explanations(body: ExplanationsRequest, request: Request):
         rid = "expl-" + uuid.uuid4().hex
         with svc.admission.admit():
             futures = [svc.worker.submit(ExplanationJob.for_plan(plan, rid, v)) for v in vectors]
+            digests = [row_digest(v) for v in vectors]
+            recorder = recorder_for(svc, request, "explanations", rid, body,
+                                    {"vectors": [{"sha256": d, "dtype": t} for d, t in digests]}, 0, plan)
 
             async def items() -> list[dict | None]:
                 _, late = await asyncio.wait(futures, timeout=plan.deadline_s)
@@ -248,8 +286,19 @@ async def explanations(body: ExplanationsRequest, request: Request):
 
             try:
                 data = await until_disconnected(request, items())
+            except BaseException:
+                if recorder is not None:
+                    recorder.commit_later("aborted", "the client disconnected before the answer was complete")
+                raise
             finally:
                 svc.worker.cancel(rid)  # a client gone: its remaining jobs are not worth running
+            if recorder is not None:
+                for i, fut in enumerate(futures):
+                    item = explanation_item(fut.result(), layer=svc.layer, index=i)
+                    if plan.min_fve is not None and item.get("fve") is not None:
+                        item["below_min_fve"] = item["fve"] < plan.min_fve
+                    recorder.add_explanation(item, *digests[i])
+                await recorder.commit("completed")
         return {"object": "list", "data": [item for item in data if item is not None]}
 
     ids = await chat_ids(svc, body.messages) if body.messages is not None else await text_ids(svc, body.input)
@@ -266,6 +315,9 @@ async def explanations(body: ExplanationsRequest, request: Request):
     svc.check_target()
     with svc.admission.admit() as ticket:
         events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan), ticket)
+        recorder = recorder_for(svc, request, "explanations", rid, body, prompt_of(body), len(ids), plan)
+        if recorder is not None:
+            events = recorder.tap(events)
         items = await until_disconnected(request, collect(events, shape, 1, False))
     return {"object": "list", "data": [it | {"index": n} for n, it in enumerate(items["explanations"])]}
 

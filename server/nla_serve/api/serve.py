@@ -27,6 +27,21 @@ FLAGS = [
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health "
                                   "(visible in ps: prefer --api-key-file or the environment)"),
     ("--api-key-file", "api_key_file", str, "read the API key from this file (first line)"),
+    ("--api-keys-file", "api_keys_file", str, "several API keys with ids: a YAML file of 'id: key' lines; "
+                                              "audit records name the id"),
+    ("--admin-key", "admin_key", str, "the key of the audit routes (/v1/audit/*), distinct from API keys; "
+                                      "without one they are closed (prefer --admin-key-file)"),
+    ("--admin-key-file", "admin_key_file", str, "read the admin key from this file (first line)"),
+    ("--audit", "audit", bool, "on | off: the audit log of every request (default on)"),
+    ("--audit-db", "audit_db", str, "audit database: a SQLite file or postgresql://... "
+                                    "(default CACHE/audit/audit.db)"),
+    ("--audit-key", "audit_key", str, "Ed25519 key signing the log (created at first start; default "
+                                      "CACHE/audit/ed25519.key)"),
+    ("--audit-redact", "audit_redact", str, "none | prompts: keep only the prompt's SHA-256 in records"),
+    ("--audit-retention-days", "audit_retention_days", float, "delete whole records older than this (hourly; "
+                                                              "verify still passes)"),
+    ("--audit-checkpoint-every", "audit_checkpoint_every", int, "sign a checkpoint at least every N records"),
+    ("--audit-checkpoint-seconds", "audit_checkpoint_seconds", float, "... and at least every T seconds"),
     ("--device", "device", str, "auto | cpu | cuda (transformers engine and reconstructor)"),
     ("--dtype", "dtype", str, "auto (each checkpoint's own) | float32 | bfloat16 | float16; target and NLA"),
     ("--nla-dtype", "nla_dtype", str, "the NLA's (AV and AR) dtype when it should differ from --dtype"),
@@ -97,18 +112,19 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     if getattr(args, "api_key", None):
         print("nla-serve: warning: --api-key on the command line is visible to every user in `ps`; "
               "use --api-key-file or NLA_SERVE_API_KEY", file=sys.stderr)
-    key_file = values.pop("api_key_file", None)
-    if key_file is not None:
-        if "api_key" in values:
-            raise SystemExit("nla-serve: give --api-key or --api-key-file, not both")
-        try:
-            key = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, IndexError, UnicodeDecodeError) as e:
-            raise SystemExit(f"nla-serve: --api-key-file {key_file!r} could not be read as a key "
-                             f"({type(e).__name__}: {e})") from None
-        if not key:
-            raise SystemExit(f"nla-serve: --api-key-file {key_file!r} holds an empty key")
-        values["api_key"] = key
+    for field in ("api_key", "admin_key"):
+        key_file = values.pop(field + "_file", None)
+        if key_file is not None:
+            if field in values:
+                raise SystemExit(f"nla-serve: give --{field.replace('_', '-')} or --{field.replace('_', '-')}-file, "
+                                 "not both")
+            values[field] = read_key_file(key_file, f"--{field.replace('_', '-')}-file")
+    keys_file = values.pop("api_keys_file", None)
+    if keys_file is not None:
+        values["api_keys"] = read_keys_table(keys_file)
+    table = dict(values.get("api_keys", {})) | ({"default": values["api_key"]} if values.get("api_key") else {})
+    if values.get("admin_key") and values["admin_key"] in table.values():
+        raise SystemExit("nla-serve: the admin key must differ from every API key")
     try:
         policy = ExplainDefaults(**gather(POLICY_FLAGS))
         return ServerSettings(**values, explain=policy)
@@ -116,6 +132,43 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         err = e.errors()[0]
         raise SystemExit(f"nla-serve: setting {'.'.join(map(str, err['loc']))} has value {err.get('input')!r}: "
                          f"{err['msg']}") from None
+
+
+def read_key_file(path: str, flag: str) -> str:
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise SystemExit(f"nla-serve: {flag} {path!r} could not be read as a key ({type(e).__name__}: {e})") from None
+    if not key:
+        raise SystemExit(f"nla-serve: {flag} {path!r} holds an empty key")
+    return key
+
+
+def read_keys_table(path: str) -> dict[str, str]:
+    """``id: key`` per line (which is YAML), or any YAML mapping of ids to keys."""
+    import yaml
+
+    where = f"nla-serve: --api-keys-file {path!r}"
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+        table = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SystemExit(f"{where} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(table, dict) or not table:
+        raise SystemExit(f"{where} must hold 'id: key' lines (a YAML mapping), one per key")
+    ids = [line.split(":", 1)[0].strip() for line in text.splitlines() if ":" in line and not line.lstrip().startswith("#")]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise SystemExit(f"{where} names key id {sorted(dup)[0]!r} twice")
+    out = {}
+    for key_id, key in table.items():
+        if not isinstance(key_id, str) or not key_id.strip() or not isinstance(key, str) or not key.strip():
+            raise SystemExit(f"{where}: entry {key_id!r} needs a non-empty id and a non-empty key (quote keys "
+                             "that YAML would read as numbers)")
+        out[key_id.strip()] = key.strip()
+    if len(set(out.values())) != len(out):
+        raise SystemExit(f"{where} gives the same key to two ids")
+    return out
 
 
 def serve(args: argparse.Namespace) -> int:

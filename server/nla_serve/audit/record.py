@@ -1,0 +1,160 @@
+"""What one record holds, how it is built from a request's events, and its canonical bytes.
+
+A record is a JSON object; its *entry* (the Merkle leaf's content) is its RFC 8785 (JCS)
+canonical serialisation, so any implementation can recompute the leaf hash from the JSON alone.
+``seq`` (its leaf index) is inside the entry, so a record moved to another position is caught.
+
+    v, seq, id, kind (chat | completion | explanations | retention), status (completed | aborted |
+    failed), error, created (arrival), time (recorded), key_id, model, params (what the client
+    sent, minus the prompt), prompt (or only its SHA-256 when redacted), prompt_tokens, choices
+    [{index, text, token_ids, finish_reason}], usage, explanations [{choice_index, token_index,
+    source, token, token_id, status, reason, text, fve, cos, grounding, monitors, activation_sha256,
+    activation_dtype}], producer {server_version, engine, target/av/ar sha256, av/ar meta sha256,
+    layer, dtype, nla_dtype, policy}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from typing import AsyncIterator, Callable
+
+import rfc8785
+
+from nla_serve.audit.store import TextRow
+from nla_serve.errors import NLAServeError, UnavailableError
+
+log = logging.getLogger("nla_serve.audit")
+VERSION = 1
+SAFE_INT = 2**53 - 1
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _jsonable(x):
+    """What JCS can serialise: finite floats, integers within IEEE range (larger ones as strings)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return x if -SAFE_INT <= x <= SAFE_INT else str(x)
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return str(x)
+
+
+def canonical(record: dict) -> bytes:
+    return rfc8785.dumps(_jsonable(record))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def texts_of(record: dict, seq: int, t: float) -> list[TextRow]:
+    """The search rows of a record: each explanation, and each choice's output text."""
+    out = []
+    base = dict(seq=seq, record_id=record["id"], time=t, model=record.get("model"), key_id=record.get("key_id"))
+    for e in record.get("explanations") or []:
+        mons = e.get("monitors") or []
+        out.append(TextRow(**base, source=e.get("source") or "vector", choice_index=e.get("choice_index"),
+                           token_index=e.get("token_index"), token=e.get("token"), status=e.get("status"),
+                           fve=e.get("fve"), grounding=e.get("grounding"),
+                           monitors="," + ",".join(mons) + "," if mons else "", text=e.get("text") or ""))
+    for c in record.get("choices") or []:
+        out.append(TextRow(**base, source="output", choice_index=c.get("index"), token_index=None, token=None,
+                           status=record.get("status"), fve=None, grounding=None, monitors="",
+                           text=c.get("text") or ""))
+    return out
+
+
+class Recorder:
+    """Builds one request's record from its events, and appends it to the log when the events end:
+    awaited (durable before the caller sends the last byte) when the request completed or failed,
+    queued without waiting when the client went away (nobody is waiting for that answer)."""
+
+    def __init__(self, audit, *, kind: str, request_id: str, key_id: str | None, model: str, params: dict,
+                 prompt: dict, prompt_tokens: int, producer: dict, describe: Callable, redact_prompts: bool,
+                 created: float | None = None):
+        self.audit = audit
+        self.describe = describe  # ExplanationEvent -> the API's item dict (the wire format)
+        self.redact = redact_prompts
+        self.texts: dict[int, list[str]] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.reasons: dict[int, str | None] = {}
+        self.record = {
+            "v": VERSION, "id": request_id, "kind": kind, "created": iso(created or time.time()),
+            "key_id": key_id, "model": model, "params": params,
+            "prompt": {"sha256": sha256_hex(canonical(prompt)), "redacted": True} if redact_prompts else prompt,
+            "prompt_tokens": prompt_tokens, "choices": [], "usage": None, "explanations": [], "producer": producer}
+
+    def observe(self, ev) -> None:
+        from nla_serve.generation import ExplanationEvent, TokenEvent, UsageEvent
+
+        if isinstance(ev, TokenEvent):
+            self.texts.setdefault(ev.index, []).append(ev.text)
+            self.token_ids.setdefault(ev.index, []).extend(ev.token_ids)
+            if ev.finish_reason is not None:
+                self.reasons[ev.index] = ev.finish_reason
+        elif isinstance(ev, ExplanationEvent):
+            self.add_explanation(self.describe(ev), ev.activation_sha256, ev.activation_dtype)
+        elif isinstance(ev, UsageEvent):
+            self.record["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                                    "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+    def add_explanation(self, item: dict, digest: str | None, dtype: str | None) -> None:
+        keep = ("index", "choice_index", "token_index", "source", "token", "token_id", "layer", "status", "reason",
+                "text", "truncated", "fve", "cos", "mse", "verbalizer_tokens", "below_min_fve", "cached")
+        entry = {k: item[k] for k in keep if k in item}
+        if self.redact and entry.get("source") == "prompt":  # the token itself is prompt text
+            entry["token"] = entry["token_id"] = None
+        entry.update(grounding=item.get("grounding"), monitors=item.get("monitors") or [],
+                     activation_sha256=digest, activation_dtype=dtype)
+        self.record["explanations"].append(entry)
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        rec = self.record
+        rec["status"] = status
+        rec["error"] = error
+        rec["choices"] = [{"index": i, "text": "".join(self.texts[i]), "token_ids": self.token_ids.get(i, []),
+                           "finish_reason": self.reasons.get(i)} for i in sorted(self.texts)]
+        rec["explanations"].sort(key=lambda e: (e.get("choice_index") or 0, e.get("token_index") or 0,
+                                                e.get("index") or 0))
+        return rec
+
+    async def commit(self, status: str, error: str | None = None) -> None:
+        await self.audit.append(self.finish(status, error))
+
+    def commit_later(self, status: str, error: str | None = None) -> None:
+        self.audit.append_nowait(self.finish(status, error))
+
+    async def tap(self, events: AsyncIterator) -> AsyncIterator:
+        """Pass ``events`` through, observing them; the record is durable before the iterator ends,
+        so a stream's ``[DONE]`` and a JSON body are only written after it."""
+        try:
+            async for ev in events:
+                self.observe(ev)
+                yield ev
+        except (asyncio.CancelledError, GeneratorExit):
+            self.commit_later("aborted", "the client disconnected before the answer was complete")
+            raise
+        except UnavailableError as e:  # ended by the server (shutdown, engine died): not the model's doing
+            await self.commit("aborted", e.message)
+            raise
+        except NLAServeError as e:
+            await self.commit("failed", e.message)
+            raise
+        except Exception as e:
+            await self.commit("failed", f"{type(e).__name__}: {e}")
+            raise
+        else:
+            await self.commit("completed")

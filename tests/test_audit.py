@@ -1,0 +1,336 @@
+"""The audit log without a server: RFC 6962 vectors, proofs against adversarial input, signed
+notes, the writer (group commit, checkpoints, retention) on a real SQLite file, and every kind
+of tampering with the database detected and named."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import sqlite3
+import time
+
+import pytest
+
+from nla_serve.audit import merkle
+from nla_serve.audit.log import AuditLog
+from nla_serve.audit.note import Checkpoint, LogKey, NoteError, Verifier, open_checkpoint
+from nla_serve.audit.proofs import consistency_document, record_document
+from nla_serve.audit.record import canonical
+from nla_serve.audit.store import SearchQuery, open_store
+from nla_serve.audit.verify import verify_consistency_proof, verify_log, verify_record_proof
+
+H = bytes.fromhex
+CT_LEAVES = [H(x) for x in ("", "00", "10", "2021", "3031", "40414243", "5051525354555657",
+                            "606162636465666768696a6b6c6d6e6f")]
+CT_ROOTS = ["e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+            "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+            "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+            "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+            "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+            "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328"]
+# (leaf index, tree size, proof) and (old size, new size, proof) from certificate-transparency's tests
+CT_INCLUSION = [(0, 8, ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                        "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"]),
+                (5, 8, ["bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                        "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"])]
+CT_CONSISTENCY = [(1, 8, ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                          "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                          "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"]),
+                  (6, 8, ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                          "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                          "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"]),
+                  (2, 5, ["5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                          "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"])]
+
+
+def ct_tree(n: int) -> merkle.MemoryTree:
+    return merkle.MemoryTree([merkle.leaf_hash(x) for x in CT_LEAVES[:n]])
+
+
+def test_rfc6962_roots_and_proofs_match_the_reference_vectors():
+    for n in range(9):
+        t = ct_tree(n)
+        assert t.frontier.root().hex() == CT_ROOTS[n]
+        assert merkle.root(n, t.node).hex() == CT_ROOTS[n]
+    t = ct_tree(8)
+    for index, size, proof in CT_INCLUSION:
+        got = merkle.inclusion_proof(index, size, t.node)
+        assert [h.hex() for h in got] == proof
+        merkle.verify_inclusion(index, size, t.node(0, index), got, H(CT_ROOTS[size]))
+    for old, new, proof in CT_CONSISTENCY:
+        got = merkle.consistency_proof(old, new, t.node)
+        assert [h.hex() for h in got] == proof
+        merkle.verify_consistency(old, new, H(CT_ROOTS[old]), H(CT_ROOTS[new]), got)
+
+
+def test_every_proof_of_every_shape_verifies_and_every_mutation_is_rejected():
+    rng = random.Random(6962)
+    leaves = [merkle.leaf_hash(bytes([i, i * 7 % 256])) for i in range(37)]
+    t = merkle.MemoryTree(leaves)
+    roots = {n: merkle.root(n, t.node) for n in range(38)}
+    for size in range(1, 38):
+        for i in range(size):
+            proof = merkle.inclusion_proof(i, size, t.node)
+            merkle.verify_inclusion(i, size, leaves[i], proof, roots[size])
+            bad_attempts = [(i, size, leaves[i], proof + [leaves[0]]),  # too long
+                            (i, size + 1, leaves[i], proof),  # wrong size
+                            (i ^ 1 if size > 1 else i, size, leaves[i], proof),  # wrong index
+                            (i, size, leaves[(i + 1) % 37], proof)]  # wrong leaf
+            if proof:
+                bad_attempts.append((i, size, leaves[i], proof[:-1]))  # too short
+                flip = list(proof)
+                k = rng.randrange(len(flip))
+                flip[k] = bytes([flip[k][0] ^ 1]) + flip[k][1:]
+                bad_attempts.append((i, size, leaves[i], flip))
+            for args in bad_attempts:
+                if args[1] > 37 or (args[0] == i and args[2] == leaves[i] and args[3] == proof and args[1] == size):
+                    continue
+                with pytest.raises(merkle.ProofError):
+                    merkle.verify_inclusion(*args, roots[args[1]])
+        for old in range(1, size + 1):
+            proof = merkle.consistency_proof(old, size, t.node)
+            merkle.verify_consistency(old, size, roots[old], roots[size], proof)
+            if old < size:
+                with pytest.raises(merkle.ProofError):
+                    merkle.verify_consistency(old, size, roots[old], roots[size], proof[:-1])
+                with pytest.raises(merkle.ProofError):  # a root that is not that log's
+                    merkle.verify_consistency(old, size, roots[size], roots[size], proof)
+                with pytest.raises(merkle.ProofError):
+                    merkle.verify_consistency(old, size, roots[old], roots[old], proof)
+    with pytest.raises(merkle.ProofError):  # the same size with two roots is a fork
+        merkle.verify_consistency(5, 5, roots[5], roots[6], [])
+    with pytest.raises(merkle.ProofError):  # a log never shrinks
+        merkle.verify_consistency(6, 5, roots[6], roots[5], [])
+    with pytest.raises(merkle.ProofError):  # hashes must be 32 bytes
+        merkle.verify_inclusion(0, 2, leaves[0], [b"short"], roots[2])
+
+
+def test_signed_notes_round_trip_and_reject_forgery(tmp_path):
+    key = LogKey.load_or_create(tmp_path / "k")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    assert LogKey.load_or_create(tmp_path / "k").verifier == key.verifier  # the same key next start
+    v = Verifier.parse(str(key.verifier))
+    assert v == key.verifier
+    note = Checkpoint(key.origin, 12, b"\x07" * 32).sign(key)
+    lines = note.split("\n")
+    assert lines[0] == key.origin and lines[1] == "12" and lines[3] == "" and lines[4].startswith("\u2014 ")
+    cp = open_checkpoint(note, v)
+    assert (cp.size, cp.root) == (12, b"\x07" * 32)
+    with pytest.raises(NoteError, match="does not verify"):
+        open_checkpoint(note.replace("\n12\n", "\n13\n"), v)
+    other = LogKey.load_or_create(tmp_path / "other", name=key.origin)  # same name, another key
+    with pytest.raises(NoteError, match="no signature"):
+        open_checkpoint(Checkpoint(key.origin, 12, b"\x07" * 32).sign(other), v)
+    with pytest.raises(NoteError):
+        Verifier.parse(str(key.verifier).replace("+", "+0", 1))
+    (tmp_path / "k").chmod(0o644)
+    with pytest.raises(NoteError, match="chmod 600"):
+        LogKey.load_or_create(tmp_path / "k")
+
+
+def record(i: int, text: str | None = None) -> dict:
+    return {"v": 1, "id": f"chatcmpl-{i:04d}", "kind": "chat", "status": "completed", "model": "tiny",
+            "key_id": "alice" if i % 2 else "bob", "params": {"model": "tiny", "seed": 2**60},
+            "prompt": {"messages": [{"role": "user", "content": f"question {i}"}]},
+            "choices": [{"index": 0, "text": text or f"answer {i}", "token_ids": [1, 2, 3], "finish_reason": "stop"}],
+            "explanations": [{"choice_index": 0, "token_index": 4, "source": "completion", "status": "ok",
+                              "text": f"the assistant is being tested, item {i}" if i % 3 == 0 else
+                              f"an ordinary reply about {'天气' if i % 3 == 1 else 'weather'} {i}",
+                              "fve": (i % 10) / 10, "monitors": ["tested"] if i % 3 == 0 else [],
+                              "activation_sha256": "ab" * 32}]}
+
+
+def fill(tmp_path, n: int, **kw) -> tuple[LogKey, str]:
+    key = LogKey.load_or_create(tmp_path / "log.key")
+    db = str(tmp_path / "audit.db")
+    log = AuditLog(open_store(db), key, checkpoint_file=tmp_path / "latest-checkpoint", **kw).open()
+
+    async def go():
+        for start in range(0, n, 7):  # several batches
+            await asyncio.gather(*[log.append(record(i)) for i in range(start, min(n, start + 7))])
+        await log.checkpoint_now()
+
+    asyncio.run(go())
+    log.close()
+    return key, db
+
+
+def verify(key, db, tmp_path, extra=()):
+    notes = [(tmp_path / "latest-checkpoint").read_text()] + list(extra)
+    return verify_log(open_store(db), key.verifier, notes)
+
+
+def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path):
+    key, db = fill(tmp_path, 40, checkpoint_every=10)
+    rep = verify(key, db, tmp_path)
+    assert rep.ok, rep.problems
+    assert rep.size == 40 and rep.records == 40 and rep.checkpoints >= 4
+    store = open_store(db)
+    entry = store.record_at(5).entry
+    assert entry == canonical(json.loads(entry))  # the entry is its own canonical form
+    assert json.loads(entry)["params"]["seed"] == str(2**60)  # beyond IEEE doubles: a string, not rounded
+    hits = store.search(SearchQuery(q="being tested", monitor="tested", key_id="bob", limit=200))
+    assert hits and all("being tested" in h.row.text and h.row.key_id == "bob" for h in hits)
+    assert {h.row.record_id for h in hits} == {f"chatcmpl-{i:04d}" for i in range(40) if i % 6 == 0}
+    cjk = store.search(SearchQuery(q="天气", limit=200))  # two CJK characters: below a trigram
+    assert len(cjk) == len([i for i in range(40) if i % 3 == 1])
+    assert store.search(SearchQuery(q="reply 天气 13"))[0].row.record_id == "chatcmpl-0013"
+    high = store.search(SearchQuery(fve_min=0.85, source="completion", limit=200))
+    assert high and all(h.row.fve >= 0.85 for h in high)
+    page1 = store.search(SearchQuery(q="answer", limit=15))
+    page2 = store.search(SearchQuery(q="answer", limit=15, cursor=page1[-1].rowid))
+    assert len(page1) == 15 and page2 and not {h.rowid for h in page1} & {h.rowid for h in page2}
+
+
+def test_proofs_verify_offline_and_forged_proofs_do_not(tmp_path):
+    key, db = fill(tmp_path, 21, checkpoint_every=6)
+    store = open_store(db)
+    size, _, note = store.latest_checkpoint()
+    doc = json.loads(json.dumps(record_document(store.record_by_id("chatcmpl-0009"), store.node, (size, note),
+                                                key.verifier)))
+    assert "record #9" in verify_record_proof(doc, key.verifier)
+
+    def forged(change) -> None:
+        d = json.loads(json.dumps(doc))
+        change(d)
+        with pytest.raises((merkle.ProofError, NoteError)):
+            verify_record_proof(d, key.verifier)
+
+    forged(lambda d: d["record"]["choices"][0].update(text="a different answer"))  # the record shown
+    forged(lambda d: d.update(entry=base64.b64encode(canonical(d["record"] | {"status": "failed"})).decode()))
+    forged(lambda d: d["proof"]["hashes"].reverse())
+    forged(lambda d: d["proof"]["hashes"].append(d["proof"]["hashes"][0]))
+    forged(lambda d: d["proof"].update(tree_size=d["proof"]["tree_size"] + 1))
+    forged(lambda d: d["proof"].update(checkpoint=d["proof"]["checkpoint"].replace(f"\n{size}\n", f"\n{size - 1}\n")))
+    forged(lambda d: d.update(signature=base64.b64encode(b"\0" * 64).decode()))
+    forged(lambda d: d.update(seq=8) or d["proof"].update(leaf_index=8))
+    other = LogKey.load_or_create(tmp_path / "other.key")
+    with pytest.raises((merkle.ProofError, NoteError)):
+        verify_record_proof(doc, other.verifier)  # someone else's key proves nothing
+    # consistency between two stored checkpoints
+    cps = store.checkpoints()
+    (s1, _, n1), (s2, _, n2) = cps[0], cps[-1]
+    cdoc = json.loads(json.dumps(consistency_document((s1, n1), (s2, n2), store.node)))
+    assert f"of {s2} records extends the log of {s1}" in verify_consistency_proof(cdoc, key.verifier)
+    cdoc["hashes"][0] = cdoc["hashes"][-1]
+    with pytest.raises(merkle.ProofError):
+        verify_consistency_proof(cdoc, key.verifier)
+
+
+def tamper(db: str, *statements) -> None:
+    c = sqlite3.connect(db)
+    for sql, args in statements:
+        c.execute(sql, args)
+    c.commit()
+    c.close()
+
+
+def entry_of(db: str, seq: int) -> dict:
+    c = sqlite3.connect(db)
+    e = json.loads(c.execute("SELECT entry FROM records WHERE seq = ?", (seq,)).fetchone()[0])
+    c.close()
+    return e
+
+
+@pytest.mark.parametrize("case", ["edit", "edit_and_rehash", "delete", "swap", "forged_append", "rollback",
+                                  "forged_checkpoint"])
+def test_tampering_is_detected_and_names_the_record(tmp_path, case):
+    key, db = fill(tmp_path, 30, checkpoint_every=8)
+    assert verify(key, db, tmp_path).ok
+    extra = []
+    if case == "edit":  # an explanation's text changed in place
+        e = entry_of(db, 12)
+        e["explanations"][0]["text"] = "nothing to see here"
+        tamper(db, ("UPDATE records SET entry = ? WHERE seq = 12", (canonical(e),)))
+        expect = "record #12 (id chatcmpl-0012) was edited"
+    elif case == "edit_and_rehash":  # ... and the forger recomputed the leaf and its tree nodes
+        e = entry_of(db, 12)
+        e["choices"][0]["text"] = "a nicer answer"
+        leaf = merkle.leaf_hash(canonical(e))
+        tamper(db, ("UPDATE records SET entry = ? WHERE seq = 12", (canonical(e),)),
+               ("UPDATE tree SET hash = ? WHERE level = 0 AND idx = 12", (leaf,)))
+        expect = "record #12 (id chatcmpl-0012)"
+    elif case == "delete":
+        tamper(db, ("DELETE FROM records WHERE seq = 7", ()))
+        expect = "record #7 was deleted"
+    elif case == "swap":  # two rows' contents exchanged, positions kept
+        c = sqlite3.connect(db)
+        a = c.execute("SELECT id, entry, sig FROM records WHERE seq = 3").fetchone()
+        b = c.execute("SELECT id, entry, sig FROM records WHERE seq = 4").fetchone()
+        c.close()
+        tamper(db, ("UPDATE records SET id = ?, entry = ?, sig = ? WHERE seq = 3", b),
+               ("UPDATE records SET id = ?, entry = ?, sig = ? WHERE seq = 4", a))
+        expect = "record #3 (id chatcmpl-0004) holds the entry of record #4"
+    elif case == "forged_append":  # a new last row, with its leaf, as the server would write it
+        e = record(999) | {"seq": 30, "time": "2026-12-02T00:00:00Z"}
+        leaf = merkle.leaf_hash(canonical(e))
+        tamper(db, ("INSERT INTO records (seq, id, time, kind, status, model, key_id, entry, sig) "
+                    "VALUES (30, 'chatcmpl-0999', ?, 'chat', 'completed', 'tiny', 'bob', ?, ?)",
+                    (time.time(), canonical(e), b"\0" * 64)),
+               ("INSERT INTO tree (level, idx, hash) VALUES (0, 30, ?)", (leaf,)))
+        expect = "record #30 (id chatcmpl-0999) is not signed by this log's key"
+    elif case == "rollback":  # an old copy of the database restored (an auditor kept the checkpoint)
+        saved = (tmp_path / "latest-checkpoint").read_text()
+        tamper(db, ("DELETE FROM records WHERE seq >= 20", ()), ("DELETE FROM tree WHERE idx >= 20 AND level = 0", ()),
+               ("DELETE FROM checkpoints WHERE size > 20", ()))
+        extra = [saved]
+        expect = "records #20..#29 are missing (the log was rolled back"
+    else:  # a checkpoint row replaced with one signed by another key
+        other = LogKey.load_or_create(tmp_path / "evil.key", name=key.origin)
+        size = open_store(db).latest_checkpoint()[0]
+        tamper(db, ("UPDATE checkpoints SET note = ? WHERE size = ?",
+                    (Checkpoint(key.origin, size, b"\1" * 32).sign(other), size)))
+        expect = f"stored checkpoint of size {size} is not valid"
+    rep = verify(key, db, tmp_path, extra)
+    assert not rep.ok
+    assert any(expect in p for p in rep.problems), rep.problems
+    if case != "forged_checkpoint":
+        assert expect in rep.problems[0] or any(expect in p for p in rep.problems[:2])
+
+
+def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path):
+    key, db = fill(tmp_path, 25, checkpoint_every=5)
+    store = open_store(db)
+    cut = store.record_at(10).time + 1e-6  # records 0..10 are "old"
+    log = AuditLog(store, key, checkpoint_file=tmp_path / "latest-checkpoint").open()
+    log.prune(cut)
+
+    async def after():
+        await log.checkpoint_now()
+        await log.append(record(100))
+
+    asyncio.run(after())
+    log.close()
+    store = open_store(db)
+    assert store.record_at(3) is None and store.record_at(11) is not None
+    assert not store.search(SearchQuery(request_id="chatcmpl-0003"))
+    ret = store.records_of_kind("retention")
+    assert len(ret) == 1 and json.loads(ret[0].entry)["pruned"] == {
+        "through_seq": 10, "before": json.loads(ret[0].entry)["pruned"]["before"], "count": 11}
+    rep = verify(key, db, tmp_path)
+    assert rep.ok, rep.problems
+    assert rep.pruned == 11 and rep.size == 27
+    # a deletion that no retention record covers is still caught
+    tamper(db, ("DELETE FROM records WHERE seq = 15", ()))
+    assert any("record #15 was deleted" in p for p in verify(key, db, tmp_path).problems)
+
+
+def test_a_damaged_unsigned_tail_stops_the_server_from_extending_the_log(tmp_path):
+    key, db = fill(tmp_path, 5, checkpoint_every=1000, checkpoint_seconds=1000)
+    store = open_store(db)
+    # drop the checkpoints so that the tail is unsigned, then forge a tail record
+    tamper(db, ("DELETE FROM checkpoints", ()))
+    e = entry_of(db, 4)
+    e["choices"][0]["text"] = "edited while the server was down"
+    tamper(db, ("UPDATE records SET entry = ? WHERE seq = 4", (canonical(e),)))
+    from nla_serve.audit.log import AuditError
+
+    with pytest.raises(AuditError, match="record #4 .* was edited"):
+        AuditLog(store, key).open()
