@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install test serve bench fuzz soak clean
+.PHONY: install system test serve bench fuzz soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,17 @@ endif
 
 install: $(STAMP)
 
-test: install
+# Programs the tests run for real: a PostgreSQL server for the audit log's shared store. Installed
+# from Debian's packages when missing (as root); instant when already there.
+system:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's postgresql (the audit tests start a real server)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "make test needs PostgreSQL's server binaries (Debian: apt-get install postgresql)"; exit 1; fi; \
+	fi
+
+test: install system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 serve: install

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import random
-import sqlite3
 import time
 
 import pytest
@@ -130,6 +129,11 @@ def test_signed_notes_round_trip_and_reject_forgery(tmp_path):
         open_checkpoint(Checkpoint(key.origin, 12, b"\x07" * 32).sign(other), v)
     with pytest.raises(NoteError):
         Verifier.parse(str(key.verifier).replace("+", "+0", 1))
+    # standard base64 has '+' in its alphabet: keys whose encoding holds one parse too (a key
+    # with a '+' is one in about three; 40 keys make missing it vanishingly unlikely)
+    keys = [LogKey.load_or_create(tmp_path / f"many{i}", name="n") for i in range(40)]
+    assert any(str(k.verifier).count("+") > 2 for k in keys)
+    assert all(Verifier.parse(str(k.verifier)) == k.verifier for k in keys)
     (tmp_path / "k").chmod(0o644)
     with pytest.raises(NoteError, match="chmod 600"):
         LogKey.load_or_create(tmp_path / "k")
@@ -147,9 +151,18 @@ def record(i: int, text: str | None = None) -> dict:
                               "activation_sha256": "ab" * 32}]}
 
 
-def fill(tmp_path, n: int, **kw) -> tuple[LogKey, str]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path) -> str:
+    """Each store test runs on both backends: a SQLite file, and a fresh database on a real
+    PostgreSQL server (conftest.PostgresServer)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "audit.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+def fill(tmp_path, n: int, where: str | None = None, **kw) -> tuple[LogKey, str]:
     key = LogKey.load_or_create(tmp_path / "log.key")
-    db = str(tmp_path / "audit.db")
+    db = where or str(tmp_path / "audit.db")
     log = AuditLog(open_store(db), key, checkpoint_file=tmp_path / "latest-checkpoint", **kw).open()
 
     async def go():
@@ -167,8 +180,27 @@ def verify(key, db, tmp_path, extra=()):
     return verify_log(open_store(db), key.verifier, notes)
 
 
-def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path):
-    key, db = fill(tmp_path, 40, checkpoint_every=10)
+def test_the_writer_feeds_its_metrics_and_survives_a_broken_one(tmp_path):
+    from nla_serve.metrics import Metrics
+
+    metrics = Metrics("tiny")
+    fill(tmp_path / "a", 9, metrics=metrics)
+    text = metrics.render().decode()
+    assert 'nla_audit_records_total{model_name="tiny",status="completed"} 9.0' in text
+    assert 'nla_audit_batch_records_count{model_name="tiny"}' in text
+
+    class Broken:  # every metric call raises: the records must still be written and acknowledged
+        def __getattr__(self, name):
+            def fail(*args):
+                raise RuntimeError("metrics down")
+            return fail
+
+    key, db = fill(tmp_path / "b", 9, metrics=Broken())
+    assert open_store(db).count_records() == 9
+
+
+def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path, where):
+    key, db = fill(tmp_path, where=where, n=40, checkpoint_every=10)
     rep = verify(key, db, tmp_path)
     assert rep.ok, rep.problems
     assert rep.size == 40 and rep.records == 40 and rep.checkpoints >= 4
@@ -189,8 +221,8 @@ def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path):
     assert len(page1) == 15 and page2 and not {h.rowid for h in page1} & {h.rowid for h in page2}
 
 
-def test_proofs_verify_offline_and_forged_proofs_do_not(tmp_path):
-    key, db = fill(tmp_path, 21, checkpoint_every=6)
+def test_proofs_verify_offline_and_forged_proofs_do_not(tmp_path, where):
+    key, db = fill(tmp_path, where=where, n=21, checkpoint_every=6)
     store = open_store(db)
     size, _, note = store.latest_checkpoint()
     doc = json.loads(json.dumps(record_document(store.record_by_id("chatcmpl-0009"), store.node, (size, note),
@@ -225,24 +257,29 @@ def test_proofs_verify_offline_and_forged_proofs_do_not(tmp_path):
 
 
 def tamper(db: str, *statements) -> None:
-    c = sqlite3.connect(db)
+    """Change the database behind the log's back, as someone with write access to it could."""
+    store = open_store(db)
     for sql, args in statements:
-        c.execute(sql, args)
-    c.commit()
-    c.close()
+        store.execute(sql, args)
+    store.conn.commit()
+    store.close()
+
+
+def fetch(db: str, sql: str, args=()) -> list:
+    store = open_store(db)
+    rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in store.rows(sql, args)]
+    store.close()
+    return rows
 
 
 def entry_of(db: str, seq: int) -> dict:
-    c = sqlite3.connect(db)
-    e = json.loads(c.execute("SELECT entry FROM records WHERE seq = ?", (seq,)).fetchone()[0])
-    c.close()
-    return e
+    return json.loads(fetch(db, "SELECT entry FROM records WHERE seq = ?", (seq,))[0][0])
 
 
 @pytest.mark.parametrize("case", ["edit", "edit_and_rehash", "delete", "swap", "forged_append", "rollback",
                                   "forged_checkpoint"])
-def test_tampering_is_detected_and_names_the_record(tmp_path, case):
-    key, db = fill(tmp_path, 30, checkpoint_every=8)
+def test_tampering_is_detected_and_names_the_record(tmp_path, where, case):
+    key, db = fill(tmp_path, where=where, n=30, checkpoint_every=8)
     assert verify(key, db, tmp_path).ok
     extra = []
     if case == "edit":  # an explanation's text changed in place
@@ -261,10 +298,8 @@ def test_tampering_is_detected_and_names_the_record(tmp_path, case):
         tamper(db, ("DELETE FROM records WHERE seq = 7", ()))
         expect = "record #7 was deleted"
     elif case == "swap":  # two rows' contents exchanged, positions kept
-        c = sqlite3.connect(db)
-        a = c.execute("SELECT id, entry, sig FROM records WHERE seq = 3").fetchone()
-        b = c.execute("SELECT id, entry, sig FROM records WHERE seq = 4").fetchone()
-        c.close()
+        [a] = fetch(db, "SELECT id, entry, sig FROM records WHERE seq = 3")
+        [b] = fetch(db, "SELECT id, entry, sig FROM records WHERE seq = 4")
         tamper(db, ("UPDATE records SET id = ?, entry = ?, sig = ? WHERE seq = 3", b),
                ("UPDATE records SET id = ?, entry = ?, sig = ? WHERE seq = 4", a))
         expect = "record #3 (id chatcmpl-0004) holds the entry of record #4"
@@ -295,8 +330,8 @@ def test_tampering_is_detected_and_names_the_record(tmp_path, case):
         assert expect in rep.problems[0] or any(expect in p for p in rep.problems[:2])
 
 
-def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path):
-    key, db = fill(tmp_path, 25, checkpoint_every=5)
+def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path, where):
+    key, db = fill(tmp_path, where=where, n=25, checkpoint_every=5)
     store = open_store(db)
     cut = store.record_at(10).time + 1e-6  # records 0..10 are "old"
     log = AuditLog(store, key, checkpoint_file=tmp_path / "latest-checkpoint").open()
@@ -322,8 +357,8 @@ def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path):
     assert any("record #15 was deleted" in p for p in verify(key, db, tmp_path).problems)
 
 
-def test_a_damaged_unsigned_tail_stops_the_server_from_extending_the_log(tmp_path):
-    key, db = fill(tmp_path, 5, checkpoint_every=1000, checkpoint_seconds=1000)
+def test_a_damaged_unsigned_tail_stops_the_server_from_extending_the_log(tmp_path, where):
+    key, db = fill(tmp_path, where=where, n=5, checkpoint_every=1000, checkpoint_seconds=1000)
     store = open_store(db)
     # drop the checkpoints so that the tail is unsigned, then forge a tail record
     tamper(db, ("DELETE FROM checkpoints", ()))
@@ -334,3 +369,25 @@ def test_a_damaged_unsigned_tail_stops_the_server_from_extending_the_log(tmp_pat
 
     with pytest.raises(AuditError, match="record #4 .* was edited"):
         AuditLog(store, key).open()
+
+
+def test_two_replicas_share_one_log(tmp_path, where):
+    """Two writers (replicas sharing the key, as a Kubernetes secret would) append to one database
+    at once: their records interleave into one tree that verifies, none lost, none duplicated."""
+    key = LogKey.load_or_create(tmp_path / "log.key")
+    logs = [AuditLog(open_store(where), key, checkpoint_every=16).open() for _ in range(2)]
+
+    async def go():
+        await asyncio.gather(*[logs[i % 2].append(record(i)) for i in range(60)])
+        for log in logs:
+            await log.checkpoint_now()
+
+    asyncio.run(go())
+    for log in logs:
+        log.close()
+    store = open_store(where)
+    seqs = sorted(r.seq for r in store.iter_records())
+    assert seqs == list(range(60))
+    assert sorted(json.loads(r.entry)["id"] for r in store.iter_records()) == sorted(record(i)["id"] for i in range(60))
+    rep = verify_log(store, key.verifier, [])
+    assert rep.ok and rep.size == 60, rep.problems

@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import AppServer, vllm_required
+from conftest import MODEL, AppServer, start_cli, until, vllm_required
 from nla_serve.api.app import create_app
 from nla_serve.config import ServerSettings
 from nla_serve.service import Service
-
-MODEL = "tiny"
-
 
 def tiny_settings(tiny, **kw) -> ServerSettings:
     return ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
@@ -39,16 +33,6 @@ def served(tiny, loop):
     yield svc, server.url
     server.stop()
     loop.run(svc.stop())
-
-
-def until(check, seconds: float, every: float = 0.1):
-    """The first truthy ``check()`` within ``seconds`` (else the last value)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def health(url: str) -> tuple[int, dict]:
@@ -139,37 +123,6 @@ def test_dead_verbalizer_engine_degrades_then_heals(served):
     assert item["verbalizer_tokens"] > 0, r.text  # the verbalizer ran again (the tiny AV's words are random)
     state = svc.in_flight()
     assert all(n == 0 for part in state.values() for n in part.values()), state
-
-
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def start_cli(tiny, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = tmp_path / f"serve-{port}.log"
-    exe = Path(sys.executable).with_name("nla-serve")
-    cmd = [str(exe), "serve", "--model", str(tiny.target), "--served-model-name", MODEL, "--nla-av", str(tiny.av),
-           "--nla-ar", str(tiny.ar), "--fve-baseline", "1.5", "--kv-cache-gib", "0.5", "--max-model-len", "512",
-           "--port", str(port), "--cache-dir", str(tmp_path / "cache"), *flags]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert until(up, 300, every=0.5), log.read_text()[-3000:]
-    return proc, url, log
 
 
 def engine_core_pids(parent: int) -> list[int]:

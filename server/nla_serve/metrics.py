@@ -51,6 +51,15 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cache_hits = Counter("nla_explanation_cache_hits", "Explanations served from the cache", L,
                                   registry=r)
+        self.audit_records = Counter("nla_audit_records", "Records made durable in the audit log, by status",
+                                     L + ["status"], registry=r)
+        self.audit_commit = Histogram("nla_audit_commit_seconds", "Duration of one audit group commit", L,
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.audit_batch = Histogram("nla_audit_batch_records", "Records per audit group commit", L,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.audit_failures = Counter("nla_audit_commit_failures", "Audit group commits that failed (their "
+                                      "requests got a 503)", L, registry=r)
+        self.audit_queue = Gauge("nla_audit_queue_depth", "Records waiting for the audit writer", L, registry=r)
         self.errors = Counter("nla_request_errors", "Requests refused or failed, by HTTP status", L + ["status"],
                               registry=r)
 
@@ -99,3 +108,18 @@ class Metrics:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
         self.queue_depth.labels(self.model_name).set(queue_depth)
+
+    # -- the audit writer (called from its thread; prometheus-client objects are thread-safe) --
+
+    def record_audit_commit(self, n_records: int, seconds: float, statuses: list[str]) -> None:
+        self.audit_commit.labels(self.model_name).observe(seconds)
+        if n_records:
+            self.audit_batch.labels(self.model_name).observe(n_records)
+        for status in statuses:
+            self.audit_records.labels(self.model_name, status).inc()
+
+    def record_audit_failure(self) -> None:
+        self.audit_failures.labels(self.model_name).inc()
+
+    def set_audit_queue(self, depth: int) -> None:
+        self.audit_queue.labels(self.model_name).set(depth)

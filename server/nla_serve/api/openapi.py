@@ -24,6 +24,7 @@ ERROR_SCHEMA = {
 ERRORS = {
     "400": "a bad value, an unknown parameter, too many positions, or context overflow",
     "401": "missing or wrong API key",
+    "403": "audit routes on a server started without --admin-key (they are closed, not open)",
     "404": "unknown model or route",
     "413": "request body over the size limit",
     "429": "over --max-concurrent-requests; retry shortly",
@@ -57,7 +58,9 @@ def install(app: FastAPI) -> None:
                 for op in ops.values():
                     responses = op.setdefault("responses", {})
                     responses.pop("422", None)
-                    codes = {"503"} if path in OPEN_ROUTES else set(ERRORS)
+                    codes = {"503"} if path in OPEN_ROUTES else set(ERRORS) - {"403"}
+                    if path.startswith("/v1/audit/"):
+                        codes.add("403")
                     for code in sorted(codes):
                         responses[code] = {"description": ERRORS[code], "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -6,7 +6,6 @@ Exit status: 0 when everything checked out, 1 when verification found a problem,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -176,9 +176,24 @@ class AuditLog:
                    and time.monotonic() - self.signed_at >= self.checkpoint_seconds)
             if not items and not due:
                 continue
-            self._commit(items, force_checkpoint=due)
-            if self.metrics is not None:
-                self.metrics.set_audit_queue(self.queue.qsize())
+            try:
+                self._commit(items, force_checkpoint=due)
+            except Exception as e:  # a bug past the commit's own handling: never let the writer die
+                log.exception("the audit writer failed on a batch of %d item(s)", len(items))
+                self.failure = f"{type(e).__name__}: {e}"
+                for item in items:  # futures already settled stay as they are
+                    self._resolve(item, error=AuditError(f"the audit writer failed ({self.failure}); the answer "
+                                                         "is not given"))
+            self._observe("set_audit_queue", self.queue.qsize())
+
+    def _observe(self, name: str, *args) -> None:
+        """Feed a metric; a metrics failure is logged, never allowed to stop the writer."""
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, name)(*args)
+        except Exception:
+            log.exception("audit metric %s failed", name)
 
     def _commit(self, items: list[_Item], force_checkpoint: bool = False) -> None:
         started = time.monotonic()
@@ -210,8 +225,7 @@ class AuditLog:
             self.frontier = merkle.Frontier.load(store.size_unlocked(), store.node) if _alive(store) else self.frontier
             self.failure = f"{type(e).__name__}: {e}"
             log.error("audit commit of %d record(s) failed: %s", len(records), self.failure)
-            if self.metrics is not None:
-                self.metrics.record_audit_failure()
+            self._observe("record_audit_failure")
             for item in items:
                 self._resolve(item, error=AuditError(f"the audit log could not record this answer ({self.failure}); "
                                                      "it is not given"))
@@ -227,9 +241,8 @@ class AuditLog:
         for item in items:
             if item.record is None:
                 self._resolve(item, result=None)
-        if self.metrics is not None:
-            self.metrics.record_audit_commit(len(records), time.monotonic() - started,
-                                             [r.record["status"] for r in records])
+        self._observe("record_audit_commit", len(records), time.monotonic() - started,
+                      [r.record["status"] for r in records])
 
     def _add(self, batch: Batch, record: dict) -> int:
         seq = self.frontier.size
@@ -267,7 +280,10 @@ class AuditLog:
             if not item.done.done():
                 item.done.set_exception(error) if error is not None else item.done.set_result(result)
 
-        item.loop.call_soon_threadsafe(settle)
+        try:
+            item.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass
 
     def _write_checkpoint_file(self, note: str) -> None:
         """The latest checkpoint, also outside the database: restoring an old copy of the database

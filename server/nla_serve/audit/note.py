@@ -61,7 +61,8 @@ class Verifier:
 
     @classmethod
     def parse(cls, text: str) -> "Verifier":
-        parts = text.strip().split("+")
+        # the name and the hex id hold no '+', but standard base64 may: split twice only
+        parts = text.strip().split("+", 2)
         if len(parts) != 3:
             raise NoteError("a verifier key is <name>+<key id hex>+<base64 key>")
         name, kid, key = parts

@@ -27,6 +27,10 @@ class PostgresStore(Store):
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
 
+    def executemany(self, text: str, rows: list) -> None:
+        with self.conn.cursor() as cur:  # psycopg 3 has executemany on cursors only
+            cur.executemany(self.sql(text), rows)
+
     def create(self) -> None:
         c = self.conn
         c.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID + 1,))  # replicas starting together

@@ -193,6 +193,9 @@ class Store:
     def execute(self, text: str, args: Sequence = ()):
         return self.conn.execute(self.sql(text), tuple(args))
 
+    def executemany(self, text: str, rows: list) -> None:
+        self.conn.executemany(self.sql(text), rows)
+
     def rows(self, text: str, args: Sequence = ()) -> list:
         cur = self.execute(text, args)
         out = cur.fetchall()
@@ -234,19 +237,21 @@ class Store:
             # retention records stay: they are what tells ``verify`` which deletions were lawful
             c.execute(self.sql("DELETE FROM records WHERE seq <= ? AND kind != 'retention'"), (batch.prune_through,))
         if batch.records:
-            c.executemany(self.sql("INSERT INTO records (seq, id, time, kind, status, model, key_id, entry, sig) "
-                                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                          [(r.seq, r.id, r.time, r.kind, r.status, r.model, r.key_id, r.entry, r.sig)
-                           for r in batch.records])
+            self.executemany("INSERT INTO records (seq, id, time, kind, status, model, key_id, entry, sig) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(r.seq, r.id, r.time, r.kind, r.status, r.model, r.key_id, r.entry, r.sig)
+                              for r in batch.records])
         if batch.nodes:
-            c.executemany(self.sql("INSERT INTO tree (level, idx, hash) VALUES (?, ?, ?)"), batch.nodes)
+            self.executemany("INSERT INTO tree (level, idx, hash) VALUES (?, ?, ?)", batch.nodes)
         if batch.texts:
             self.insert_texts(batch.texts)
         if batch.checkpoint is not None:
-            c.execute(self.sql("INSERT INTO checkpoints (size, time, note) VALUES (?, ?, ?)"), batch.checkpoint)
+            # another replica may have signed this very size already: both notes say the same
+            c.execute(self.sql("INSERT INTO checkpoints (size, time, note) VALUES (?, ?, ?) "
+                               "ON CONFLICT (size) DO NOTHING"), batch.checkpoint)
 
     def insert_texts(self, texts: list[TextRow]) -> None:
-        self.conn.executemany(self.sql(
+        self.executemany((
             "INSERT INTO texts (seq, record_id, time, model, key_id, source, choice_index, token_index, token, "
             "status, fve, grounding, monitors, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
             [(t.seq, t.record_id, t.time, t.model, t.key_id, t.source, t.choice_index, t.token_index, t.token,

@@ -1,0 +1,282 @@
+"""The audit log through the real server: every answer recorded before it is acknowledged, key
+ids instead of keys, proofs that verify offline with the CLI, search over what was said, closed
+audit routes, redaction, and a server killed with ``kill -9`` under load that loses no
+acknowledged record. Real HTTP, the real ``openai`` SDK, the real CLI, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL, AppServer, start_cli, until
+from nla_serve.api.app import create_app
+from nla_serve.audit.note import Verifier, open_checkpoint
+from nla_serve.audit.store import open_store
+from nla_serve.config import ServerSettings
+from nla_serve.service import Service, open_audit
+
+KEYS = {"alice": "key-of-alice-0123456789", "bob": "key-of-bob-9876543210"}
+ADMIN = "the-admin-key-abcdefghij"
+CLI = [str(Path(sys.executable).with_name("nla-serve")), "audit"]
+
+
+def tiny_settings(tiny, root: Path, **kw) -> ServerSettings:
+    return ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
+                          engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
+                          cache_dir=str(root / "cache"), api_keys=KEYS, admin_key=ADMIN, **kw)
+
+
+@pytest.fixture(scope="module")
+def audited(tiny, loop, tmp_path_factory):
+    root = tmp_path_factory.mktemp("audited")
+    svc = loop.run(Service.start(tiny_settings(tiny, root, audit_checkpoint_seconds=0.5)))
+    server = AppServer(loop, create_app(svc.settings, svc)).start()
+    yield svc, server.url
+    server.stop()
+    loop.run(svc.stop())
+
+
+def client(url: str, who: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEYS[who], max_retries=0, timeout=120)
+
+
+def admin_get(url: str, path: str, **params) -> httpx.Response:
+    return httpx.get(url + path, params=params, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+
+
+def test_answers_are_recorded_before_they_are_acknowledged(audited):
+    svc, url = audited
+    c = client(url, "alice")
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                  max_tokens=8, temperature=0, extra_body={"explain": {"positions": "all",
+                                                                                       "max_explanations": 3}})
+    # no waiting: the body was sent only after the record was durable
+    doc = admin_get(url, f"/v1/audit/records/{r.id}").json()
+    rec = doc["record"]
+    assert rec["status"] == "completed" and rec["key_id"] == "alice" and rec["kind"] == "chat"
+    assert KEYS["alice"] not in json.dumps(doc)  # the key id, never the key
+    assert rec["prompt"] == {"messages": [{"role": "user", "content": "Name a colour."}]}
+    assert rec["choices"][0]["text"] == r.choices[0].message.content
+    assert rec["choices"][0]["finish_reason"] == r.choices[0].finish_reason
+    assert len(rec["choices"][0]["token_ids"]) == r.usage.completion_tokens
+    assert rec["usage"]["prompt_tokens"] == r.usage.prompt_tokens == rec["prompt_tokens"]
+    wire = r.model_extra["explanations"]
+    assert [(e["token_index"], e["text"], e["fve"]) for e in rec["explanations"]] == \
+        [(e["token_index"], e["text"], e["fve"]) for e in wire]
+    assert all(len(e["activation_sha256"]) == 64 and e["activation_dtype"] == "float32" for e in rec["explanations"])
+    assert len({e["activation_sha256"] for e in rec["explanations"]}) == len(wire)  # distinct rows, distinct digests
+    prod = rec["producer"]
+    assert prod["layer"] == svc.layer and prod["engine"] == "transformers" and prod["dtype"] == "float32"
+    assert len(prod["av_meta_sha256"]) == 64 and prod["policy"]["positions"] == "all"
+    assert rec["params"]["max_tokens"] == 8 and "messages" not in rec["params"]
+
+    # a stream: its record exists by the time [DONE] arrives; bob's key id this time
+    chunks = list(client(url, "bob").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to three."}], max_tokens=6, temperature=0,
+        stream=True))
+    got = admin_get(url, f"/v1/audit/records/{chunks[0].id}").json()["record"]
+    assert got["key_id"] == "bob" and got["status"] == "completed"
+    assert got["choices"][0]["text"] == "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    # /v1/explanations of raw vectors: recorded with the vectors' digests
+    d = svc.nla.d_model
+    e = httpx.post(url + "/v1/explanations", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=120,
+                   json={"model": MODEL, "vectors": [[0.5] * d, [-0.25] * d], "max_tokens": 8})
+    assert e.status_code == 200
+    recs = admin_get(url, "/v1/audit/search", source="vector", key_id="alice").json()["data"]
+    assert recs, "vector explanations are searchable"
+    rec = admin_get(url, f"/v1/audit/records/{recs[0]['request_id']}").json()["record"]
+    assert rec["kind"] == "explanations" and len(rec["prompt"]["vectors"]) == 2
+    assert [x["activation_sha256"] for x in rec["explanations"]] == [v["sha256"] for v in rec["prompt"]["vectors"]]
+
+
+def test_aborted_requests_are_recorded_as_aborted(audited):
+    svc, url = audited
+    with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEYS['bob']}"},
+                      timeout=60, json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
+                                        "max_tokens": 300, "stream": True, "temperature": 0,
+                                        "explain": {"positions": "all", "max_explanations": 64}}) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data:"))
+    rid = json.loads(first[5:])["id"]
+
+    def recorded():
+        res = admin_get(url, f"/v1/audit/records/{rid}")
+        return res.status_code == 200 and res.json()["record"]
+
+    rec = until(recorded, 60, every=0.5)
+    assert rec and rec["status"] == "aborted" and "disconnected" in rec["error"]
+    assert len(rec["choices"][0]["token_ids"]) < 300
+
+
+def test_proofs_checkpoints_and_search_over_http_verify_offline(audited, tmp_path):
+    svc, url = audited
+    c = client(url, "alice")
+    ids = [c.completions.create(model=MODEL, prompt=f"Line {i}:", max_tokens=4, temperature=0,
+                                extra_body={"explain": {"positions": "last"}}).id for i in range(3)]
+    cp = admin_get(url, "/v1/audit/checkpoint").json()
+    verifier = Verifier.parse(cp["verifier_key"])
+    assert open_checkpoint(cp["checkpoint"], verifier).size == cp["size"] >= 3
+    assert cp["verifier_key"] == str(svc.audit.key.verifier)
+
+    doc = admin_get(url, f"/v1/audit/records/{ids[1]}").json()
+    proof_file = tmp_path / "proof.json"
+    proof_file.write_text(json.dumps(doc))
+    key_file = tmp_path / "verifier.pub"
+    key_file.write_text(cp["verifier_key"])
+    ok = subprocess.run(CLI + ["verify-proof", str(proof_file), "--public-key", str(key_file)], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and f"id {ids[1]}" in ok.stdout, ok.stdout + ok.stderr
+    doc["record"]["choices"][0]["text"] = "something else"
+    proof_file.write_text(json.dumps(doc))
+    bad = subprocess.run(CLI + ["verify-proof", str(proof_file), "--public-key", str(key_file)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "FAILED" in bad.stdout
+
+    # consistency between two checkpoints the server signed
+    c.completions.create(model=MODEL, prompt="One more.", max_tokens=3, temperature=0)
+    later = admin_get(url, "/v1/audit/checkpoint").json()
+    assert later["size"] > cp["size"]
+    cons = admin_get(url, "/v1/audit/consistency", **{"from": cp["size"], "to": later["size"]})
+    assert cons.status_code == 200
+    proof_file.write_text(cons.text)
+    ok = subprocess.run(CLI + ["verify-proof", str(proof_file), "--public-key", cp["verifier_key"]],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "extends" in ok.stdout, ok.stdout + ok.stderr
+    assert admin_get(url, "/v1/audit/consistency", **{"from": 1, "to": 10**9}).status_code == 404
+
+    # search: the explanation text of a record just made finds that record
+    rec = admin_get(url, f"/v1/audit/records/{ids[2]}").json()["record"]
+    text = next(e["text"] for e in rec["explanations"] if e["text"])
+    word = max(text.split(), key=len)
+    hits = admin_get(url, "/v1/audit/search", q=word, key_id="alice", limit=200).json()
+    assert any(h["request_id"] == ids[2] for h in hits["data"]), hits
+    hit = next(h for h in hits["data"] if h["request_id"] == ids[2])
+    s, e = hit["match"]
+    assert hit["snippet"][s:e].casefold() == word.casefold() and hit["fve"] is not None
+    outputs = admin_get(url, "/v1/audit/search", source="output", request_id=ids[0]).json()["data"]
+    assert len(outputs) == 1 and outputs[0]["snippet"] == admin_get(
+        url, f"/v1/audit/records/{ids[0]}").json()["record"]["choices"][0]["text"][:160]
+    listed = admin_get(url, "/v1/audit/records", limit=500).json()["data"]
+    assert {r["id"] for r in listed} >= set(ids)
+    # bad filters are named
+    bad = admin_get(url, "/v1/audit/search", fve_min="high")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "fve_min"
+    bad = admin_get(url, "/v1/audit/search", since="last tuesday")
+    assert bad.status_code == 400 and "ISO 8601" in bad.json()["error"]["message"]
+
+
+def test_audit_routes_take_only_the_admin_key(audited, loop):
+    svc, url = audited
+    for headers in ({}, {"Authorization": f"Bearer {KEYS['alice']}"}, {"Authorization": "Bearer nope"}):
+        r = httpx.get(url + "/v1/audit/checkpoint", headers=headers, timeout=30)
+        assert r.status_code == 401, r.text
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).status_code == 401
+    # without an admin key configured the routes are closed, not open, whatever key is sent
+    closed = svc.settings.model_copy(update={"admin_key": None})
+    server = AppServer(loop, create_app(closed, svc)).start()
+    try:
+        for headers in ({}, {"Authorization": f"Bearer {KEYS['alice']}"}, {"Authorization": f"Bearer {ADMIN}"}):
+            r = httpx.get(server.url + "/v1/audit/search", params={"q": "x"}, headers=headers, timeout=30)
+            assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"], r.text
+    finally:
+        server.stop()
+
+
+def test_redacted_prompts_keep_only_their_hash(audited, loop, tmp_path):
+    svc, _ = audited
+    settings = svc.settings.model_copy(update={"audit_redact": "prompts", "cache_dir": str(tmp_path / "cache")})
+    other = Service(settings, svc.target, svc.model_name, svc.model_dir, svc.nla, None, svc.worker, svc.metrics)
+    other.audit = open_audit(settings)  # a second log, sharing the module's engines
+    server = AppServer(loop, create_app(settings, other)).start()
+    try:
+        r = client(server.url).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "my secret diagnosis"}], max_tokens=4, temperature=0,
+            extra_body={"explain": {"positions": "prompt", "max_explanations": 2}})
+        rec = admin_get(server.url, f"/v1/audit/records/{r.id}").json()["record"]
+    finally:
+        server.stop()
+        other.audit.close()
+    assert "secret" not in json.dumps(rec)
+    assert rec["prompt"]["redacted"] is True and len(rec["prompt"]["sha256"]) == 64
+    assert rec["explanations"] and all(e["token"] is None for e in rec["explanations"])
+
+
+def test_kill_9_under_load_loses_no_acknowledged_record(tiny, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("".join(f"{k}: {v}\n" for k, v in KEYS.items()))
+    admin = tmp_path / "admin.key"
+    admin.write_text(ADMIN + "\n")
+    flags = ["--engine", "transformers", "--api-keys-file", str(keys), "--admin-key-file", str(admin),
+             "--audit-checkpoint-seconds", "1"]
+    proc, url, log = start_cli(tiny, tmp_path, *flags)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def load(n: int) -> None:
+        c = client(url, "alice" if n % 2 else "bob")
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if i % 2:
+                    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"w{n} r{i}"}],
+                                                  max_tokens=5, temperature=0,
+                                                  extra_body={"explain": {"positions": "last"}})
+                    acknowledged.append(r.id)
+                else:
+                    chunks = list(c.completions.create(model=MODEL, prompt=f"w{n} r{i}", max_tokens=5,
+                                                       temperature=0, stream=True))
+                    acknowledged.append(chunks[0].id)  # the SDK saw [DONE]: the stream completed
+            except Exception:
+                return  # the server is gone
+
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(6)]
+    for w in workers:
+        w.start()
+    assert until(lambda: len(acknowledged) >= 25, 240, every=0.2), log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    stop.set()
+    for w in workers:
+        w.join(60)
+    done = list(acknowledged)
+
+    db = tmp_path / "cache" / "audit" / "audit.db"
+    store = open_store(str(db))
+    missing = [rid for rid in done if store.record_by_id(rid) is None]
+    assert not missing, f"{len(missing)} acknowledged answers are not in the log: {missing[:3]}"
+    store.close()
+
+    # restart on the same log: it signs the crash's tail, then verify passes from the CLI
+    proc2, url2, log2 = start_cli(tiny, tmp_path, *flags)
+    try:
+        r = client(url2).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "after"}],
+                                                 max_tokens=3, temperature=0)
+        assert admin_get(url2, f"/v1/audit/records/{r.id}").status_code == 200
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        proc2.wait(60)
+    res = subprocess.run(CLI + ["verify", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().splitlines()[-1].startswith("OK:"), res.stdout + res.stderr
+    n_records = int(res.stdout.split("OK: ")[1].split()[0])
+    assert n_records >= len(done) + 1
+    # and a tampered copy of it fails from the CLI, naming the record
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    seq, entry = con.execute("SELECT seq, entry FROM records WHERE id = ?", (done[3],)).fetchone()
+    con.execute("UPDATE records SET entry = ? WHERE seq = ?", (entry.replace(b'"status":"completed"',
+                                                                             b'"status":"failed"'), seq))
+    con.commit()
+    con.close()
+    res = subprocess.run(CLI + ["verify", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert res.returncode == 1 and f"record #{seq} (id {done[3]}) was edited" in res.stdout, res.stdout
