@@ -92,8 +92,12 @@ def check_item(item: dict, layer: int = 2) -> None:
         assert isinstance(item["text"], str)
         assert item["mse"] == pytest.approx(2 * (1 - item["cos"]), abs=1e-3)
         assert item["fve"] == pytest.approx(1 - item["mse"] / 1.5, abs=1e-6)
+        g = item["grounding"]  # every text is checked; its counts add up
+        assert g["quotes"] == len(g["found"]) + len(g["predicted"]) + len(g["unfound"])
+        assert g["score"] is None if g["quotes"] == 0 else g["score"] == pytest.approx(
+            (len(g["found"]) + len(g["predicted"])) / g["quotes"])
     else:
-        assert item["reason"]
+        assert item["reason"] and item["grounding"] is None
 
 
 # -- the OpenAI SDK, unchanged ------------------------------------------------------------------
@@ -950,3 +954,55 @@ def test_oversized_prompts_are_refused_before_tokenizing(app, messages, needle):
     r = httpx.post(app.url + "/v1/completions", json={"model": MODEL, "prompt": "x" * 40_000, "max_tokens": 2},
                    timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_grounding_checks_quotes_against_context_and_predictions(base, loop):
+    """A scripted verbalizer (the real runtime's interface: no real AV can be made to quote on
+    cue) quotes a prompt phrase, the model's next token, and an invented phrase; the server says
+    which is which, per position, and flags or drops by min_grounding."""
+    v = Variant(loop, base)
+    try:
+        c = v.client()
+        first = chat(c, "The quick brown fox", max_tokens=4, logprobs=True, top_logprobs=3)
+        P = first.usage.prompt_tokens
+        next_token = first.choices[0].logprobs.content[1].token  # sampled at position P (greedy)
+        invented = "zebra crossing xylophone"
+
+        class QuotingRuntime:
+            layer, d_model, ckpt = base.nla.layer, base.nla.d_model, base.nla.ckpt
+
+            async def explain_vectors(self, vectors, **kw):
+                from nla_serve.types import Explanation
+
+                text = f'The last words read "quick brown". Next it expects "{next_token}". Also "{invented}".'
+                return [Explanation(status="ok", text=text, tokens=12) for _ in range(vectors.shape[0])]
+
+        v.worker.runtime = QuotingRuntime()
+        r = chat(c, "The quick brown fox", max_tokens=4, logprobs=True, top_logprobs=2,
+                 extra_body={"explain": {"positions": [1, P], "reconstruct": False}})
+        # the client gets the logprobs it asked for, not the server's wider view
+        assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content)
+        items = {i["token_index"]: i for i in explanations_of(r)}
+        early, late = items[1]["grounding"], items[P]["grounding"]
+        # position 1 saw only the template's first tokens: nothing it quotes is there
+        assert early["quotes"] == 3 and early["found"] == [] and early["score"] == 0.0
+        assert not early["checked_predictions"]  # a prompt position before the last: no predictions
+        # position P saw the whole prompt; the model's next token is among its predictions
+        assert late["found"][0] == "quick brown" and late["unfound"] == [invented] and late["checked_predictions"]
+        assert next_token.strip() and next_token in late["found"] + late["predicted"]
+        assert late["score"] == pytest.approx(2 / 3)
+
+        body = {"positions": [1, P], "reconstruct": False, "min_grounding": 0.5}
+        flagged = explanations_of(chat(c, "The quick brown fox", max_tokens=4, extra_body={"explain": body}))
+        assert [(i["token_index"], i["below_min_grounding"]) for i in flagged] == [(1, True), (P, False)]
+        kept = explanations_of(chat(c, "The quick brown fox", max_tokens=4,
+                                    extra_body={"explain": body | {"on_low_grounding": "drop"}}))
+        assert [i["token_index"] for i in kept] == [P]
+        bad = httpx.post(v.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "explain": {"min_grounding": 1.5}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "explain.min_grounding"
+        metrics = httpx.get(v.url + "/metrics", timeout=30).text
+        count = next(l for l in metrics.splitlines() if l.startswith("nla_explanation_grounding_count"))
+        assert float(count.split()[-1]) >= 6
+    finally:
+        v.close()

@@ -15,12 +15,14 @@ which ``run`` only marks as running at the first engine step. Cancellation (a cl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Union
 
 from nla_serve.admission import Ticket
+from nla_serve.explain.grounding import Grounding, GroundingContext
 from nla_serve.explain.policy import ExplainPlan, choice_targets
 from nla_serve.explain.worker import ExplanationJob
 from nla_serve.service import Service
@@ -59,6 +61,7 @@ class ExplanationEvent:
     num_prompt_tokens: int = 0
     activation_sha256: str | None = None  # of the exact row bytes explained (the audit record's digest)
     activation_dtype: str | None = None
+    grounding: Grounding | None = None  # its quotes checked against the context and predictions at position
 
 
 @dataclass
@@ -127,17 +130,35 @@ class _Failure:
     error: Exception
 
 
+# Top next-token predictions the engine reports while explanations are on, so that quotes of what
+# "the model expects next" can be checked (explain/grounding.py); clients see only the logprobs
+# they asked for.
+PREDICTIONS_K = 5
+
+
 class _Choice:
-    """What one choice has produced so far: its tokens and its captured rows."""
+    """What one choice has produced so far: its tokens, their logprobs and its captured rows."""
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob | None] = []  # one per token: the engine's view at the step
         self.rows: list = []  # CapturedRows, in order
 
     def add(self, step: StepOutput) -> None:
         self.token_ids.extend(step.token_ids)
+        lps = step.logprobs or []
+        self.logprobs.extend(lps[i] if i < len(lps) else None for i in range(len(step.token_ids)))
         if step.captured is not None:
             self.rows.append(step.captured)
+
+    def predictions_at(self, p: int, P: int) -> list[int] | None:
+        """Token ids the model ranked top at position ``p`` (the sampled one included): known for
+        the last prompt position and generated ones, from the next token's logprobs."""
+        j = p + 1 - P  # the completion token sampled from the distribution at p
+        if j < 0 or j >= len(self.logprobs) or self.logprobs[j] is None:
+            return None
+        lp = self.logprobs[j]
+        return list(dict.fromkeys([lp.token_id, *(tid for tid, _ in lp.top)]))
 
     def stacked_rows(self):
         import torch
@@ -180,6 +201,21 @@ def row_digest(row) -> tuple[str, str]:
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest(), str(flat.dtype).removeprefix("torch.")
 
 
+def grounding_context(tokenizer, ids: list[int], p: int, predicted: list[int] | None) -> GroundingContext:
+    """The text the activation at ``p`` saw (tokens 0..p, special tokens kept: the template is part
+    of what the target read) and its predictions decoded one by one."""
+    text = tokenizer.decode(ids[:p + 1], skip_special_tokens=False)
+    tokens = None if predicted is None else [tokenizer.decode([t], skip_special_tokens=False) for t in predicted]
+    return GroundingContext(text, tokens)
+
+
+def client_logprobs(step: StepOutput, k: int | None) -> list[TokenLogprob] | None:
+    """The step's logprobs as the client asked for them (None: not asked; else the top ``k``)."""
+    if k is None or step.logprobs is None:
+        return None
+    return [dataclasses.replace(lp, top=lp.top[:k]) for lp in step.logprobs]
+
+
 def deadline_reason(seconds: float) -> str:
     return (f"the explanation deadline ({seconds:g} s from the request's arrival) passed first; the server is "
             "busy: raise explain.deadline_s or ask for fewer explanations")
@@ -194,16 +230,20 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
     finish_reasons: list[str] = []
     timing = _Timing(service, req.arrived)
     engine_done = completed = False
+    options = req.options
+    if explaining:  # predictions to ground explanations with; the client still gets what it asked for
+        options = dataclasses.replace(options, logprobs=max(options.logprobs or 0, PREDICTIONS_K))
 
     async def read_engine() -> None:
         nonlocal engine_done
-        async for step in service.target.generate(Prompt(req.prompt_ids), req.options, req.request_id,
+        async for step in service.target.generate(Prompt(req.prompt_ids), options, req.request_id,
                                                   capture=explaining):
             ticket.start()
             timing.step(step)
             choice = choices.setdefault(step.index, _Choice())
             choice.add(step)
-            fan_in.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason, step.logprobs))
+            fan_in.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason,
+                                  client_logprobs(step, req.options.logprobs)))
             if step.finished:
                 finish_reasons.append(step.finish_reason or "stop")
                 if explaining:
@@ -234,7 +274,13 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
                 continue
             for fut in done:
                 p = pending.pop(fut)
-                fan_in.put(ExplanationEvent(fut.result(), index, p, ids[p], P, *digests[p]))
+                exp = fut.result()
+                grounding = None
+                if exp.text is not None:
+                    ctx = grounding_context(service.tokenizer, ids, p, choice.predictions_at(p, P))
+                    grounding = ctx.check(exp.text)
+                    service.metrics.record_grounding(grounding.score)
+                fan_in.put(ExplanationEvent(exp, index, p, ids[p], P, *digests[p], grounding=grounding))
 
     fan_in.spawn(read_engine(), critical=True)
     service.track(req.request_id, fan_in.fail)

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+GROUNDING_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 FVE_BUCKETS = (-1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -47,6 +48,11 @@ class Metrics:
                                          registry=r)
         self.fve = Histogram("nla_explanation_fve", "Fidelity (FVE) of scored explanations", L,
                              buckets=FVE_BUCKETS, registry=r)
+        self.grounding = Histogram("nla_explanation_grounding", "Share of an explanation's quotes found in the "
+                                   "context or the next-token predictions (explanations with quotes)", L,
+                                   buckets=GROUNDING_BUCKETS, registry=r)
+        self.ungrounded = Counter("nla_explanation_quotes_unchecked", "Explanations that quote nothing (no "
+                                  "grounding score)", L, registry=r)
         self.batch_size = Histogram("nla_explanation_batch_size", "Jobs per verbalizer batch", L,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cache_hits = Counter("nla_explanation_cache_hits", "Explanations served from the cache", L,
@@ -92,6 +98,12 @@ class Metrics:
             self.latency.labels(self.model_name).observe(latency)
         if cached:
             self.cache_hits.labels(self.model_name).inc()
+
+    def record_grounding(self, score: float | None) -> None:
+        if score is None:
+            self.ungrounded.labels(self.model_name).inc()
+        else:
+            self.grounding.labels(self.model_name).observe(score)
 
     def record_error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()

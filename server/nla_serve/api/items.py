@@ -16,7 +16,8 @@ def explanation_item(exp: Explanation, *, layer: int | None, index: int | None =
     """The fields every item has; ``index`` numbers the items of ``/v1/explanations`` vectors."""
     item: dict = {} if index is None else {"index": index}
     item.update(layer=layer, status=exp.status, reason=exp.reason, text=exp.text, truncated=exp.truncated,
-                fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens)
+                fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens,
+                grounding=None)  # a raw vector has no context to check quotes against
     if exp.fve is None and exp.fve_reason:
         item["fve_reason"] = exp.fve_reason
     if exp.extra.get("cached"):
@@ -36,17 +37,33 @@ def event_item(ev: ExplanationEvent, *, layer: int | None, tokenizer) -> dict:
     where = {"choice_index": ev.choice_index, "token_index": p, "source": "prompt" if p < P else "completion",
              "completion_index": None if p < P else p - P,
              "token": tokenizer.decode([ev.token_id]) if ev.token_id is not None else None, "token_id": ev.token_id}
-    return where | explanation_item(ev.explanation, layer=layer)
+    item = where | explanation_item(ev.explanation, layer=layer)
+    item["grounding"] = ev.grounding.as_dict() if ev.grounding is not None else None
+    return item
 
 
-def apply_min_fve(item: dict, plan: ExplainPlan) -> dict | None:
-    """Flag (or drop: None) an item whose fidelity is under the request's ``min_fve``."""
-    if plan.min_fve is None or item.get("fve") is None:
-        return item
-    if item["fve"] < plan.min_fve:
-        if plan.on_low_fve == "drop":
-            return None
-        item["below_min_fve"] = True
-    else:
-        item["below_min_fve"] = False
+def grounding_score(item: dict) -> float | None:
+    g = item.get("grounding")
+    return g.get("score") if isinstance(g, dict) else None
+
+
+def flag_thresholds(item: dict, plan: ExplainPlan) -> dict:
+    """Mark ``below_min_fve`` / ``below_min_grounding`` where the request set those minimums and the
+    item has the number (an item that quotes nothing has no grounding score and is never below)."""
+    if plan.min_fve is not None and item.get("fve") is not None:
+        item["below_min_fve"] = item["fve"] < plan.min_fve
+    score = grounding_score(item)
+    if plan.min_grounding is not None and score is not None:
+        item["below_min_grounding"] = score < plan.min_grounding
+    return item
+
+
+def apply_minimums(item: dict, plan: ExplainPlan) -> dict | None:
+    """Flag (or drop: None) an item whose fidelity is under the request's ``min_fve`` or whose
+    grounding is under its ``min_grounding`` (each with its own ``on_low_*``)."""
+    flag_thresholds(item, plan)
+    if item.get("below_min_fve") and plan.on_low_fve == "drop":
+        return None
+    if item.get("below_min_grounding") and plan.on_low_grounding == "drop":
+        return None
     return item

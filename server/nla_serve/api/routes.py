@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nla_serve.admission import Ticket
 from nla_serve.api.auth import require_key
-from nla_serve.api.items import apply_min_fve, event_item, explanation_item, unavailable_item
+from nla_serve.api.items import apply_minimums, event_item, explanation_item, flag_thresholds, unavailable_item
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ExplanationsRequest
 from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
@@ -157,11 +157,8 @@ def recorder_for(svc: Service, request: Request, kind: str, rid: str, body, prom
 
     params = body.model_dump(mode="json", exclude_none=True, exclude={"messages", "prompt", "input", "vectors"})
 
-    def describe(ev) -> dict:  # the wire item, with min_fve as a flag (the record keeps dropped ones)
-        item = event_item(ev, layer=svc.layer, tokenizer=svc.tokenizer)
-        if plan.min_fve is not None and item.get("fve") is not None:
-            item["below_min_fve"] = item["fve"] < plan.min_fve
-        return item
+    def describe(ev) -> dict:  # the wire item, minimums as flags (the record keeps dropped ones)
+        return flag_thresholds(event_item(ev, layer=svc.layer, tokenizer=svc.tokenizer), plan)
 
     producer = svc.producer() | {"policy": dataclasses.asdict(plan)}
     return Recorder(svc.audit, kind=kind, request_id=rid, key_id=getattr(request.state, "key_id", None),
@@ -281,7 +278,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
                 _, late = await asyncio.wait(futures, timeout=plan.deadline_s)
                 if late:
                     svc.worker.cancel(rid, deadline_reason(plan.deadline_s))
-                return [apply_min_fve(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
+                return [apply_minimums(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
                         for i, fut in enumerate(futures)]
 
             try:
@@ -294,9 +291,7 @@ async def explanations(body: ExplanationsRequest, request: Request):
                 svc.worker.cancel(rid)  # a client gone: its remaining jobs are not worth running
             if recorder is not None:
                 for i, fut in enumerate(futures):
-                    item = explanation_item(fut.result(), layer=svc.layer, index=i)
-                    if plan.min_fve is not None and item.get("fve") is not None:
-                        item["below_min_fve"] = item["fve"] < plan.min_fve
+                    item = flag_thresholds(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
                     recorder.add_explanation(item, *digests[i])
                 await recorder.commit("completed")
         return {"object": "list", "data": [item for item in data if item is not None]}

@@ -18,7 +18,7 @@ import logging
 import time
 from typing import AsyncIterator
 
-from nla_serve.api.items import apply_min_fve, event_item
+from nla_serve.api.items import apply_minimums, event_item
 from nla_serve.errors import NLAServeError
 from nla_serve.explain.policy import ExplainPlan
 from nla_serve.generation import Event, ExplanationEvent, TokenEvent, UsageEvent
@@ -47,7 +47,7 @@ class ResponseShape:
 
     def explanation_item(self, ev: ExplanationEvent) -> dict | None:
         """The item for ``ev``, or None when ``min_fve`` drops it."""
-        return apply_min_fve(event_item(ev, layer=self.layer, tokenizer=self.tokenizer), self.plan)
+        return apply_minimums(event_item(ev, layer=self.layer, tokenizer=self.tokenizer), self.plan)
 
     def base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

@@ -68,13 +68,18 @@ def texts_of(record: dict, seq: int, t: float) -> list[TextRow]:
         mons = e.get("monitors") or []
         out.append(TextRow(**base, source=e.get("source") or "vector", choice_index=e.get("choice_index"),
                            token_index=e.get("token_index"), token=e.get("token"), status=e.get("status"),
-                           fve=e.get("fve"), grounding=e.get("grounding"),
+                           fve=e.get("fve"), grounding=_score(e.get("grounding")),
                            monitors="," + ",".join(mons) + "," if mons else "", text=e.get("text") or ""))
     for c in record.get("choices") or []:
         out.append(TextRow(**base, source="output", choice_index=c.get("index"), token_index=None, token=None,
                            status=record.get("status"), fve=None, grounding=None, monitors="",
                            text=c.get("text") or ""))
     return out
+
+
+def _score(grounding) -> float | None:
+    """The searchable number of an item's grounding (its share of quotes found)."""
+    return grounding.get("score") if isinstance(grounding, dict) else grounding
 
 
 class Recorder:
@@ -113,7 +118,8 @@ class Recorder:
 
     def add_explanation(self, item: dict, digest: str | None, dtype: str | None) -> None:
         keep = ("index", "choice_index", "token_index", "source", "token", "token_id", "layer", "status", "reason",
-                "text", "truncated", "fve", "cos", "mse", "verbalizer_tokens", "below_min_fve", "cached")
+                "text", "truncated", "fve", "cos", "mse", "verbalizer_tokens", "below_min_fve",
+                "below_min_grounding", "cached")
         entry = {k: item[k] for k in keep if k in item}
         if self.redact and entry.get("source") == "prompt":  # the token itself is prompt text
             entry["token"] = entry["token_id"] = None

@@ -39,5 +39,7 @@ class ExplainOptions(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPLANATION_TOKENS)
     min_fve: Number | None = Field(default=None, ge=-10, le=1)
     on_low_fve: Literal["flag", "drop"] | None = None
+    min_grounding: Number | None = Field(default=None, ge=0, le=1)
+    on_low_grounding: Literal["flag", "drop"] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     deadline_s: Number | None = Field(default=None, gt=0, le=3600)

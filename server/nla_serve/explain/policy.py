@@ -34,6 +34,8 @@ class ExplainPlan:
     max_tokens: int = 200
     min_fve: float | None = None
     on_low_fve: str = "flag"  # "flag" | "drop"
+    min_grounding: float | None = None  # share of quotes found (explain/grounding.py)
+    on_low_grounding: str = "flag"  # "flag" | "drop"
     seed: int | None = None
     deadline_s: float | None = None  # from the request's arrival
     explicit: bool = False  # the request asked for explanations (vs. the server default)

@@ -1,0 +1,133 @@
+"""Grounding: are the phrases an explanation quotes really there?
+
+An explanation of the activation at position p may only know what the target saw (tokens 0..p)
+and what the target was about to say (its next-token predictions at p). The server knows both,
+so every quoted span of an explanation is checked against them:
+
+    found      the span occurs in the text of tokens 0..p (the chat template included)
+    predicted  not in that text, but the text followed by one of the model's top next-token
+               predictions at p contains it, or the span is such a token (``expects "Paris"``)
+    unfound    neither: the verbalizer wrote a quote the activation never saw
+
+``score`` = (found + predicted) / quotes, ``None`` when the explanation quotes nothing.
+
+What counts as a quote: text between double quotes ("…", “…”), between single quotes used as
+quotes (‘…’, or '…' not inside a word, so "don't" is no quote), and between backticks.
+Matching ignores case, runs of whitespace, the kind of quote or apostrophe, and punctuation or an
+ellipsis at the ends of the quote; an ellipsis inside a quote ("And the … said") splits it into
+parts that must each be found, in order.
+
+What it cannot check: paraphrase (claims that are not quoted, such as a topic or "the user asked
+about cooking"), whether a quote sits where the explanation says it does, and predictions for
+prompt positions other than the last (a prefill samples nothing there, so only the context is
+checked). This module is pure (no torch, no tokenizer): callers pass decoded text.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Sequence
+
+MAX_QUOTE_CHARS = 400  # longer "quotes" are an unbalanced quote mark, not a quote
+
+_QUOTE_PATTERNS = (
+    re.compile(r'"([^"\n]{0,%d})"' % MAX_QUOTE_CHARS),
+    re.compile(r"“([^”\n]{0,%d})”" % MAX_QUOTE_CHARS),
+    re.compile(r"‘([^’\n]{0,%d})’" % MAX_QUOTE_CHARS),
+    # a single quote opens only after a non-word character and closes only before one
+    re.compile(r"(?<![\w'])'([^'\n]{0,%d})'(?![\w'])" % MAX_QUOTE_CHARS),
+    re.compile(r"`([^`\n]{0,%d})`" % MAX_QUOTE_CHARS),
+)
+_ELLIPSIS = re.compile(r"\s*(?:\.\.\.+|…)\s*")
+_FOLD = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "\u00a0": " "})
+_EDGE_PUNCT = " \t\n.,;:!?\"'()[]{}"
+
+
+@dataclass(frozen=True)
+class Grounding:
+    quotes: int
+    found: tuple[str, ...] = ()
+    predicted: tuple[str, ...] = ()
+    unfound: tuple[str, ...] = ()
+    checked_predictions: bool = False  # False: no next-token predictions were known at p
+
+    @property
+    def score(self) -> float | None:
+        return None if self.quotes == 0 else (len(self.found) + len(self.predicted)) / self.quotes
+
+    def as_dict(self) -> dict:
+        return {"score": self.score, "quotes": self.quotes, "found": list(self.found),
+                "predicted": list(self.predicted), "unfound": list(self.unfound),
+                "checked_predictions": self.checked_predictions}
+
+
+def quotes_in(text: str) -> list[str]:
+    """Quoted spans of ``text`` in order of appearance (each pattern's spans, not overlapping)."""
+    taken: list[tuple[int, int]] = []
+    spans: list[tuple[int, str]] = []
+    for pattern in _QUOTE_PATTERNS:
+        for m in pattern.finditer(text):
+            start, end = m.span()
+            if any(start < b and a < end for a, b in taken):
+                continue  # inside a quote another pattern already took
+            if normalize(m.group(1)):
+                taken.append((start, end))
+                spans.append((start, m.group(1)))
+    return [s for _, s in sorted(spans)]
+
+
+def normalize(text: str) -> str:
+    """Case-, whitespace-, quote-mark- and edge-punctuation-insensitive form of ``text``."""
+    t = unicodedata.normalize("NFKC", text).translate(_FOLD).casefold()
+    return " ".join(t.split()).strip(_EDGE_PUNCT)
+
+
+def _occurs(quote: str, haystack: str) -> bool:
+    """Every ellipsis-separated part of ``quote`` occurs in ``haystack`` (normalised), in order."""
+    at = 0
+    parts = [normalize(p) for p in _ELLIPSIS.split(quote)]
+    parts = [p for p in parts if p]
+    if not parts:
+        return False
+    for part in parts:
+        i = haystack.find(part, at)
+        if i < 0:
+            return False
+        at = i + len(part)
+    return True
+
+
+def ground(explanation: str | None, context: str, predictions: Sequence[str] | None = None) -> Grounding:
+    """Check each quote of ``explanation`` against ``context`` (the text of tokens 0..p) and the
+    decoded top next-token ``predictions`` at p (None: unknown)."""
+    quotes = quotes_in(explanation or "")
+    if not quotes:
+        return Grounding(0, checked_predictions=predictions is not None)
+    ctx = normalize(context)
+    # the context continued by each predicted token: "...capital of France is" + " Paris"
+    continued = [normalize(context + tok) for tok in (predictions or ())]
+    tokens = {normalize(tok) for tok in (predictions or ())} - {""}
+    found, predicted, unfound = [], [], []
+    for q in quotes:
+        if _occurs(q, ctx):
+            found.append(q)
+        elif normalize(q) in tokens or any(_occurs(q, c) for c in continued):
+            predicted.append(q)
+        else:
+            unfound.append(q)
+    return Grounding(len(quotes), tuple(found), tuple(predicted), tuple(unfound),
+                     checked_predictions=predictions is not None)
+
+
+@dataclass
+class GroundingContext:
+    """What the server knows at one explained position: the text the activation saw and the
+    model's top next-token predictions there (decoded), or None where it has none."""
+
+    text: str
+    predictions: list[str] | None = field(default=None)
+
+    def check(self, explanation: str | None) -> Grounding:
+        return ground(explanation, self.text, self.predictions)
