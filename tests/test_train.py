@@ -8,6 +8,7 @@ RL) feeds most tests; tests that change a work dir copy it first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -232,6 +233,15 @@ def test_eval_report(trained):
     assert 0 <= report["truncated_share"] <= 1 and report["mean_tokens"] > 0
     assert sum(v["n"] for v in report["by_source"].values()) == cfg.eval_n
     assert len(report["examples"]) == cfg.eval_n and all("explanation" in e for e in report["examples"])
+    # grounding: the counts add up, overall and per source, and each example carries its own check
+    g = report["grounding"]
+    assert g["quotes"] == sum(e["grounding"]["quotes"] for e in report["examples"])
+    assert g["quotes"] == sum(v["grounding"]["quotes"] for v in report["by_source"].values())
+    grounded = sum(len(e["grounding"]["found"]) + len(e["grounding"]["predicted"]) for e in report["examples"])
+    assert g["quotes_grounded"] == (round(grounded / g["quotes"], 4) if g["quotes"] else None)
+    # the targets the AV learnt from are grounded in their own context (they quote only what is there)
+    targets = json.loads((cfg.work / "targets.json").read_text())
+    assert targets["quotes"] > 0 and targets["quotes_grounded"] >= 0.9, targets
 
 
 # -- eval arithmetic on constructed cases ---------------------------------------------------------
@@ -584,3 +594,52 @@ def test_merge_over_a_bf16_base_keeps_small_deltas(tiny, tmp_path):
     assert merged[f"{key}.weight"].dtype == torch.float32
     assert torch.equal(merged[f"{key}.weight"], w + lora_delta(a, b, 1.0))
     assert not torch.equal((w + lora_delta(a, b, 1.0)).to(torch.bfloat16).float(), w + lora_delta(a, b, 1.0))
+
+
+def test_targets_written_by_an_openai_endpoint_resume_and_fail_clearly(tiny, tmp_path):
+    """--targets-url end to end against a real OpenAI-compatible server (this project's own CLI on
+    the tiny model, over HTTP): every activation gets a target from it, an interrupted stage asks
+    only for the rows it lacks, and an endpoint that refuses is named with its message."""
+    import httpx
+
+    from conftest import start_cli
+
+    proc, url, _ = start_cli(tiny, tmp_path, "--engine", "transformers", "--explain-default", "off",
+                             "--max-model-len", "1024")
+
+    def served() -> float:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("vllm:request_success_total"))
+
+    try:
+        text = tiny_text(tmp_path / "few.txt", docs=12)
+        cfg = tiny_config(tiny.target, tmp_path / "work", text, sources=(f"text:{text}",), positions_per_doc=2,
+                          stages=("corpus", "collect", "targets"), targets_url=url, targets_model="tiny",
+                          targets_concurrency=3, targets_max_tokens=24)
+        result = run_training(cfg)
+        n = result["collect"]["activations"]
+        rows = [json.loads(l) for l in (cfg.work / "targets.jsonl").read_text().splitlines()]
+        assert n >= 5 and [r["i"] for r in rows] == list(range(n))
+        assert all(r["writer"] == "tiny" and r["body"] and r["text"].startswith("<explanation>") for r in rows)
+        assert result["targets"]["writer"] == "tiny" and served() >= n
+
+        # interrupted after 3 rows: a rerun asks the endpoint for the other rows only
+        part = cfg.work / "targets.remote.jsonl"
+        lines = part.read_text().splitlines()
+        part.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # and a torn fourth line
+        kept = {json.loads(l)["i"]: json.loads(l) for l in lines[:3]}
+        (cfg.work / "targets.jsonl").unlink()
+        before = served()
+        run_training(dataclasses.replace(cfg, stages=("targets",)))
+        assert served() - before == n - 3
+        again = [json.loads(l) for l in (cfg.work / "targets.jsonl").read_text().splitlines()]
+        assert [r["i"] for r in again] == list(range(n)) and all(again[i] == row for i, row in kept.items())
+
+        # a model the endpoint does not serve: the stage stops with the endpoint's own words
+        (cfg.work / "targets.jsonl").unlink()
+        part.unlink()
+        with pytest.raises(RuntimeError, match="refused the request for row .*HTTP 404"):
+            run_training(dataclasses.replace(cfg, stages=("targets",), targets_model="no-such-model"))
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -26,6 +26,11 @@ HELP = {
     "positions_per_doc": "activations sampled per document",
     "min_position": "never sample the first N positions (nor special tokens, nor huge-norm rows)",
     "heldout_fraction": "share of documents held out (by a hash of source and id) for eval and calibration",
+    "targets_url": "an OpenAI-compatible server (vLLM, this one, any) whose model writes the warm-start targets; "
+                   "key from NLA_SERVE_TARGETS_API_KEY or OPENAI_API_KEY",
+    "targets_model": "the model name to ask at --targets-url",
+    "targets_concurrency": "requests to --targets-url at once",
+    "targets_max_tokens": "the longest target --targets-url may write, in its tokens",
     "av_template": "AV prompt template ({injection_char} marks the injected vector)",
     "ar_template": "AR prompt template ({explanation} is the explanation body)",
     "marker": "injection character (default: the first candidate that is one token for the target)",

@@ -44,6 +44,11 @@ class TrainConfig:
     positions_per_doc: int = 8
     min_position: int = 24
     heldout_fraction: float = 0.1
+    # targets written by a stronger model (train/remote_targets.py); None: built from the text here
+    targets_url: str | None = None
+    targets_model: str | None = None
+    targets_concurrency: int = 8
+    targets_max_tokens: int = 200
     # the pair
     av_template: str = AV_TEMPLATE
     ar_template: str = AR_TEMPLATE

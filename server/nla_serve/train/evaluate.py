@@ -9,6 +9,9 @@ overall and per text source, with:
   explanation that carries information about its own vector must lose it here, so the control's
   FVE sits near or below zero; a high control means the AR ignores the text (it learnt the mean).
 - the share of truncated outputs (no ``</explanation>``), of broken ones, and the mean length.
+- grounding (explain/grounding.py, the server's own check): of everything the explanations quote,
+  the share found in the text the activation saw or among the target's top next-token predictions
+  at that position; overall and per source. High FVE with low grounding means the AV recites.
 - examples: context, token, explanation and score, for reading.
 
 Engines: ``batch`` (default) generates with ``train.generation`` (the recipe, many vectors per
@@ -138,9 +141,16 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
     perm = derangement(len(bodies), seed)
     shuffled = fve_report(pred[perm], vectors, ckpt.ar.mse_scale, baseline)  # AR(text of j) vs v_i
 
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(av_path)
+    grounds = [grounding_of(tokenizer, r, b) for r, b in zip(records, bodies)]
     by_source: dict[str, list[float]] = {}
-    for r, s in zip(records, main["rows"]):
+    grounding_by_source: dict[str, list] = {}
+    for r, s, g in zip(records, main["rows"], grounds):
         by_source.setdefault(r["source"], []).append(s.fve)
+        grounding_by_source.setdefault(r["source"], []).append(g)
     report = {
         "n": len(records), "layer": ckpt.layer, "d_model": ckpt.d_model,
         "baseline": round(baseline, 6), "baseline_source": source, "engine": engine, "max_tokens": max_tokens,
@@ -150,22 +160,39 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
         "broken_share": round(sum(o[3] is not None for o in outs) / len(outs), 4),
         "mean_tokens": round(statistics.fmean(o[2] for o in outs), 2),
         "mean_words": round(statistics.fmean(len(b.split()) for b in bodies), 2),
-        "by_source": {k: {"n": len(v), "fve": summary(v)} for k, v in sorted(by_source.items())},
+        "grounding": grounding_summary(grounds),
+        "by_source": {k: {"n": len(v), "fve": summary(v), "grounding": grounding_summary(grounding_by_source[k])}
+                      for k, v in sorted(by_source.items())},
         "av": str(av_dir), "ar": str(ar_dir),
     }
     if examples:
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(av_path)
         shown = stratified(records, examples, seed + 1)  # a few of each source, not the first few
         report["examples"] = [{
             "source": records[i]["source"], "doc": records[i]["doc"], "pos": records[i]["pos"],
             "context": tokenizer.decode(records[i]["prefix_ids"][-24:], skip_special_tokens=False),
             "token": tokenizer.decode([records[i]["token"]]), "explanation": outs[i][0], "closed": outs[i][1],
             "fve": round(main["rows"][i].fve, 4), "cos": round(main["rows"][i].cos, 4),
+            "grounding": grounds[i].as_dict(),
         } for i in shown]
     return report
+
+
+def grounding_of(tokenizer, rec: dict, body: str):
+    """The server's grounding check of one explanation against what its activation saw."""
+    from nla_serve.explain.grounding import ground
+
+    context = tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
+    predictions = [tokenizer.decode([t]) for t, _ in rec.get("top") or []]
+    return ground(body, context, predictions)
+
+
+def grounding_summary(grounds: list) -> dict:
+    quotes = sum(g.quotes for g in grounds)
+    grounded = sum(len(g.found) + len(g.predicted) for g in grounds)
+    scores = [g.score for g in grounds if g.score is not None]
+    return {"quotes": quotes, "quotes_grounded": round(grounded / quotes, 4) if quotes else None,
+            "mean_score": round(statistics.fmean(scores), 4) if scores else None,
+            "explanations_quoting": round(len(scores) / len(grounds), 4) if grounds else None}
 
 
 def write_report(report: dict, path: Path) -> None:

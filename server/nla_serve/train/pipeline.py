@@ -219,19 +219,60 @@ class Pipeline:
 
         path = self.work / "targets.jsonl"
         if not path.is_file():
-            rows = []
-            for i, rec in enumerate(self.acts.records):
-                body = explanation_body(self.tokenizer, rec)
-                rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec)})
+            if self.cfg.targets_url:
+                rows = self.remote_targets()
+            else:
+                rows = []
+                for i, rec in enumerate(self.acts.records):
+                    body = explanation_body(self.tokenizer, rec)
+                    rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec)})
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             tmp.replace(path)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         lens = [len(self.tokenizer.encode(r["body"], add_special_tokens=False)) for r in rows[:500]]
         stats = {"targets": len(rows), "mean_tokens": round(statistics.fmean(lens), 1) if lens else 0,
-                 "share_30_80": round(sum(30 <= n <= 80 for n in lens) / max(1, len(lens)), 3)}
+                 "share_30_80": round(sum(30 <= n <= 80 for n in lens) / max(1, len(lens)), 3),
+                 "writer": rows[0].get("writer", "built from the text") if rows else None}
+        stats |= self.targets_grounding(rows[:500])
         (self.work / "targets.json").write_text(json.dumps(stats, indent=2))
         return stats
+
+    def remote_targets(self) -> list[dict]:
+        """Every activation's target from ``--targets-url``, resumable through targets.remote.jsonl."""
+        from nla_serve.train.remote_targets import TargetWriter, WriterSettings, api_key_from_env
+
+        cfg = self.cfg
+        if not cfg.targets_model:
+            raise ValueError("--targets-url needs --targets-model (the model name to ask there)")
+        part = self.work / "targets.remote.jsonl"
+        writer = TargetWriter(WriterSettings(cfg.targets_url, cfg.targets_model, api_key_from_env(),
+                                             concurrency=cfg.targets_concurrency,
+                                             max_tokens=cfg.targets_max_tokens), self.tokenizer)
+        writer.write_all(list(enumerate(self.acts.records)), part, progress=cfg.progress)
+        by_row = {}
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line, rewritten after it
+            by_row[row["i"]] = row
+        return [by_row[i] for i in range(len(self.acts.records))]
+
+    def targets_grounding(self, rows: list[dict]) -> dict:
+        """How much of what the targets quote is in the text their activation saw, or among its
+        predictions (explain/grounding.py): targets that quote the unseen teach the AV to invent."""
+        from nla_serve.explain.grounding import ground
+
+        found = quotes = 0
+        for r in rows:
+            rec = self.acts.records[r["i"]]
+            context = self.tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
+            preds = [self.tokenizer.decode([t]) for t, _ in rec["top"]]
+            g = ground(r["body"], context, preds)
+            quotes += g.quotes
+            found += len(g.found) + len(g.predicted)
+        return {"quotes": quotes, "quotes_grounded": round(found / quotes, 3) if quotes else None}
 
     def stage_ar(self) -> dict:
         from nla_serve.train.sft import train_ar
