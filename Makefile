@@ -46,8 +46,9 @@ test: install system
 serve: install
 	$(BIN)/nla-serve serve
 
-bench: install
+bench: install system
 	$(BIN)/python -m nla_serve.bench
+	$(BIN)/python bench/audit.py --model tiny --out bench-results/audit.json
 
 # schemathesis over our OpenAPI schema against a tiny server, both engines (make test runs a short form)
 FUZZ_EXAMPLES ?= 50
