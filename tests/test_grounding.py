@@ -65,3 +65,14 @@ def test_chinese_quotes_are_checked_like_any_other():
     ctx = "用户问：今天天气怎么样？"
     assert ground("用户问的是“今天天气”", ctx).score == 1.0
     assert ground("用户问的是“明天下雨”", ctx).unfound == ("明天下雨",)
+
+
+def test_quotes_match_whole_words_but_the_current_token_may_be_part_of_one():
+    ctx = "What is the capital of France? The answer is in NameError"
+    assert ground('the model expects "It"', ctx).unfound == ("It",)  # not inside "capital"
+    assert ground('"capital of France"', ctx).score == 1.0
+    # the text so far may end mid-word: a quote ending there is still found
+    assert ground('the last words read "is in NameErr"', "The answer is in NameErr").score == 1.0
+    # the final token is often a piece of a word; it is found as the token, not as a word
+    assert ground('The final token is "Error".', ctx).unfound == ("Error",)
+    assert ground('The final token is "Error".', ctx, token="Error").found == ("Error",)

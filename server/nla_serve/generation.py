@@ -206,7 +206,7 @@ def grounding_context(tokenizer, ids: list[int], p: int, predicted: list[int] | 
     of what the target read) and its predictions decoded one by one."""
     text = tokenizer.decode(ids[:p + 1], skip_special_tokens=False)
     tokens = None if predicted is None else [tokenizer.decode([t], skip_special_tokens=False) for t in predicted]
-    return GroundingContext(text, tokens)
+    return GroundingContext(text, tokens, tokenizer.decode([ids[p]], skip_special_tokens=False))
 
 
 def client_logprobs(step: StepOutput, k: int | None) -> list[TokenLogprob] | None:

@@ -4,7 +4,8 @@ An explanation of the activation at position p may only know what the target saw
 and what the target was about to say (its next-token predictions at p). The server knows both,
 so every quoted span of an explanation is checked against them:
 
-    found      the span occurs in the text of tokens 0..p (the chat template included)
+    found      the span occurs in the text of tokens 0..p (the chat template included) as whole
+               words, or is token p itself (tokens can be parts of words)
     predicted  not in that text, but the text followed by one of the model's top next-token
                predictions at p contains it, or the span is such a token (``expects "Paris"``)
     unfound    neither: the verbalizer wrote a quote the activation never saw
@@ -13,8 +14,8 @@ so every quoted span of an explanation is checked against them:
 
 What counts as a quote: text between double quotes ("…", “…”), between single quotes used as
 quotes (‘…’, or '…' not inside a word, so "don't" is no quote), and between backticks.
-Matching ignores case, runs of whitespace, the kind of quote or apostrophe, and punctuation or an
-ellipsis at the ends of the quote; an ellipsis inside a quote ("And the … said") splits it into
+Matching is by whole words ("it" is not found inside "capital"), and ignores case, runs of
+whitespace, the kind of quote or apostrophe, and punctuation or an ellipsis at the ends of the quote; an ellipsis inside a quote ("And the … said") splits it into
 parts that must each be found, in order.
 
 What it cannot check: paraphrase (claims that are not quoted, such as a topic or "the user asked
@@ -84,34 +85,53 @@ def normalize(text: str) -> str:
     return " ".join(t.split()).strip(_EDGE_PUNCT)
 
 
+def _word_edge(ch: str) -> bool:
+    """Whether a quote ending in ``ch`` must end a word there. Scripts written without spaces
+    (Chinese, Japanese, Thai) have no word boundaries to check."""
+    if not (ch.isalnum() or ch == "_"):
+        return False
+    return ord(ch) < 0x2E80 and not 0x0E00 <= ord(ch) <= 0x0EFF
+
+
+def _bounded(part: str) -> re.Pattern:
+    """``part`` as a whole-word match: "it" is not found inside "capital"."""
+    left = r"(?<!\w)" if _word_edge(part[0]) else ""
+    right = r"(?!\w)" if _word_edge(part[-1]) else ""
+    return re.compile(left + re.escape(part) + right)
+
+
 def _occurs(quote: str, haystack: str) -> bool:
-    """Every ellipsis-separated part of ``quote`` occurs in ``haystack`` (normalised), in order."""
+    """Every ellipsis-separated part of ``quote`` occurs in ``haystack`` (normalised) as whole
+    words, in order."""
     at = 0
     parts = [normalize(p) for p in _ELLIPSIS.split(quote)]
     parts = [p for p in parts if p]
     if not parts:
         return False
     for part in parts:
-        i = haystack.find(part, at)
-        if i < 0:
+        m = _bounded(part).search(haystack, at)
+        if m is None:
             return False
-        at = i + len(part)
+        at = m.end()
     return True
 
 
-def ground(explanation: str | None, context: str, predictions: Sequence[str] | None = None) -> Grounding:
-    """Check each quote of ``explanation`` against ``context`` (the text of tokens 0..p) and the
-    decoded top next-token ``predictions`` at p (None: unknown)."""
+def ground(explanation: str | None, context: str, predictions: Sequence[str] | None = None,
+           token: str | None = None) -> Grounding:
+    """Check each quote of ``explanation`` against ``context`` (the text of tokens 0..p), the
+    decoded top next-token ``predictions`` at p (None: unknown), and ``token``, the text of token p
+    itself (a token may be part of a word: "the final token is "Error"" in "NameError")."""
     quotes = quotes_in(explanation or "")
     if not quotes:
         return Grounding(0, checked_predictions=predictions is not None)
     ctx = normalize(context)
+    current = normalize(token) if token is not None else ""
     # the context continued by each predicted token: "...capital of France is" + " Paris"
     continued = [normalize(context + tok) for tok in (predictions or ())]
     tokens = {normalize(tok) for tok in (predictions or ())} - {""}
     found, predicted, unfound = [], [], []
     for q in quotes:
-        if _occurs(q, ctx):
+        if _occurs(q, ctx) or (current and normalize(q) == current):
             found.append(q)
         elif normalize(q) in tokens or any(_occurs(q, c) for c in continued):
             predicted.append(q)
@@ -128,6 +148,7 @@ class GroundingContext:
 
     text: str
     predictions: list[str] | None = field(default=None)
+    token: str | None = None
 
     def check(self, explanation: str | None) -> Grounding:
-        return ground(explanation, self.text, self.predictions)
+        return ground(explanation, self.text, self.predictions, self.token)

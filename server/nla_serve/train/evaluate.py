@@ -183,7 +183,7 @@ def grounding_of(tokenizer, rec: dict, body: str):
 
     context = tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
     predictions = [tokenizer.decode([t]) for t, _ in rec.get("top") or []]
-    return ground(body, context, predictions)
+    return ground(body, context, predictions, tokenizer.decode([rec["token"]]))
 
 
 def grounding_summary(grounds: list) -> dict:

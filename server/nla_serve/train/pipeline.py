@@ -269,7 +269,7 @@ class Pipeline:
             rec = self.acts.records[r["i"]]
             context = self.tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
             preds = [self.tokenizer.decode([t]) for t, _ in rec["top"]]
-            g = ground(r["body"], context, preds)
+            g = ground(r["body"], context, preds, self.tokenizer.decode([rec["token"]]))
             quotes += g.quotes
             found += len(g.found) + len(g.predicted)
         return {"quotes": quotes, "quotes_grounded": round(found / quotes, 3) if quotes else None}
