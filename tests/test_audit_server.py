@@ -280,3 +280,30 @@ def test_kill_9_under_load_loses_no_acknowledged_record(tiny, tmp_path):
     con.close()
     res = subprocess.run(CLI + ["verify", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
     assert res.returncode == 1 and f"record #{seq} (id {done[3]}) was edited" in res.stdout, res.stdout
+
+
+def test_a_server_records_into_postgresql_and_the_cli_verifies_it(tiny, loop, tmp_path, postgres):
+    """--audit-db postgresql://...: the server's records land in a real PostgreSQL server, the
+    search there finds them, and `nla-serve audit verify --audit-db DSN` checks the whole log."""
+    dsn = postgres.new_database()
+    svc = loop.run(Service.start(tiny_settings(tiny, tmp_path, audit_db=dsn, audit_checkpoint_seconds=0.5)))
+    server = AppServer(loop, create_app(svc.settings, svc)).start()
+    try:
+        c = client(server.url)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a river."}],
+                                      max_tokens=6, temperature=0,
+                                      extra_body={"explain": {"positions": "last"}})
+        doc = admin_get(server.url, f"/v1/audit/records/{r.id}").json()
+        assert doc["record"]["choices"][0]["text"] == r.choices[0].message.content
+        hits = admin_get(server.url, "/v1/audit/search", source="output", request_id=r.id).json()["data"]
+        assert [h["request_id"] for h in hits] == [r.id]
+    finally:
+        server.stop()
+        loop.run(svc.stop())
+    key = str(tmp_path / "cache" / "audit" / "ed25519.key")
+    res = subprocess.run(CLI + ["verify", "--audit-db", dsn, "--audit-key", key], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().splitlines()[-1].startswith("OK: 1 records"), \
+        res.stdout + res.stderr
+    shown = subprocess.run(CLI + ["show", r.id, "--audit-db", dsn, "--audit-key", key], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["record"]["id"] == r.id
