@@ -307,3 +307,30 @@ def test_a_server_records_into_postgresql_and_the_cli_verifies_it(tiny, loop, tm
     shown = subprocess.run(CLI + ["show", r.id, "--audit-db", dsn, "--audit-key", key], capture_output=True,
                            text=True)
     assert shown.returncode == 0 and json.loads(shown.stdout)["record"]["id"] == r.id
+
+
+def test_cli_search_and_export_read_the_log_directly(audited):
+    """`nla-serve audit search` and `export` on the server's database while it runs: the search
+    finds an answer just given; every exported line carries a proof that verifies offline."""
+    svc, url = audited
+    r = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say pineapple."}],
+                                            max_tokens=5, temperature=0)
+    admin_get(url, "/v1/audit/checkpoint")  # sign a checkpoint covering it
+    where = ["--cache-dir", svc.settings.cache_dir]
+    found = subprocess.run(CLI + ["search", "--request-id", r.id, "--source", "output", "--json", *where],
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    [hit] = [json.loads(l) for l in found.stdout.splitlines()]
+    assert hit["request_id"] == r.id and hit["snippet"] == r.choices[0].message.content[:160]
+    bad = subprocess.run(CLI + ["search", "--fve-min", "0.9", "--fve-max", "0.1", *where], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "fve_min" in bad.stderr
+    out = subprocess.run(CLI + ["export", *where], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    docs = [json.loads(l) for l in out.stdout.splitlines()]
+    assert r.id in {d["id"] for d in docs} and f"exported {len(docs)} record(s)" in out.stderr
+    from nla_serve.audit.verify import verify_record_proof
+
+    verifier = Verifier.parse(docs[0]["verifier_key"])
+    assert all("is in log" in verify_record_proof(d, verifier) for d in docs if d["proof"] is not None)
+    assert sum(d["proof"] is not None for d in docs) >= len(docs) - 1
