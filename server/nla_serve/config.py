@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nla_serve.explain.monitors import Rule
+
 EngineKind = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's own (its config says)
 NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
@@ -157,6 +159,8 @@ class ServerSettings(BaseModel):
     # records name the id, never the key. ``admin_key`` opens /v1/audit/*, which is closed without it.
     api_keys: dict[str, str] = Field(default_factory=dict)
     admin_key: str | None = None
+    # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
+    monitors: tuple[Rule, ...] = ()
     # The audit log (audit/): on by default, SQLite in the cache root unless a path or postgresql:// DSN
     audit: bool = True
     audit_db: str | None = None

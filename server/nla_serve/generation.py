@@ -62,6 +62,7 @@ class ExplanationEvent:
     activation_sha256: str | None = None  # of the exact row bytes explained (the audit record's digest)
     activation_dtype: str | None = None
     grounding: Grounding | None = None  # its quotes checked against the context and predictions at position
+    monitor_events: list = field(default_factory=list)  # MonitorEvent: the operator's rules it matched
 
 
 @dataclass
@@ -280,7 +281,12 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
                     ctx = grounding_context(service.tokenizer, ids, p, choice.predictions_at(p, P))
                     grounding = ctx.check(exp.text)
                     service.metrics.record_grounding(grounding.score)
-                fan_in.put(ExplanationEvent(exp, index, p, ids[p], P, *digests[p], grounding=grounding))
+                events = service.monitoring.check(
+                    text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None,
+                    source="prompt" if p < P else "completion", choice_index=index, token_index=p,
+                    token=service.tokenizer.decode([ids[p]]), request={"id": req.request_id, "model": service.model_name})
+                fan_in.put(ExplanationEvent(exp, index, p, ids[p], P, *digests[p], grounding=grounding,
+                                            monitor_events=events))
 
     fan_in.spawn(read_engine(), critical=True)
     service.track(req.request_id, fan_in.fail)

@@ -66,6 +66,10 @@ class Metrics:
         self.audit_failures = Counter("nla_audit_commit_failures", "Audit group commits that failed (their "
                                       "requests got a 503)", L, registry=r)
         self.audit_queue = Gauge("nla_audit_queue_depth", "Records waiting for the audit writer", L, registry=r)
+        self.monitor_events = Counter("nla_monitor_events", "Monitor rules matched by explanations",
+                                      L + ["rule", "action"], registry=r)
+        self.webhook_failures = Counter("nla_monitor_webhook_failures", "Monitor webhook events not delivered",
+                                        L + ["reason"], registry=r)
         self.errors = Counter("nla_request_errors", "Requests refused or failed, by HTTP status", L + ["status"],
                               registry=r)
 
@@ -104,6 +108,12 @@ class Metrics:
             self.ungrounded.labels(self.model_name).inc()
         else:
             self.grounding.labels(self.model_name).observe(score)
+
+    def record_monitor(self, rule: str, action: str) -> None:
+        self.monitor_events.labels(self.model_name, rule, action).inc()
+
+    def record_webhook_failure(self, reason: str) -> None:
+        self.webhook_failures.labels(self.model_name, reason).inc()
 
     def record_error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()

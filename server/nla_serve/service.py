@@ -102,6 +102,11 @@ class Service:
         self.fatal: str | None = None
         self._enders: dict[str, Callable[[NLAServeError], None]] = {}  # request id -> ends it in-band
         self.audit = None  # the AuditLog (audit/log.py) when --audit is on
+        from nla_serve.explain.monitors import Monitoring
+        from nla_serve.explain.webhooks import WebhookSender
+
+        hooks = WebhookSender(metrics=self.metrics) if any(r.action == "webhook" for r in settings.monitors) else None
+        self.monitoring = Monitoring(settings.monitors, metrics=self.metrics, webhooks=hooks)
         self.meta_hashes: dict[str, str] = {}  # "av_meta" / "ar_meta" -> SHA-256 of that nla_meta.yaml
 
     # -- engine health ---------------------------------------------------------------------------
@@ -283,6 +288,8 @@ class Service:
             await self.worker.stop()
         if self.nla is not None:
             await self.nla.close()
+        if self.monitoring.webhooks is not None:
+            await self.monitoring.webhooks.stop()
         await self.target.shutdown()
 
     def publish_load(self) -> None:

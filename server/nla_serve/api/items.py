@@ -39,6 +39,7 @@ def event_item(ev: ExplanationEvent, *, layer: int | None, tokenizer) -> dict:
              "token": tokenizer.decode([ev.token_id]) if ev.token_id is not None else None, "token_id": ev.token_id}
     item = where | explanation_item(ev.explanation, layer=layer)
     item["grounding"] = ev.grounding.as_dict() if ev.grounding is not None else None
+    item["monitors"] = [m.rule for m in ev.monitor_events]
     return item
 
 

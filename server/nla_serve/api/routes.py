@@ -274,12 +274,20 @@ async def explanations(body: ExplanationsRequest, request: Request):
             recorder = recorder_for(svc, request, "explanations", rid, body,
                                     {"vectors": [{"sha256": d, "dtype": t} for d, t in digests]}, 0, plan)
 
+            events: list[list] = []  # per vector: the monitor rules its explanation matched
+
             async def items() -> list[dict | None]:
                 _, late = await asyncio.wait(futures, timeout=plan.deadline_s)
                 if late:
                     svc.worker.cancel(rid, deadline_reason(plan.deadline_s))
-                return [apply_minimums(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
-                        for i, fut in enumerate(futures)]
+                out = []
+                for i, fut in enumerate(futures):
+                    exp = fut.result()
+                    events.append(svc.monitoring.check(text=exp.text, fve=exp.fve, grounding=None, source="vector",
+                                                       token_index=i, request={"id": rid, "model": svc.model_name}))
+                    item = explanation_item(exp, layer=svc.layer, index=i) | {"monitors": [m.rule for m in events[i]]}
+                    out.append(apply_minimums(item, plan))
+                return out
 
             try:
                 data = await until_disconnected(request, items())
@@ -292,9 +300,11 @@ async def explanations(body: ExplanationsRequest, request: Request):
             if recorder is not None:
                 for i, fut in enumerate(futures):
                     item = flag_thresholds(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
-                    recorder.add_explanation(item, *digests[i])
+                    recorder.add_explanation(item | {"monitors": [m.rule for m in events[i]]}, *digests[i])
+                    recorder.record["monitor_events"].extend(m.as_dict() for m in events[i])
                 await recorder.commit("completed")
-        return {"object": "list", "data": [item for item in data if item is not None]}
+        return {"object": "list", "data": [item for item in data if item is not None],
+                "monitor_events": [m.as_dict() for evs in events for m in evs]}
 
     ids = await chat_ids(svc, body.messages) if body.messages is not None else await text_ids(svc, body.input)
     if len(ids) + 1 > svc.target.max_model_len:
@@ -314,7 +324,8 @@ async def explanations(body: ExplanationsRequest, request: Request):
         if recorder is not None:
             events = recorder.tap(events)
         items = await until_disconnected(request, collect(events, shape, 1, False))
-    return {"object": "list", "data": [it | {"index": n} for n, it in enumerate(items["explanations"])]}
+    return {"object": "list", "data": [it | {"index": n} for n, it in enumerate(items["explanations"])],
+            "monitor_events": items["monitor_events"]}
 
 
 def vectors_of(svc: Service, body: ExplanationsRequest):

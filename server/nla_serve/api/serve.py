@@ -32,6 +32,7 @@ FLAGS = [
     ("--admin-key", "admin_key", str, "the key of the audit routes (/v1/audit/*), distinct from API keys; "
                                       "without one they are closed (prefer --admin-key-file)"),
     ("--admin-key-file", "admin_key_file", str, "read the admin key from this file (first line)"),
+    ("--monitors", "monitors_file", str, "YAML rules applied to every explanation (flag, webhook); see the README"),
     ("--audit", "audit", bool, "on | off: the audit log of every request (default on)"),
     ("--audit-db", "audit_db", str, "audit database: a SQLite file or postgresql://... "
                                     "(default CACHE/audit/audit.db)"),
@@ -119,6 +120,14 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                 raise SystemExit(f"nla-serve: give --{field.replace('_', '-')} or --{field.replace('_', '-')}-file, "
                                  "not both")
             values[field] = read_key_file(key_file, f"--{field.replace('_', '-')}-file")
+    monitors_file = values.pop("monitors_file", None)
+    if monitors_file is not None:
+        from nla_serve.explain.monitors import MonitorConfigError, load_rules
+
+        try:
+            values["monitors"] = load_rules(monitors_file)
+        except MonitorConfigError as e:
+            raise SystemExit(f"nla-serve: {e}") from None
     keys_file = values.pop("api_keys_file", None)
     if keys_file is not None:
         values["api_keys"] = read_keys_table(keys_file)

@@ -140,8 +140,11 @@ async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, incl
                 yield sse(shape.base(chunk_obj) | {"choices": [choice]})
             elif isinstance(ev, ExplanationEvent):
                 item = shape.explanation_item(ev)
-                if item is not None:
-                    yield sse(shape.base(chunk_obj) | {"choices": [], "explanations": [item]})
+                chunk = {"choices": [], "explanations": [item] if item is not None else []}
+                if ev.monitor_events:  # sent even when min_fve/min_grounding drop the item itself
+                    chunk["monitor_events"] = [m.as_dict() for m in ev.monitor_events]
+                if item is not None or ev.monitor_events:
+                    yield sse(shape.base(chunk_obj) | chunk)
             elif isinstance(ev, UsageEvent) and include_usage:
                 yield sse(shape.base(chunk_obj) | {"choices": [], "usage": shape.usage(ev)})
     except NLAServeError as e:
@@ -158,6 +161,7 @@ async def collect(events: AsyncIterator[Event], shape: ResponseShape, n: int, wa
     reasons: dict[int, str | None] = {}
     lps: dict[int, list[TokenLogprob]] = {i: [] for i in range(n)}
     explanations: list[dict] = []
+    monitor_events: list[dict] = []
     usage = None
     async for ev in events:
         if isinstance(ev, TokenEvent):
@@ -170,6 +174,7 @@ async def collect(events: AsyncIterator[Event], shape: ResponseShape, n: int, wa
             item = shape.explanation_item(ev)
             if item is not None:
                 explanations.append(item)
+            monitor_events.extend(m.as_dict() for m in ev.monitor_events)
         elif isinstance(ev, UsageEvent):
             usage = shape.usage(ev)
     explanations.sort(key=lambda it: (it.get("choice_index") or 0, it.get("token_index") or 0))
@@ -186,4 +191,6 @@ async def collect(events: AsyncIterator[Event], shape: ResponseShape, n: int, wa
                  "finish_reason": reasons.get(i)}
         choices.append(c)
     obj = "chat.completion" if shape.kind == "chat" else "text_completion"
-    return shape.base(obj) | {"choices": choices, "usage": usage, "explanations": explanations}
+    monitor_events.sort(key=lambda m: (m.get("choice_index") or 0, m.get("token_index") or 0))
+    return shape.base(obj) | {"choices": choices, "usage": usage, "explanations": explanations,
+                              "monitor_events": monitor_events}

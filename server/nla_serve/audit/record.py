@@ -9,7 +9,8 @@ canonical serialisation, so any implementation can recompute the leaf hash from 
     sent, minus the prompt), prompt (or only its SHA-256 when redacted), prompt_tokens, choices
     [{index, text, token_ids, finish_reason}], usage, explanations [{choice_index, token_index,
     source, token, token_id, status, reason, text, fve, cos, grounding, monitors, activation_sha256,
-    activation_dtype}], producer {server_version, engine, target/av/ar sha256, av/ar meta sha256,
+    activation_dtype}], monitor_events [{rule, action, source, choice_index, token_index, token,
+    explanation, fve, grounding, time}], producer {server_version, engine, target/av/ar sha256, av/ar meta sha256,
     layer, dtype, nla_dtype, policy}
 """
 
@@ -100,7 +101,8 @@ class Recorder:
             "v": VERSION, "id": request_id, "kind": kind, "created": iso(created or time.time()),
             "key_id": key_id, "model": model, "params": params,
             "prompt": {"sha256": sha256_hex(canonical(prompt)), "redacted": True} if redact_prompts else prompt,
-            "prompt_tokens": prompt_tokens, "choices": [], "usage": None, "explanations": [], "producer": producer}
+            "prompt_tokens": prompt_tokens, "choices": [], "usage": None, "explanations": [], "monitor_events": [],
+            "producer": producer}
 
     def observe(self, ev) -> None:
         from nla_serve.generation import ExplanationEvent, TokenEvent, UsageEvent
@@ -112,6 +114,7 @@ class Recorder:
                 self.reasons[ev.index] = ev.finish_reason
         elif isinstance(ev, ExplanationEvent):
             self.add_explanation(self.describe(ev), ev.activation_sha256, ev.activation_dtype)
+            self.record["monitor_events"].extend(m.as_dict() for m in ev.monitor_events)
         elif isinstance(ev, UsageEvent):
             self.record["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                                     "total_tokens": ev.prompt_tokens + ev.completion_tokens}
@@ -135,6 +138,7 @@ class Recorder:
                            "finish_reason": self.reasons.get(i)} for i in sorted(self.texts)]
         rec["explanations"].sort(key=lambda e: (e.get("choice_index") or 0, e.get("token_index") or 0,
                                                 e.get("index") or 0))
+        rec["monitor_events"].sort(key=lambda m: (m.get("choice_index") or 0, m.get("token_index") or 0))
         return rec
 
     async def commit(self, status: str, error: str | None = None) -> None:
