@@ -445,3 +445,24 @@ def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     assert cap.pending_files() == []
     cap.close()
     assert not os.path.exists(cap.path)
+
+
+def test_rows_arrive_while_the_choice_runs(target, hf_target, tiny, loop):
+    """Rows come with the tokens, at most two engine steps behind (vLLM: one step, the connector
+    sends what earlier steps settled), prompt rows included, and add up to the same rows."""
+    ids = prompt_of(target.tokenizer, 40, seed=7)
+    options = SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True)
+    lags = []
+
+    async def watch(out):
+        c = watch.choice
+        c.ids_seen += len(out.token_ids)
+        c.rows_seen = out.captured.end if out.captured is not None else c.rows_seen
+        if not out.finished:
+            lags.append(len(ids) + c.ids_seen - 1 - c.rows_seen)  # rows known - rows received
+
+    watch.choice = type("Seen", (), {"ids_seen": 0, "rows_seen": 0})()
+    got = loop.run(collect(target, Prompt(ids), options, "streamed", on_update=watch))[0]
+    assert_rows_match(hf_target, tiny.layer, ids, got)
+    assert len(got.rows) > 2, "rows came in several pieces, not all at the end"
+    assert lags and max(lags[2:]) <= 2, lags  # after the first steps, at most two steps behind

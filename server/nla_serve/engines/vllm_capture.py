@@ -19,8 +19,17 @@ How activations are captured
     engine steps (on GPU that waits for the step in flight), once per request, a few hundred KB.
 
 When they arrive
-    Only at the end of the request: the final ``StepOutput`` of each choice carries all its rows
-    (positions ``0 .. P+G-2``), typically one engine step after the last token.
+    While the request runs. Each engine step, the scheduler side of the connector sends, for every
+    running capturing request, the slots of the rows that earlier steps settled since the last
+    send (``settled_rows``: up to the tokens computed before this step, never the last sampled
+    token); the worker copies them out of the paged blocks after the step's forward and writes
+    one ``<id>@<start>.part`` file. When the request ends, the rest (from the last part to
+    ``P+G-2``) goes to ``<id>.safetensors``, which marks the end. So rows reach the API process
+    one engine step behind the tokens, prompt rows included (the first step after prefill),
+    and because they are read out of the same blocks as before, they stay exact under chunked
+    prefill, prefix-cache hits (cached blocks hold their rows), preemption (a preempted request's
+    computed count drops and rises again; nothing is re-sent) and n>1 (each child is its own
+    request). The reader hands them on with the choice's next update.
 
 What the last position gets
     Nothing: the last sampled token is never fed through the model, so it has no row (rows are
@@ -71,7 +80,8 @@ from typing import Any
 CONNECTOR_NAME = "NLAShmHiddenStatesConnector"
 CONNECTOR_MODULE = "nla_serve.engines.vllm_connector"  # imported by vLLM's engine processes
 CAPTURE_PARAM = "nla_capture"  # key in a request's kv_transfer_params that asks for its rows
-SUFFIX = ".safetensors"
+SUFFIX = ".safetensors"  # a request's last rows: the end of its capture
+PART_SUFFIX = ".part"  # rows of a running request, one file per engine step that settled some
 ERROR_SUFFIX = ".error"
 
 
@@ -154,6 +164,19 @@ def key_of(internal_id: str) -> str:
 def capture_file(capture_dir: str, internal_id: str) -> str:
     """Where the connector writes the rows of one engine-side request."""
     return os.path.join(capture_dir, internal_id + SUFFIX)
+
+
+def part_file(capture_dir: str, internal_id: str, start: int) -> str:
+    """Where the connector writes rows ``start ..`` of a running request (sorted by start)."""
+    return os.path.join(capture_dir, f"{internal_id}@{start:010d}{PART_SUFFIX}")
+
+
+def settled_rows(num_tokens: int, num_computed_tokens: int, num_in_flight_tokens: int = 0) -> int:
+    """Rows of a running request that earlier engine steps have written and no later step will
+    change, seen from the scheduler before this step's tokens are counted: every computed position
+    except the last sampled token (never fed) and tokens of steps still in flight (async
+    scheduling counts them optimistically)."""
+    return max(0, min(num_tokens - 1, num_computed_tokens - num_in_flight_tokens))
 
 
 def rows_to_save(num_tokens: int, num_computed_tokens: int) -> int:

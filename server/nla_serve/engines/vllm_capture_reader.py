@@ -12,12 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from nla_serve.engines.vllm_capture import ERROR_SUFFIX, SUFFIX, CaptureError, key_of, remove_file
+from nla_serve.engines.vllm_capture import ERROR_SUFFIX, PART_SUFFIX, SUFFIX, CaptureError, key_of, remove_file
 
 if TYPE_CHECKING:
     import torch
-
-
 
 
 @dataclass
@@ -48,8 +46,9 @@ class CaptureDir:
                 return name
         return None
 
-    def read(self, name: str, num_rows: int, token_ids: list[int] | None = None) -> "torch.Tensor":
-        """Rows ``0 .. num_rows-1`` as float32 [num_rows, d]; deletes the file."""
+    def _load(self, name: str, token_ids: list[int] | None) -> tuple[int, "torch.Tensor"]:
+        """(first position, rows as float32 [k, d]) of one file, checked against the choice's
+        tokens; deletes the file."""
         from safetensors.torch import load_file
 
         full = os.path.join(self.path, name)
@@ -60,15 +59,68 @@ class CaptureDir:
             data = load_file(full)
         finally:
             remove_file(full)
+        start = int(data["start"][0]) if "start" in data else 0
         rows = data["hidden_states"]
-        if rows.shape[0] < num_rows:
-            raise CaptureError(f"{name}: {rows.shape[0]} rows captured, {num_rows} expected")
         if token_ids is not None:
-            saved = data["token_ids"][:num_rows].tolist()
-            want = list(token_ids[:num_rows])
-            if saved != want[: len(saved)]:
+            saved = data["token_ids"].tolist()
+            want = list(token_ids[start:start + len(saved)])
+            if saved[: len(want)] != want:
                 raise CaptureError(f"{name}: captured rows belong to other tokens than this choice's")
-        return rows[:num_rows].float()
+        return start, rows.float()
+
+    def read(self, name: str, num_rows: int, token_ids: list[int] | None = None, start: int = 0) -> "torch.Tensor":
+        """Rows ``start .. num_rows-1`` of a request's last file, as float32; deletes the file."""
+        first, rows = self._load(name, token_ids)
+        if start >= num_rows:  # everything needed came in parts (a stop string cut the choice short)
+            return rows[:0]
+        if first > start or first + rows.shape[0] < num_rows:
+            raise CaptureError(f"{name}: rows {first}..{first + rows.shape[0] - 1} captured, "
+                               f"{start}..{num_rows - 1} expected")
+        return rows[start - first:num_rows - first]
+
+    def take_parts(self, key: str, index: int, n: int, token_ids: list[int] | None = None
+                   ) -> list[tuple[int, "torch.Tensor"]]:
+        """The rows of a running choice that have arrived since the last call: (first position,
+        rows) per part file, in position order; the files are deleted."""
+        prefix = f"{key}-" if n == 1 else f"{index}_{key}-"
+        try:
+            names = sorted(nm for nm in os.listdir(self.path) if nm.startswith(prefix) and nm.endswith(PART_SUFFIX))
+        except FileNotFoundError:
+            return []
+        return [self._load(nm, token_ids) for nm in names]
+
+    async def finish(self, key: str, index: int, n: int, num_rows: int, token_ids: list[int] | None = None, *,
+                     start: int = 0, alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0
+                     ) -> list[tuple[int, "torch.Tensor"]]:
+        """Rows ``start .. num_rows-1`` of a finished choice: the parts still waiting (the engine
+        may have run a step past the end before the abort of a stop string reached it) and then
+        its last file, which is written after every part. Pieces in order, trimmed to ``num_rows``."""
+        await self._until_found(key, index, n, alive, timeout_s)
+        pieces, at = [], start
+        for first, rows in self.take_parts(key, index, n, token_ids):
+            if first != at:
+                raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
+            pieces.append((first, rows))
+            at += rows.shape[0]
+        name = self.find(key, index, n)
+        pieces.append((at, self.read(name, num_rows, token_ids, at)))
+        out = []
+        for first, rows in pieces:  # rows past num_rows belong to tokens a stop string removed
+            keep = rows[:max(0, num_rows - first)]
+            if keep.shape[0]:
+                out.append((first, keep))
+        return out
+
+    async def _until_found(self, key: str, index: int, n: int, alive: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = self.poll_s[0]
+        while self.find(key, index, n) is None:
+            if not alive():
+                raise CaptureError("the engine stopped before delivering the captured rows")
+            if time.monotonic() > deadline:
+                raise CaptureError(f"no captured rows for {key} choice {index} after {timeout_s:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.poll_s[1])
 
     async def wait(
         self,
@@ -80,14 +132,16 @@ class CaptureDir:
         *,
         alive: Callable[[], bool] = lambda: True,
         timeout_s: float = 60.0,
+        start: int = 0,
     ) -> "torch.Tensor":
-        """Wait for choice ``index`` of ``key`` to arrive, then ``read`` it."""
+        """Wait for the last file of choice ``index`` of ``key``, then ``read`` rows ``start ..``
+        (the ones not already taken as parts)."""
         deadline = time.monotonic() + timeout_s
         delay = self.poll_s[0]
         while True:
             name = self.find(key, index, n)
             if name is not None:
-                return self.read(name, num_rows, token_ids)
+                return self.read(name, num_rows, token_ids, start)
             if not alive():
                 raise CaptureError("the engine stopped before delivering the captured rows")
             if time.monotonic() > deadline:
@@ -114,16 +168,23 @@ class CaptureDir:
             names = os.listdir(self.path)
         except FileNotFoundError:
             return
-        for name in names:
+        # parts first: every part is written before its request's last file, so when the last
+        # file is seen (and the key forgotten), its parts are already in this listing
+        for name in sorted(names, key=lambda nm: not nm.endswith(PART_SUFFIX)):
             if name.startswith("."):
                 continue  # still being written
+            if name.endswith(PART_SUFFIX):  # a discarded request's parts: removed, not counted
+                if key_of(name.rsplit("@", 1)[0]) in self._graveyard:
+                    remove_file(os.path.join(self.path, name))
+                continue
             for suffix in (SUFFIX, ERROR_SUFFIX):
-                entry = self._graveyard.get(key_of(name[: -len(suffix)])) if name.endswith(suffix) else None
+                entry = self._graveyard.get(key_of(name[: -len(suffix)].rsplit("@", 1)[0])) \
+                    if name.endswith(suffix) else None
                 if entry is not None:
                     remove_file(os.path.join(self.path, name))
                     entry[1] -= 1
                     if entry[1] <= 0:
-                        del self._graveyard[key_of(name[: -len(suffix)])]
+                        del self._graveyard[key_of(name[: -len(suffix)].rsplit("@", 1)[0])]
 
     def collect_garbage(self, max_age_s: float, max_bytes: int) -> int:
         """Remove what nobody will read, and return the bytes left: files (and half-written

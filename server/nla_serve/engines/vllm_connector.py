@@ -1,5 +1,6 @@
-"""The engine processes' end of activation capture: a KV connector that writes each finished
-capturing request's layer-K rows to the capture directory (see ``vllm_capture`` for the design).
+"""The engine processes' end of activation capture: a KV connector that writes each capturing
+request's layer-K rows to the capture directory as engine steps settle them, and the rest when it
+finishes (see ``vllm_capture`` for the design).
 
 vLLM's scheduler and worker processes import this module by path (``kv_connector_module_path``);
 the connector class is built on first access (module ``__getattr__``) so that importing the module
@@ -11,21 +12,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, SUFFIX, ERROR_SUFFIX,
-                                            block_slots, capture_file, remove_file, rows_to_save)
-
-
+from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX, PART_SUFFIX,
+                                            SUFFIX, block_slots, capture_file, part_file, remove_file, rows_to_save,
+                                            settled_rows)
 
 
 @dataclass
 class PendingCapture:
-    """One finished request's rows to write: sent from the scheduler to the worker."""
+    """Rows ``start .. end-1`` of one request to write: sent from the scheduler to the worker.
+    ``final`` is the last piece (the request finished and its blocks wait for the copy)."""
 
     req_id: str
     path: str
     block_ids: list[int]  # the hidden-state group's blocks, in position order
-    num_rows: int
-    token_ids: list[int]  # the tokens of those rows (prompt + output, without the last)
+    start: int
+    end: int
+    token_ids: list[int]  # the tokens of those rows
+    final: bool = True
 
 
 def _build_connector_class():
@@ -68,9 +71,15 @@ def _build_connector_class():
             self.cache_layers: list[str] = []
             self._kv_cache = None
             self._is_tp_rank_zero = True
-            self._pending: dict[str, PendingCapture] = {}  # scheduler side
+            self._pending: dict[str, PendingCapture] = {}  # scheduler side: finished, to write
+            self._live: dict[str, list] = {}  # scheduler side: running capturing request -> [request, sent]
+            self._kv_cache_manager = None
 
         # -- scheduler side ----------------------------------------------------------------
+
+        def bind_kv_cache_manager(self, kv_cache_manager):
+            super().bind_kv_cache_manager(kv_cache_manager)
+            self._kv_cache_manager = kv_cache_manager
 
         def get_num_new_matched_tokens(self, request, num_computed_tokens):
             return 0, False  # store-only
@@ -78,25 +87,46 @@ def _build_connector_class():
         def update_state_after_alloc(self, request, blocks, num_external_tokens):
             return None
 
+        def on_new_request(self, request):
+            if (request.kv_transfer_params or {}).get(CAPTURE_PARAM):
+                self._live[request.request_id] = [request, 0]
+
         def build_connector_meta(self, scheduler_output):
-            meta = CaptureMetadata(saves=list(self._pending.values()))
+            saves = list(self._pending.values())
             self._pending.clear()
-            return meta
+            if self._kv_cache_manager is not None:
+                for req_id, entry in self._live.items():
+                    request, sent = entry
+                    end = settled_rows(request.num_tokens, request.num_computed_tokens,
+                                       getattr(request, "num_in_flight_tokens", 0))
+                    if end <= sent:
+                        continue  # nothing new (or preempted and still recomputing what was sent)
+                    blocks = self._kv_cache_manager.get_block_ids(req_id)[self._cache_kv_group_id]
+                    saves.append(PendingCapture(req_id, part_file(self._capture_dir, req_id, sent), list(blocks),
+                                                sent, end, list(request.all_token_ids[sent:end]), final=False))
+                    entry[1] = end
+            return CaptureMetadata(saves=saves)
 
         def request_finished(self, request, block_ids):
             params = request.kv_transfer_params or {}
+            entry = self._live.pop(request.request_id, None)
             if not params.get(CAPTURE_PARAM):
                 return False, None
+            sent = entry[1] if entry is not None else 0
             num_rows = rows_to_save(request.num_tokens, request.num_computed_tokens)
             if num_rows == 0 or not block_ids:
-                return False, None  # never ran (aborted while waiting, or preempted to zero)
+                if sent == 0:
+                    return False, None  # never ran (aborted while waiting, or preempted to zero)
+                num_rows = sent  # preempted after parts were sent: nothing more to copy
             path = capture_file(self._capture_dir, request.request_id)
+            start = min(sent, num_rows)
             self._pending[request.request_id] = PendingCapture(
                 req_id=request.request_id,
                 path=path,
-                block_ids=list(block_ids),
-                num_rows=num_rows,
-                token_ids=list(request.all_token_ids[:num_rows]),
+                block_ids=list(block_ids or []),
+                start=start,
+                end=num_rows,
+                token_ids=list(request.all_token_ids[start:num_rows]),
             )
             # True: keep the blocks until the worker has copied the rows (next step).
             return True, {CAPTURE_PARAM: path, "num_rows": num_rows}
@@ -123,7 +153,8 @@ def _build_connector_class():
                     for save in meta.saves:
                         if self._is_tp_rank_zero:
                             self._write(save)
-                        done.add(save.req_id)
+                        if save.final:
+                            done.add(save.req_id)
             # A save arrives in the same step as its request's id in finished_req_ids (both come
             # from one schedule()), and the copy is synchronous, so the blocks can go at once.
             return (done or None), None
@@ -133,23 +164,25 @@ def _build_connector_class():
             try:
                 assert self._kv_cache is not None, "register_kv_caches was not called"
                 cache = self._kv_cache  # [num_blocks, num_states, block_size, d]
-                slots = torch.tensor(block_slots(save.block_ids, self._block_size, save.num_rows), dtype=torch.long)
-                slots = slots.to(cache.device)
+                all_slots = block_slots(save.block_ids, self._block_size, save.end) if save.end > save.start else []
+                slots = torch.tensor(all_slots[save.start:], dtype=torch.long).to(cache.device)
                 # A synchronous device->host copy between steps (on GPU it waits for the step in
-                # flight; a request's rows are a few hundred KB, copied once, when it ends).
+                # flight: the GPU smoke script measures it; a non-blocking copy is the next step).
                 with gpu_sync_allowed():
-                    rows = cache[slots // self._block_size, 0, slots % self._block_size].to("cpu")  # [num_rows, d]
+                    rows = cache[slots // self._block_size, 0, slots % self._block_size].to("cpu")  # [end-start, d]
                 tensors = {
                     "hidden_states": rows.contiguous(),
                     "token_ids": torch.tensor(save.token_ids, dtype=torch.long),
+                    "start": torch.tensor([save.start], dtype=torch.long),
                 }
                 save_file(tensors, tmp, metadata={"request_id": save.req_id})
                 os.replace(tmp, save.path)
             except Exception as e:  # never take the engine down over one request's rows
                 logger.exception("capture of %s failed", save.req_id)
                 remove_file(tmp)
+                base = save.path[: -len(SUFFIX)] if save.final else save.path[: -len(PART_SUFFIX)]
                 try:
-                    with open(save.path[: -len(SUFFIX)] + ERROR_SUFFIX, "w") as f:
+                    with open(base + ERROR_SUFFIX, "w") as f:
                         f.write(f"{type(e).__name__}: {e}")
                 except OSError:
                     pass

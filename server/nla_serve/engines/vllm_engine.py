@@ -1,7 +1,8 @@
 """The production engine: vLLM's ``AsyncLLM`` behind the ``TargetEngine`` protocol.
 
 One class serves both roles: the target (``capture_layer`` set: layer-K rows of every fed position,
-delivered with each choice's final update, see ``vllm_capture``) and the verbalizer
+delivered with the choice's updates one engine step behind its tokens, the rest with its final
+update, see ``vllm_capture``) and the verbalizer
 (``enable_prompt_embeds``: a prompt with one embedding row replaced, vLLM's mixed-mode prompt
 embeddings). Several instances can live in one process; each owns its engine processes and its
 capture directory.
@@ -287,6 +288,7 @@ class VLLMEngine:
         texts: dict[int, str] = {i: "" for i in range(n)}
         done: set[int] = set()
         delivered: set[int] = set()  # choices whose rows were taken
+        next_row: dict[int, int] = {i: 0 for i in range(n)}  # rows handed on so far, per choice
         self._active.setdefault(request_id, set()).add(key)
         stream = llm.generate(engine_prompt, params, key)
         outs = self._translate_errors(stream)
@@ -303,16 +305,39 @@ class VLLMEngine:
                         text += self._held_back_text(outputs[c.index], texts[c.index] + text)
                     texts[c.index] += text
                     captured = None
+                    if capture and self._capture is not None and reason != "abort":
+                        ids = fed_prompt + outputs[c.index]
+                        # rows settled by earlier engine steps (one file per step), in order
+                        pieces = []
+                        for start, rows in self._capture.take_parts(key, c.index, n, ids):
+                            if start != next_row[c.index]:
+                                raise vllm_capture.CaptureError(
+                                    f"choice {c.index}: rows from {start} arrived, {next_row[c.index]} expected")
+                            pieces.append(rows)
+                            next_row[c.index] += rows.shape[0]
+                        if reason is not None:  # the rest, up to P+G-2: late parts and the last file
+                            need = len(ids) - 1
+                            while next_row[c.index] > need and pieces:  # a stop string cut tokens whose rows came
+                                extra = min(next_row[c.index] - need, pieces[-1].shape[0])
+                                pieces[-1] = pieces[-1][:pieces[-1].shape[0] - extra]
+                                next_row[c.index] -= extra
+                                if not pieces[-1].shape[0]:
+                                    pieces.pop()
+                            for _, rest in await self._capture.finish(
+                                    key, c.index, n, need, ids, start=next_row[c.index],
+                                    alive=lambda: not llm.errored):
+                                pieces.append(rest)
+                                next_row[c.index] += rest.shape[0]
+                            delivered.add(c.index)
+                        pieces = [p for p in pieces if p.shape[0]]
+                        if pieces:
+                            import torch
+
+                            first = next_row[c.index] - sum(p.shape[0] for p in pieces)
+                            captured = CapturedRows(start=first, rows=torch.cat(pieces) if len(pieces) > 1
+                                                    else pieces[0])
                     if reason is not None:
                         done.add(c.index)
-                        if capture and reason != "abort" and self._capture is not None:
-                            ids = outputs[c.index]
-                            rows = await self._capture.wait(
-                                key, c.index, n, num_prompt + len(ids) - 1, fed_prompt + ids,
-                                alive=lambda: not llm.errored,
-                            )
-                            captured = CapturedRows(start=0, rows=rows)
-                            delivered.add(c.index)
                     yield StepOutput(
                         index=c.index,
                         token_ids=delta,
