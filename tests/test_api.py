@@ -1006,3 +1006,25 @@ def test_grounding_checks_quotes_against_context_and_predictions(base, loop):
         assert float(count.split()[-1]) >= 6
     finally:
         v.close()
+
+
+def test_streamed_explanations_arrive_between_the_tokens(app):
+    """In a stream, explanations start as soon as their rows exist and are sent as each resolves:
+    the last prompt token's comes before the answer's last token; the generated positions are
+    placed by a stride over max_tokens (G is unknown while streaming)."""
+    lines = []
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "explain": {"positions": "auto", "max_explanations": 4, "max_tokens": 4}}
+    with httpx.stream("POST", app.url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lines.append(json.loads(line[6:]))
+    tokens = [i for i, ch in enumerate(lines) if ch["choices"] and ch["choices"][0]["text"]]
+    expl = {e["token_index"]: i for i, ch in enumerate(lines) for e in ch.get("explanations", [])}
+    usage = next(ch["usage"] for ch in lines if ch.get("usage"))
+    P, G = usage["prompt_tokens"], usage["completion_tokens"]
+    assert G > 50, "the tiny model's greedy answer to this prompt is long (deterministic)"
+    assert expl[P - 1] < tokens[-1], "the prompt position's explanation came before the last token"
+    stride = 200 // 3
+    assert sorted(expl) == [P - 1] + [p for p in (P, P + stride, P + 2 * stride) if p < P + G - 1]

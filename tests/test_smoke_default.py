@@ -99,3 +99,24 @@ def test_curl_and_sdk_chat(default_server):
                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert r.choices[0].message.content == resp["choices"][0]["message"]["content"]
     assert r.model_extra["explanations"][0]["status"] == items[0]["status"]
+
+
+def test_a_streamed_answer_carries_explanations_before_its_last_token(default_server):
+    """The default model and NLA on vLLM: a streamed 160-token answer gets at least one explanation
+    chunk before its last token chunk (rows arrive while it generates)."""
+    url, _ = default_server
+    order = []
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 160, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}],
+            "explain": {"positions": "auto", "max_explanations": 3, "max_tokens": 24}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ch = json.loads(line[6:])
+                if ch.get("explanations"):
+                    order.append("explanation")
+                elif ch["choices"] and ch["choices"][0]["delta"].get("content"):
+                    order.append("token")
+    assert order.count("token") >= 100, order.count("token")
+    last_token = len(order) - 1 - order[::-1].index("token")
+    assert "explanation" in order[:last_token], "every explanation came after the last token"

@@ -3,13 +3,16 @@
     run(service, request, ticket) -> TokenEvent* (as generated) | ExplanationEvent* (as each is ready)
                                      ... then one UsageEvent
 
-Two kinds of producer feed one stream (``_FanIn``): the engine reader, and one explainer per
-finished choice (with the vLLM capture path a choice's activations arrive when that choice
-finishes, so its explanations start then and are emitted as each resolves, while other choices may
-still be generating). Which positions a choice gets is the policy's (``choice_targets``); how an
-explanation looks on the wire is the API's (``api/items.py``); admission is the caller's ticket,
-which ``run`` only marks as running at the first engine step. Cancellation (a client gone) runs the
-``finally``: the engine request is aborted and the request's explanation jobs resolved as skipped.
+Two kinds of producer feed one stream (``_FanIn``): the engine reader, and one emitter per choice
+that explains. Rows arrive with the choice's updates (the reference engine every step, vLLM one
+step behind), so a position the plan picks whatever the choice's final length (explicit indices,
+prompt positions, and in a stream ``auto``/``generated`` by stride: ``ExplainPlan.positions_before``)
+gets its job as soon as its row exists; the rest are decided when the choice finishes
+(``choice_targets``). Each explanation is emitted the moment it resolves, grounded against what its
+position saw and checked by the monitors, between token events. How an explanation looks on the
+wire is the API's (``api/items.py``); admission is the caller's ticket, which ``run`` only marks as
+running at the first engine step. Cancellation (a client gone) runs the ``finally``: the engine
+request is aborted and the request's explanation jobs resolved as skipped.
 """
 
 from __future__ import annotations
@@ -161,10 +164,29 @@ class _Choice:
         lp = self.logprobs[j]
         return list(dict.fromkeys([lp.token_id, *(tid for tid, _ in lp.top)]))
 
-    def stacked_rows(self):
-        import torch
+    @property
+    def n_rows(self) -> int:
+        return self.rows[-1].end if self.rows else 0
 
-        return torch.cat([r.rows for r in self.rows]) if self.rows else None  # [P+G-1, d]
+    def row(self, p: int):
+        """The row of position p: [d] (rows come as contiguous pieces, a few per choice)."""
+        for piece in reversed(self.rows):
+            if piece.start <= p < piece.end:
+                return piece.rows[p - piece.start]
+        raise IndexError(f"no row for position {p} (rows 0..{self.n_rows - 1})")
+
+    def token_at(self, p: int, prompt_ids: list[int]) -> int | None:
+        ids = prompt_ids + self.token_ids
+        return ids[p] if p < len(ids) else None
+
+
+@dataclass
+class _Explainer:
+    """One choice's explanation jobs: positions already taken, and a queue of (future, position,
+    digest) for its emitter task, ended by None when the choice has no more to submit."""
+
+    submitted: set[int] = field(default_factory=set)
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class _Timing:
@@ -235,6 +257,54 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
     if explaining:  # predictions to ground explanations with; the client still gets what it asked for
         options = dataclasses.replace(options, logprobs=max(options.logprobs or 0, PREDICTIONS_K))
 
+    explainers: dict[int, _Explainer] = {}
+    deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
+
+    def explainer(index: int) -> "_Explainer":
+        ex = explainers.get(index)
+        if ex is None:
+            ex = explainers[index] = _Explainer()
+            fan_in.spawn(explain_choice(index, choices[index], ex))
+        return ex
+
+    def submit(index: int, choice: _Choice, positions: list[int]) -> None:
+        """Jobs for rows that exist now (or ``skipped`` items once the deadline has passed)."""
+        ex = explainer(index)
+        for p in positions:
+            if p in ex.submitted:
+                continue
+            ex.submitted.add(p)
+            row = choice.row(p)
+            if deadline is not None and time.monotonic() >= deadline:
+                fan_in.put(ExplanationEvent(Explanation(status="skipped", reason=deadline_reason(plan.deadline_s)),
+                                            index, p, choice.token_at(p, req.prompt_ids), P))
+                continue
+            job = ExplanationJob.for_plan(plan, req.request_id, row, req.arrived)
+            ex.inbox.put_nowait((service.worker.submit(job), p, row_digest(row)))
+
+    def explain_early(index: int, choice: _Choice) -> None:
+        """While the choice generates: the positions the plan picks whatever its final length."""
+        early = plan.positions_before(P, choice.n_rows)
+        if early:
+            submit(index, choice, [p for p in early if index == 0 or p >= P])
+
+    def explain_final(index: int, choice: _Choice) -> None:
+        """At the choice's end: every target the plan picks, rows or ``skipped``, then no more."""
+        ids = req.prompt_ids + choice.token_ids
+        ex = explainer(index)
+        have = []
+        for target in choice_targets(plan, index, P, len(choice.token_ids), choice.n_rows):
+            p = target.position
+            if target.skip_reason is not None:
+                if p not in ex.submitted:
+                    ex.submitted.add(p)
+                    fan_in.put(ExplanationEvent(Explanation(status="skipped", reason=target.skip_reason), index, p,
+                                                ids[p] if p < len(ids) else None, P))
+            else:
+                have.append(p)
+        submit(index, choice, have)
+        ex.inbox.put_nowait(None)  # no more jobs for this choice
+
     async def read_engine() -> None:
         nonlocal engine_done
         async for step in service.target.generate(Prompt(req.prompt_ids), options, req.request_id,
@@ -245,48 +315,68 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             choice.add(step)
             fan_in.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason,
                                   client_logprobs(step, req.options.logprobs)))
+            if explaining and step.captured is not None and not step.finished:
+                explain_early(step.index, choice)
             if step.finished:
                 finish_reasons.append(step.finish_reason or "stop")
                 if explaining:
-                    fan_in.spawn(explain_choice(step.index, choice))
+                    explain_final(step.index, choice)
         engine_done = True
 
-    async def explain_choice(index: int, choice: _Choice) -> None:
-        rows = choice.stacked_rows()
+    async def explain_choice(index: int, choice: _Choice, ex: "_Explainer") -> None:
+        """Emit each of the choice's explanations the moment it resolves, until the choice has
+        ended and every job is done."""
+        pending: dict[asyncio.Future, tuple[int, tuple[str, str]]] = {}
+        getter: asyncio.Future | None = None
+        more = True
+        try:
+            while more or pending:
+                if more and getter is None:
+                    getter = asyncio.ensure_future(ex.inbox.get())
+                waiting = set(pending) | ({getter} if getter is not None else set())
+                # after the deadline, jobs are cancelled (resolved skipped) and new ones never queued
+                timeout = None if deadline is None or cancelled else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the deadline passed: what is still pending comes back skipped, at once
+                    cancel_for_deadline()
+                    continue
+                if getter is not None and getter in done:
+                    msg = getter.result()
+                    getter = None
+                    if msg is None:
+                        more = False
+                    else:
+                        fut, p, digest = msg
+                        pending[fut] = (p, digest)
+                for fut in done:
+                    if fut in pending:
+                        p, digest = pending.pop(fut)
+                        fan_in.put(explained(index, choice, p, fut.result(), digest))
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    cancelled = False
+
+    def cancel_for_deadline() -> None:
+        nonlocal cancelled
+        if not cancelled:
+            cancelled = True
+            service.worker.cancel(req.request_id, deadline_reason(plan.deadline_s))
+
+    def explained(index: int, choice: _Choice, p: int, exp: Explanation, digest: tuple[str, str]) -> ExplanationEvent:
+        """The event of one resolved job: grounded against what position p saw, through the monitors."""
         ids = req.prompt_ids + choice.token_ids
-        pending: dict[asyncio.Future, int] = {}
-        digests: dict[int, tuple[str, str]] = {}
-        n_rows = 0 if rows is None else rows.shape[0]
-        deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
-        for target in choice_targets(plan, index, P, len(choice.token_ids), n_rows):
-            p = target.position
-            if target.skip_reason is not None:
-                fan_in.put(ExplanationEvent(Explanation(status="skipped", reason=target.skip_reason), index, p,
-                                            ids[p] if p < len(ids) else None, P))
-            else:
-                job = ExplanationJob.for_plan(plan, req.request_id, rows[p], req.arrived)
-                pending[service.worker.submit(job)] = p
-                digests[p] = row_digest(rows[p])
-        while pending:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not done:  # the deadline passed: what is still pending comes back skipped, at once
-                service.worker.cancel(req.request_id, deadline_reason(plan.deadline_s))
-                continue
-            for fut in done:
-                p = pending.pop(fut)
-                exp = fut.result()
-                grounding = None
-                if exp.text is not None:
-                    ctx = grounding_context(service.tokenizer, ids, p, choice.predictions_at(p, P))
-                    grounding = ctx.check(exp.text)
-                    service.metrics.record_grounding(grounding.score)
-                events = service.monitoring.check(
-                    text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None,
-                    source="prompt" if p < P else "completion", choice_index=index, token_index=p,
-                    token=service.tokenizer.decode([ids[p]]), request={"id": req.request_id, "model": service.model_name})
-                fan_in.put(ExplanationEvent(exp, index, p, ids[p], P, *digests[p], grounding=grounding,
-                                            monitor_events=events))
+        grounding = None
+        if exp.text is not None:
+            ctx = grounding_context(service.tokenizer, ids, p, choice.predictions_at(p, P))
+            grounding = ctx.check(exp.text)
+            service.metrics.record_grounding(grounding.score)
+        events = service.monitoring.check(
+            text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None,
+            source="prompt" if p < P else "completion", choice_index=index, token_index=p,
+            token=service.tokenizer.decode([ids[p]]), request={"id": req.request_id, "model": service.model_name})
+        return ExplanationEvent(exp, index, p, ids[p], P, *digest, grounding=grounding, monitor_events=events)
 
     fan_in.spawn(read_engine(), critical=True)
     service.track(req.request_id, fan_in.fail)

@@ -170,6 +170,8 @@ def recorder_for(svc: Service, request: Request, kind: str, rid: str, body, prom
 async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
                   want_logprobs: bool):
     plan = make_plan(body.explain, svc.settings.explain)
+    if body.stream:  # positions chosen as rows arrive: generated ones by a stride over max_tokens
+        plan = plan.streamed(options.max_tokens)
     check_room(svc, plan, "explain.max_tokens")
     if isinstance(plan.positions, tuple) and max(plan.positions) >= len(ids) + options.max_tokens - 1:
         raise ClientError(f"explain.positions asks for index {max(plan.positions)}, but prompt ({len(ids)} tokens) "

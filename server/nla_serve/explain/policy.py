@@ -7,7 +7,8 @@ it has no row: named policies never pick it, and an explicit index to it is answ
 
 Named policies (P prompt tokens, G generated, rows 0 .. P+G-2):
   auto       the last prompt token (where the model plans its answer) plus generated positions
-             spread evenly, up to max_explanations in all
+             spread evenly, up to max_explanations in all (streamed: every ``stride`` tokens from
+             the first, the stride spreading the slots over max_tokens; see ``streamed``)
   last       the last position that has a row
   all        every position; evenly subsampled to max_explanations when longer
   prompt     prompt positions (subsampled likewise); generated: completion positions (likewise)
@@ -17,6 +18,7 @@ Named policies (P prompt tokens, G generated, rows 0 .. P+G-2):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from nla_serve.config import ExplainDefaults
@@ -39,6 +41,27 @@ class ExplainPlan:
     seed: int | None = None
     deadline_s: float | None = None  # from the request's arrival
     explicit: bool = False  # the request asked for explanations (vs. the server default)
+    # Streaming: ``auto`` and ``generated`` place generated positions every ``stride`` tokens from
+    # the first (G is unknown while tokens stream), so a position's job can start as soon as its
+    # row exists. None: spread evenly over the finished choice (non-streaming requests).
+    stride: int | None = None
+
+    def streamed(self, max_tokens: int) -> "ExplainPlan":
+        """This plan for a streamed request of at most ``max_tokens`` tokens: the generated slots
+        (``max_explanations``, less one for ``auto``'s prompt position) spread over max_tokens."""
+        if self.positions not in ("auto", "generated"):
+            return self
+        slots = max(1, self.max_explanations - (1 if self.positions == "auto" else 0))
+        return dataclasses.replace(self, stride=max(1, max_tokens // slots))
+
+    def positions_before(self, P: int, available: int) -> list[int] | None:
+        """Positions this plan picks whatever the choice's final length, among the first
+        ``available`` rows: what can be explained while the choice still generates. None when the
+        selection depends on the final length (``last``, ``all``, ``every``, non-streamed ``auto``)."""
+        pos = self.positions
+        if not (isinstance(pos, tuple) or pos == "prompt" or self.stride is not None):
+            return None
+        return [p for p in self.select(P, 1 << 30) if p < available]
 
     def select(self, P: int, G: int) -> list[int]:
         """Positions to explain for a choice with P prompt and G generated tokens (sorted)."""
@@ -56,8 +79,12 @@ class ExplainPlan:
         if pos == "prompt":
             return spread(list(range(P)), cap)
         if pos == "generated":
+            if self.stride is not None:
+                return [p for p in range(P, P + cap * self.stride, self.stride) if p < n_rows]
             return spread(list(range(P, n_rows)), cap)
         # auto
+        if self.stride is not None:
+            return [P - 1] + [p for p in range(P, P + (cap - 1) * self.stride, self.stride) if p < n_rows]
         return [P - 1] + spread(list(range(P, n_rows)), cap - 1)
 
 
