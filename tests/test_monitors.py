@@ -1,7 +1,8 @@
 """Monitors: rules validated at start with errors that name the rule and the field, then applied to
-every explanation through the real server (tiny models, transformers engine, the openai SDK):
-flags on items and monitor_events in responses, streams and audit records, webhooks to a real
-local HTTP receiver, and a receiver that hangs or is dead never holding up an answer."""
+every explanation through the real server (tiny models, the openai SDK): flags on items and
+monitor_events in responses, streams and audit records, webhooks to a real local HTTP receiver, a
+receiver that hangs or is dead never holding up an answer, and an abort rule stopping a long
+streamed answer mid-way with finish_reason content_filter (on both engines)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ ADMIN = "admin-key-for-monitor-tests"
     ({"name": "x", "when": {"text_matches": "(unclosed"}}, "when.text_matches: not a valid regular expression"),
     ({"name": "x", "when": {"fve_below": 0.1}, "action": "webhook"}, "rule #1 ('x'): action: webhook needs a url"),
     ({"name": "x", "when": {"fve_below": 0.1}, "action": "flag", "url": "http://a"}, "url is only for action webhook"),
-    ({"name": "x", "when": {"fve_below": 0.1}, "action": "abort"}, "action: abort is not available yet"),
+    ({"name": "x", "when": {"fve_below": 0.1}, "action": "abort", "url": "http://a"}, "url is only for action"),
     ({"name": "x", "when": {"fve_below": 0.1}, "action": "shout"}, "rule #1 ('x'): action:"),
     ({"name": "x", "when": {"fve_blow": 0.1}}, "when.fve_blow: Extra inputs are not permitted"),
     ({"name": "has space", "when": {"fve_below": 0.1}}, "rule #1 ('has space'): name:"),
@@ -206,3 +207,37 @@ def test_vector_explanations_are_monitored_too(monitored):
     scored = item["fve"] is not None
     assert item["monitors"] == (["everything"] if scored else [])
     assert [(e["rule"], e["source"]) for e in body["monitor_events"]] == ([("everything", "vector")] if scored else [])
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_an_abort_rule_stops_a_long_streamed_answer(tiny, loop, tmp_path, engine):
+    if engine == "vllm":
+        from conftest import vllm_required
+
+        vllm_required()
+    rules = parse_rules([{"name": "stop-at-once", "when": {"fve_below": 100.0}, "positions": "prompt",
+                          "action": "abort"}])
+    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+                              nla_ar=str(tiny.ar), engine=engine, device="cpu", fve_baseline=1.5, max_model_len=512,
+                              kv_cache_gib=0.5, cache_dir=str(tmp_path / "cache"), monitors=rules)
+    svc = loop.run(Service.start(settings))
+    server = AppServer(loop, create_app(settings, svc)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        chunks = list(client.completions.create(
+            model=MODEL, prompt="The quick brown fox", max_tokens=400, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"explain": {"positions": "prompt", "max_explanations": 3, "max_tokens": 16}}))
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        events = [e for ch in chunks for e in (ch.model_extra or {}).get("monitor_events", [])]
+        usage = next(ch.usage for ch in chunks if ch.usage)
+        assert finish == ["content_filter"], finish
+        assert events and {(e["rule"], e["action"], e["source"]) for e in events} == {("stop-at-once", "abort", "prompt")}
+        assert usage.completion_tokens < 400
+        # the engine serves on: the next request without explanations runs to its end
+        r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0,
+                                      extra_body={"explain": False})
+        assert r.choices[0].finish_reason in ("length", "stop")
+    finally:
+        server.stop()
+        loop.run(svc.stop())

@@ -258,6 +258,7 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
         options = dataclasses.replace(options, logprobs=max(options.logprobs or 0, PREDICTIONS_K))
 
     explainers: dict[int, _Explainer] = {}
+    stopped_by: list = []  # the abort monitor event that stopped the generation, if one did
     deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
 
     def explainer(index: int) -> "_Explainer":
@@ -313,12 +314,15 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             timing.step(step)
             choice = choices.setdefault(step.index, _Choice())
             choice.add(step)
-            fan_in.put(TokenEvent(step.index, step.token_ids, step.text, step.finish_reason,
+            reason = step.finish_reason
+            if step.finished and reason == "abort" and stopped_by:
+                reason = "content_filter"  # an abort monitor stopped it (what OpenAI clients know)
+            fan_in.put(TokenEvent(step.index, step.token_ids, step.text, reason,
                                   client_logprobs(step, req.options.logprobs)))
             if explaining and step.captured is not None and not step.finished:
                 explain_early(step.index, choice)
             if step.finished:
-                finish_reasons.append(step.finish_reason or "stop")
+                finish_reasons.append(reason or "stop")
                 if explaining:
                     explain_final(step.index, choice)
         engine_done = True
@@ -376,6 +380,11 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None,
             source="prompt" if p < P else "completion", choice_index=index, token_index=p,
             token=service.tokenizer.decode([ids[p]]), request={"id": req.request_id, "model": service.model_name})
+        if not stopped_by and not engine_done and any(m.action == "abort" for m in events):
+            stopped_by.append(next(m for m in events if m.action == "abort"))
+            log.info("request %s: monitor rule %r matched the explanation of token %d; stopping the generation",
+                     req.request_id, stopped_by[0].rule, p)
+            fan_in.spawn(service.target.abort(req.request_id))
         return ExplanationEvent(exp, index, p, ids[p], P, *digest, grounding=grounding, monitor_events=events)
 
     fan_in.spawn(read_engine(), critical=True)

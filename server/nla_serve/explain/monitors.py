@@ -10,6 +10,9 @@ A rules file (``--monitors FILE``, YAML: a list of rules, or ``{rules: [...]}``)
       when: {fve_below: 0.0}
       action: webhook
       url: http://alerts.internal:9000/nla
+    - name: stop-on-deception
+      when: {text_matches: "deceiv|lying to the user"}
+      action: abort                 # stop the answer (finish_reason content_filter)
 
 A rule matches when every condition it gives holds: ``text_matches`` (a regular expression,
 case-insensitive, searched in the explanation text), ``fve_below`` / ``fve_above`` (an explanation
@@ -18,9 +21,12 @@ grounding score and does not match it). Matches are reported on the explanation 
 (``monitors: [rule names]``) and as ``monitor_events`` in the response, the stream and the audit
 record; a ``webhook`` rule also POSTs the event (``webhooks.py``), never delaying the answer.
 
-``abort`` (stop the choice's generation when a rule matches) is refused at start for now: this
-server explains a choice's activations when the choice has finished, so there is nothing left to
-stop. Rules are validated when the server starts; errors name the rule and the field.
+``abort`` stops the generation when a rule matches an explanation that resolves while the answer
+is still being generated (explanations start as soon as their rows exist, ``generation.py``): the
+choice ends with ``finish_reason: "content_filter"`` (with n > 1, every choice of the request
+still running does: the engines abort a request as a whole). An explanation that resolves after
+its choice has finished has nothing left to stop; its event is reported like a flag. Rules are
+validated when the server starts; errors name the rule and the field.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ACTIONS = ("flag", "webhook")
+ACTIONS = ("flag", "webhook", "abort")
 
 
 class MonitorConfigError(ValueError):
@@ -80,9 +86,6 @@ class Rule(BaseModel):
             raise ValueError("webhook needs a url")
         if self.action != "webhook" and self.url:
             raise ValueError(f"url is only for action webhook, not {self.action}")
-        if self.action == "abort":
-            raise ValueError("abort is not available yet: this server explains a choice's activations "
-                             "when the choice has finished, so there is nothing left to stop; use flag or webhook")
         return self
 
     def matches(self, text: str | None, fve: float | None, grounding: float | None, source: str) -> bool:
