@@ -58,6 +58,7 @@ class EngineSettings(BaseModel):
     memory_fraction: float = Field(default=0.45, gt=0, le=1)
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU (see resolve_eager)
+    compilation_config: dict | None = None  # vLLM's, as given (e.g. {"cudagraph_mode": "PIECEWISE"}); None: its default
     seed: int = 0
 
 

@@ -163,6 +163,8 @@ class VLLMEngine:
             enable_prompt_embeds=s.enable_prompt_embeds,
             disable_log_stats=True,
         )
+        if s.compilation_config is not None:
+            kwargs["compilation_config"] = dict(s.compilation_config)
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * _GiB)
         else:

@@ -1,0 +1,162 @@
+"""GPU smoke test of the capture path: what the CPU machines cannot check. Not run by `make test`.
+
+On a CUDA machine with the CUDA `vllm` installed (`make install` picks it when `nvidia-smi` works):
+
+    .venv/bin/python bench/gpu_smoke.py --out gpu-smoke.json      # under 5 minutes on one GPU
+
+For each runner configuration (the V1 model runner and Model Runner V2, via VLLM_USE_V2_MODEL_RUNNER;
+eager, PIECEWISE and FULL CUDA graphs; async scheduling where vLLM enables it) it starts the
+capturing engine on a random bf16 Llama (or --model), generates greedily, and checks that:
+
+- rows arrived while the request ran (in several pieces, not all at the end) and add up to
+  P+G-1 rows: none at or past the last sampled token;
+- they match a plain transformers bf16 forward of the same tokens (max abs error reported, bound
+  --atol, relative to the rows' scale);
+- and reports whether the tokens match transformers' greedy tokens (informational: bf16 kernels
+  differ, and a random model's near-tied logits flip; the rows are compared on vLLM's own tokens).
+
+Then tokens/s of plain vLLM against the capturing engine at 1, 8 and 64 concurrent streams
+(bench/capture_overhead.py's measurement). Every configuration runs in its own subprocess (a vLLM
+engine per process), so one that fails is reported with its error and the rest still run. The
+output is one JSON object. What it does not check: hidden device syncs inside the engine processes
+(`torch.cuda.set_sync_debug_mode` would have to run there; the connector's per-step copy is a
+synchronous `.to("cpu")` today, see docs/design.md) and TP > 1.
+
+Run on CPU (`--cpu`) it exercises the same code with the eager V1 runner only: a check of the
+script itself, not of the GPU paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = {  # name -> (environment, compilation config, enforce_eager)
+    "v1-eager": ({"VLLM_USE_V2_MODEL_RUNNER": "0"}, None, True),
+    "v1-piecewise": ({"VLLM_USE_V2_MODEL_RUNNER": "0"}, {"cudagraph_mode": "PIECEWISE"}, False),
+    "v1-full": ({"VLLM_USE_V2_MODEL_RUNNER": "0"}, {"cudagraph_mode": "FULL"}, False),
+    "v2-eager": ({"VLLM_USE_V2_MODEL_RUNNER": "1"}, None, True),
+    "v2-full-and-piecewise": ({"VLLM_USE_V2_MODEL_RUNNER": "1"}, {"cudagraph_mode": "FULL_AND_PIECEWISE"}, False),
+}
+
+
+async def parity(model: str, layer: int, compilation: dict | None, eager: bool, atol: float) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nla_serve.config import EngineSettings
+    from nla_serve.engines.vllm_engine import VLLMEngine
+    from nla_serve.types import Prompt, SamplingOptions
+
+    kw = {"compilation_config": compilation} if compilation else {}
+    engine = VLLMEngine(EngineSettings(model=model, dtype="bfloat16", capture_layer=layer, max_model_len=1024,
+                                       max_num_seqs=64, enforce_eager=eager, kv_cache_gib=0.5, **kw))
+    t0 = time.perf_counter()
+    await engine.start()
+    out: dict = {"start_s": round(time.perf_counter() - t0, 1)}
+    try:
+        prompt = [0] + list(range(10, 200))
+        pieces, tokens = [], []
+        async for step in engine.generate(Prompt(prompt), SamplingOptions(max_tokens=48, ignore_eos=True), "smoke"):
+            tokens += step.token_ids
+            if step.captured is not None:
+                pieces.append((step.captured.start, step.captured.rows, step.finished))
+        rows = torch.cat([r for _, r, _ in pieces])
+        fed = prompt + tokens[:-1]
+        out["pieces"] = len(pieces)
+        out["pieces_before_finish"] = sum(not f for _, _, f in pieces)
+        out["rows"], out["expected_rows"] = int(rows.shape[0]), len(fed)
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval() if torch.cuda.is_available() \
+            else AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+        dev = next(hf.parameters()).device
+        with torch.no_grad():
+            ref = hf(torch.tensor([fed], device=dev), output_hidden_states=True).hidden_states[layer + 1][0].float().cpu()
+            greedy = hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=48, do_sample=False,
+                                 min_new_tokens=48)[0, len(prompt):].tolist()
+        err = (rows - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+        out["max_rel_error"] = round(err, 5)
+        out["tokens_match_transformers"] = tokens == greedy
+        out["ok"] = (rows.shape[0] == len(fed) and out["pieces_before_finish"] > 0 and err <= atol)
+    finally:
+        await engine.shutdown()
+    return out
+
+
+def one_config(name: str, model: str, layer: int, atol: float) -> dict:
+    env, compilation, eager = CONFIGS[name]
+    code = (f"import asyncio, json, sys; sys.path.insert(0, {str(HERE)!r}); import gpu_smoke; "
+            f"print('RESULT ' + json.dumps(asyncio.run(gpu_smoke.parity({model!r}, {layer}, {compilation!r}, "
+            f"{eager!r}, {atol!r}))))")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                         timeout=240)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"ok": False, "error": (res.stderr or res.stdout)[-1500:], "wall_s": round(time.perf_counter() - t0, 1)}
+    return json.loads(line[7:]) | {"wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def throughput(model: str, streams: list[int], max_tokens: int) -> dict:
+    """bench/capture_overhead.py at each concurrency: plain vLLM vs the capturing engine."""
+    out = {}
+    for n in streams:
+        res = subprocess.run([sys.executable, str(HERE / "capture_overhead.py"), "--model", model, "--dtype",
+                              "bfloat16", "--requests", str(n), "--max-tokens", str(max_tokens), "--repeats", "1"],
+                             capture_output=True, text=True, timeout=300)
+        try:
+            text = res.stdout  # the JSON object starts on a line of its own (vLLM may print before it)
+            start = 0 if text.startswith("{") else text.index("\n{") + 1
+            doc = json.loads(text[start:text.rindex("}") + 1])
+            tps = doc["tokens_per_s"]
+            out[str(n)] = tps | {"capture_cost": round(1 - tps["on"] / tps["off"], 4)}
+        except (ValueError, KeyError):
+            out[str(n)] = {"error": (res.stderr or res.stdout)[-800:]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a model folder (default: a random bf16 Llama, 8 blocks, hidden 1024)")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--streams", default="1,8,64")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--atol", type=float, default=0.06,
+                   help="max |vLLM - transformers| / max |row| in bf16 (0.039 seen on CPU, random 8-block model)")
+    p.add_argument("--cpu", action="store_true", help="check the script on CPU (eager V1 only, 1 and 8 streams)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    configs = ["v1-eager"] if args.cpu else args.configs.split(",")
+    streams = [1, 8] if args.cpu else [int(s) for s in args.streams.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            from transformers import AutoConfig
+
+            model, layer = args.model, AutoConfig.from_pretrained(args.model).num_hidden_layers // 2
+        else:
+            from nla_serve.tiny import build_target
+
+            model = str(build_target(os.path.join(tmp, "target"), layers=8, hidden=256 if args.cpu else 1024))
+            layer = 4
+        result = {"device": "cpu" if args.cpu else "cuda", "model": args.model or "random Llama",
+                  "configs": {name: one_config(name, model, layer, args.atol) for name in configs},
+                  "tokens_per_s": throughput(model, streams, args.max_tokens)}
+    result["ok"] = all(c.get("ok") for c in result["configs"].values())
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
