@@ -96,7 +96,7 @@ class StepOutput:
 
     ``token_ids``/``text`` are the delta since the last update of that choice. ``captured`` carries
     any activation rows that became available with this update: the reference engine delivers them
-    step by step, the vLLM engine all at once with the final update.
+    step by step, the vLLM engine one engine step behind the tokens (the rest with the final update).
     """
 
     index: int

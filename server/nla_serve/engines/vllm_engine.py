@@ -66,7 +66,7 @@ class VLLMEngine:
         engine = VLLMEngine(EngineSettings(model="/models/qwen", capture_layer=20))
         await engine.start()
         async for out in engine.generate(Prompt(ids), SamplingOptions(max_tokens=8), "req-1"):
-            ...  # out.captured on each choice's final update
+            ...  # out.captured: the rows that arrived with this update (one step behind the tokens)
         await engine.shutdown()
     """
 
