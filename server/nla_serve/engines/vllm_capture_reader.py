@@ -136,18 +136,8 @@ class CaptureDir:
     ) -> "torch.Tensor":
         """Wait for the last file of choice ``index`` of ``key``, then ``read`` rows ``start ..``
         (the ones not already taken as parts)."""
-        deadline = time.monotonic() + timeout_s
-        delay = self.poll_s[0]
-        while True:
-            name = self.find(key, index, n)
-            if name is not None:
-                return self.read(name, num_rows, token_ids, start)
-            if not alive():
-                raise CaptureError("the engine stopped before delivering the captured rows")
-            if time.monotonic() > deadline:
-                raise CaptureError(f"no captured rows for {key} choice {index} after {timeout_s:.0f} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.poll_s[1])
+        await self._until_found(key, index, n, alive, timeout_s)
+        return self.read(self.find(key, index, n), num_rows, token_ids, start)
 
     def discard(self, key: str, files: int = 1) -> None:
         """Delete ``key``'s files (at most ``files`` of them: one per aborted choice) now and as
