@@ -412,14 +412,19 @@ def test_request_ids_and_children():
 
 
 def test_rows_and_slots():
-    from nla_serve.engines.vllm_capture import block_slots, rows_to_save
+    from nla_serve.engines.vllm_capture import block_slots, blocks_for, rows_to_save
 
     assert rows_to_save(num_tokens=10, num_computed_tokens=9) == 9  # P + G - 1
     assert rows_to_save(num_tokens=10, num_computed_tokens=4) == 4  # aborted mid-prefill
     assert rows_to_save(num_tokens=1, num_computed_tokens=0) == 0
-    assert block_slots([7, 2], 4, 6) == [28, 29, 30, 31, 8, 9]
+    table = [7, 2, 5]
+    assert block_slots(blocks_for(table, 4, 0, 6), 4, 0, 6) == [28, 29, 30, 31, 8, 9]
+    # a step's part: only the blocks holding it are sent, and the slots are those positions'
+    assert blocks_for(table, 4, 5, 9) == [2, 5] and block_slots([2, 5], 4, 5, 9) == [9, 10, 11, 20]
+    assert blocks_for(table, 4, 9, 9) == [] and block_slots([], 4, 9, 9) == []  # a last file with no rows
+    assert blocks_for([], 4, 8, 8) == []  # preempted after its parts were sent: no blocks, nothing to copy
     with pytest.raises(ValueError):
-        block_slots([7], 4, 6)
+        blocks_for([7], 4, 0, 6)
 
 
 def test_capture_dir_reads_once_and_discards(tmp_path, loop):

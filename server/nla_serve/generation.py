@@ -6,7 +6,7 @@
 Two kinds of producer feed one stream (``_FanIn``): the engine reader, and one emitter per choice
 that explains. Rows arrive with the choice's updates (the reference engine every step, vLLM one
 step behind), so a position the plan picks whatever the choice's final length (explicit indices,
-prompt positions, and in a stream ``auto``/``generated`` by stride: ``ExplainPlan.positions_before``)
+prompt positions, and in a stream ``auto``/``generated`` by stride: ``ExplainPlan.stable_positions``)
 gets its job as soon as its row exists; the rest are decided when the choice finishes
 (``choice_targets``). Each explanation is emitted the moment it resolves, grounded against what its
 position saw and checked by the monitors, between token events. How an explanation looks on the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Union
 
 from nla_serve.admission import Ticket
-from nla_serve.explain.grounding import Grounding, GroundingContext
+from nla_serve.explain.grounding import Grounding, ground
 from nla_serve.explain.policy import ExplainPlan, choice_targets
 from nla_serve.explain.worker import ExplanationJob
 from nla_serve.service import Service
@@ -182,11 +182,13 @@ class _Choice:
 
 @dataclass
 class _Explainer:
-    """One choice's explanation jobs: positions already taken, and a queue of (future, position,
-    digest) for its emitter task, ended by None when the choice has no more to submit."""
+    """One choice's explanation jobs: positions already taken, a cursor into the stable positions,
+    and a queue of (future, position, digest) for its emitter task, ended by None when the choice
+    has no more to submit."""
 
     submitted: set[int] = field(default_factory=set)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_stable: int = 0  # index into the plan's stable positions: those before it are submitted
 
 
 class _Timing:
@@ -224,18 +226,22 @@ def row_digest(row) -> tuple[str, str]:
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest(), str(flat.dtype).removeprefix("torch.")
 
 
-def grounding_context(tokenizer, ids: list[int], p: int, predicted: list[int] | None) -> GroundingContext:
-    """The text the activation at ``p`` saw (tokens 0..p, special tokens kept: the template is part
-    of what the target read) and its predictions decoded one by one."""
+def ground_at(tokenizer, ids: list[int], p: int, predicted: list[int] | None, token: str,
+              explanation: str) -> Grounding:
+    """``explanation``'s quotes against the text the activation at ``p`` saw (tokens 0..p, special
+    tokens kept: the template is part of what the target read), its token, and its predictions."""
     text = tokenizer.decode(ids[:p + 1], skip_special_tokens=False)
     tokens = None if predicted is None else [tokenizer.decode([t], skip_special_tokens=False) for t in predicted]
-    return GroundingContext(text, tokens, tokenizer.decode([ids[p]], skip_special_tokens=False))
+    return ground(explanation, text, tokens, token)
 
 
-def client_logprobs(step: StepOutput, k: int | None) -> list[TokenLogprob] | None:
-    """The step's logprobs as the client asked for them (None: not asked; else the top ``k``)."""
+def client_logprobs(step: StepOutput, k: int | None, engine_k: int | None) -> list[TokenLogprob] | None:
+    """The step's logprobs as the client asked for them (None: not asked; else the top ``k``),
+    trimmed only when the engine was asked for more (``engine_k``) to ground explanations."""
     if k is None or step.logprobs is None:
         return None
+    if engine_k == k:
+        return step.logprobs
     return [dataclasses.replace(lp, top=lp.top[:k]) for lp in step.logprobs]
 
 
@@ -260,6 +266,9 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
     explainers: dict[int, _Explainer] = {}
     stopped_by: list = []  # the abort monitor event that stopped the generation, if one did
     deadline = None if plan.deadline_s is None else req.arrived + plan.deadline_s
+    cancelled = False  # the deadline passed and the worker resolved this request's jobs skipped
+    # positions explained as soon as their rows exist (computed once: this runs every step)
+    stable = plan.stable_positions(P) if explaining else None
 
     def explainer(index: int) -> "_Explainer":
         ex = explainers.get(index)
@@ -284,10 +293,15 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             ex.inbox.put_nowait((service.worker.submit(job), p, row_digest(row)))
 
     def explain_early(index: int, choice: _Choice) -> None:
-        """While the choice generates: the positions the plan picks whatever its final length."""
-        early = plan.positions_before(P, choice.n_rows)
-        if early:
-            submit(index, choice, [p for p in early if index == 0 or p >= P])
+        """While the choice generates: the stable positions whose rows now exist (prompt rows
+        only under choice 0, as ``choice_targets`` does)."""
+        ex = explainer(index)
+        start, n_rows = ex.next_stable, choice.n_rows
+        end = start
+        while end < len(stable) and stable[end] < n_rows:
+            end += 1
+        ex.next_stable = end
+        submit(index, choice, [p for p in stable[start:end] if index == 0 or p >= P])
 
     def explain_final(index: int, choice: _Choice) -> None:
         """At the choice's end: every target the plan picks, rows or ``skipped``, then no more."""
@@ -318,8 +332,8 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             if step.finished and reason == "abort" and stopped_by:
                 reason = "content_filter"  # an abort monitor stopped it (what OpenAI clients know)
             fan_in.put(TokenEvent(step.index, step.token_ids, step.text, reason,
-                                  client_logprobs(step, req.options.logprobs)))
-            if explaining and step.captured is not None and not step.finished:
+                                  client_logprobs(step, req.options.logprobs, options.logprobs)))
+            if stable and step.captured is not None and not step.finished:
                 explain_early(step.index, choice)
             if step.finished:
                 finish_reasons.append(reason or "stop")
@@ -360,8 +374,6 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
             if getter is not None:
                 getter.cancel()
 
-    cancelled = False
-
     def cancel_for_deadline() -> None:
         nonlocal cancelled
         if not cancelled:
@@ -371,15 +383,15 @@ async def run(service: Service, req: GenerationRequest, ticket: Ticket) -> Async
     def explained(index: int, choice: _Choice, p: int, exp: Explanation, digest: tuple[str, str]) -> ExplanationEvent:
         """The event of one resolved job: grounded against what position p saw, through the monitors."""
         ids = req.prompt_ids + choice.token_ids
+        token = service.tokenizer.decode([ids[p]], skip_special_tokens=False)
         grounding = None
         if exp.text is not None:
-            ctx = grounding_context(service.tokenizer, ids, p, choice.predictions_at(p, P))
-            grounding = ctx.check(exp.text)
+            grounding = ground_at(service.tokenizer, ids, p, choice.predictions_at(p, P), token, exp.text)
             service.metrics.record_grounding(grounding.score)
         events = service.monitoring.check(
             text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None,
-            source="prompt" if p < P else "completion", choice_index=index, token_index=p,
-            token=service.tokenizer.decode([ids[p]]), request={"id": req.request_id, "model": service.model_name})
+            source="prompt" if p < P else "completion", choice_index=index, token_index=p, token=token,
+            request={"id": req.request_id, "model": service.model_name})
         if not stopped_by and not engine_done and any(m.action == "abort" for m in events):
             stopped_by.append(next(m for m in events if m.action == "abort"))
             log.info("request %s: monitor rule %r matched the explanation of token %d; stopping the generation",

@@ -12,12 +12,15 @@ from nla_serve.generation import ExplanationEvent
 from nla_serve.types import Explanation
 
 
-def explanation_item(exp: Explanation, *, layer: int | None, index: int | None = None) -> dict:
-    """The fields every item has; ``index`` numbers the items of ``/v1/explanations`` vectors."""
+def explanation_item(exp: Explanation, *, layer: int | None, index: int | None = None, grounding=None,
+                     monitor_events=()) -> dict:
+    """The fields every item has; ``index`` numbers the items of ``/v1/explanations`` vectors.
+    ``grounding`` is None for a raw vector (no context to check quotes against)."""
     item: dict = {} if index is None else {"index": index}
     item.update(layer=layer, status=exp.status, reason=exp.reason, text=exp.text, truncated=exp.truncated,
                 fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens,
-                grounding=None)  # a raw vector has no context to check quotes against
+                grounding=grounding.as_dict() if grounding is not None else None,
+                monitors=[m.rule for m in monitor_events])
     if exp.fve is None and exp.fve_reason:
         item["fve_reason"] = exp.fve_reason
     if exp.extra.get("cached"):
@@ -37,10 +40,8 @@ def event_item(ev: ExplanationEvent, *, layer: int | None, tokenizer) -> dict:
     where = {"choice_index": ev.choice_index, "token_index": p, "source": "prompt" if p < P else "completion",
              "completion_index": None if p < P else p - P,
              "token": tokenizer.decode([ev.token_id]) if ev.token_id is not None else None, "token_id": ev.token_id}
-    item = where | explanation_item(ev.explanation, layer=layer)
-    item["grounding"] = ev.grounding.as_dict() if ev.grounding is not None else None
-    item["monitors"] = [m.rule for m in ev.monitor_events]
-    return item
+    return where | explanation_item(ev.explanation, layer=layer, grounding=ev.grounding,
+                                    monitor_events=ev.monitor_events)
 
 
 def grounding_score(item: dict) -> float | None:
@@ -59,12 +60,15 @@ def flag_thresholds(item: dict, plan: ExplainPlan) -> dict:
     return item
 
 
+def dropped(item: dict, plan: ExplainPlan) -> bool:
+    """Whether a flagged item is left out of the response (``on_low_* = "drop"``); the audit
+    record keeps it."""
+    return bool((item.get("below_min_fve") and plan.on_low_fve == "drop")
+                or (item.get("below_min_grounding") and plan.on_low_grounding == "drop"))
+
+
 def apply_minimums(item: dict, plan: ExplainPlan) -> dict | None:
     """Flag (or drop: None) an item whose fidelity is under the request's ``min_fve`` or whose
     grounding is under its ``min_grounding`` (each with its own ``on_low_*``)."""
     flag_thresholds(item, plan)
-    if item.get("below_min_fve") and plan.on_low_fve == "drop":
-        return None
-    if item.get("below_min_grounding") and plan.on_low_grounding == "drop":
-        return None
-    return item
+    return None if dropped(item, plan) else item

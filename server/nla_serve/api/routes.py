@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nla_serve.admission import Ticket
 from nla_serve.api.auth import require_key
-from nla_serve.api.items import apply_minimums, event_item, explanation_item, flag_thresholds, unavailable_item
+from nla_serve.api.items import dropped, event_item, explanation_item, flag_thresholds, unavailable_item
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ExplanationsRequest
 from nla_serve.api.streaming import ResponseShape, collect, stream_events
 from nla_serve.errors import ClientError, ContextLengthError, NotFoundError, UnavailableError
@@ -276,37 +276,36 @@ async def explanations(body: ExplanationsRequest, request: Request):
             recorder = recorder_for(svc, request, "explanations", rid, body,
                                     {"vectors": [{"sha256": d, "dtype": t} for d, t in digests]}, 0, plan)
 
-            events: list[list] = []  # per vector: the monitor rules its explanation matched
-
-            async def items() -> list[dict | None]:
+            async def items() -> tuple[list[dict], list]:
+                """Every vector's item (minimums flagged) and the monitor events of all of them."""
                 _, late = await asyncio.wait(futures, timeout=plan.deadline_s)
                 if late:
                     svc.worker.cancel(rid, deadline_reason(plan.deadline_s))
-                out = []
+                out, events = [], []
                 for i, fut in enumerate(futures):
                     exp = fut.result()
-                    events.append(svc.monitoring.check(text=exp.text, fve=exp.fve, grounding=None, source="vector",
-                                                       token_index=i, request={"id": rid, "model": svc.model_name}))
-                    item = explanation_item(exp, layer=svc.layer, index=i) | {"monitors": [m.rule for m in events[i]]}
-                    out.append(apply_minimums(item, plan))
-                return out
+                    matched = svc.monitoring.check(text=exp.text, fve=exp.fve, grounding=None, source="vector",
+                                                   token_index=i, request={"id": rid, "model": svc.model_name})
+                    events += matched
+                    out.append(flag_thresholds(explanation_item(exp, layer=svc.layer, index=i,
+                                                                monitor_events=matched), plan))
+                return out, events
 
             try:
-                data = await until_disconnected(request, items())
+                data, events = await until_disconnected(request, items())
             except BaseException:
                 if recorder is not None:
                     recorder.commit_later("aborted", "the client disconnected before the answer was complete")
                 raise
             finally:
                 svc.worker.cancel(rid)  # a client gone: its remaining jobs are not worth running
-            if recorder is not None:
-                for i, fut in enumerate(futures):
-                    item = flag_thresholds(explanation_item(fut.result(), layer=svc.layer, index=i), plan)
-                    recorder.add_explanation(item | {"monitors": [m.rule for m in events[i]]}, *digests[i])
-                    recorder.record["monitor_events"].extend(m.as_dict() for m in events[i])
+            if recorder is not None:  # the record keeps the items a minimum drops from the response
+                for item, digest in zip(data, digests):
+                    recorder.add_explanation(item, *digest)
+                recorder.record["monitor_events"].extend(m.as_dict() for m in events)
                 await recorder.commit("completed")
-        return {"object": "list", "data": [item for item in data if item is not None],
-                "monitor_events": [m.as_dict() for evs in events for m in evs]}
+        return {"object": "list", "data": [item for item in data if not dropped(item, plan)],
+                "monitor_events": [m.as_dict() for m in events]}
 
     ids = await chat_ids(svc, body.messages) if body.messages is not None else await text_ids(svc, body.input)
     if len(ids) + 1 > svc.target.max_model_len:

@@ -9,14 +9,15 @@ How activations are captured
     its KV, which is what keeps them right under continuous batching, chunked prefill (each chunk
     writes its own slots), preemption (recomputed with the blocks) and prefix-cache hits (the cached
     blocks already hold the rows for the shared prefix; block hashes cover the tokens, so a hit means
-    the same tokens at the same positions). ``NLAShmHiddenStatesConnector`` below is a KV connector
-    that, when a capturing request ends, keeps its blocks alive for one more engine step, gathers the
-    rows from them in the worker, and writes one safetensors file per request into a per-engine
-    directory under ``/dev/shm`` (written to a hidden temporary name, then renamed, so a reader never
-    sees half a file). The API process (``CaptureDir``) finds the file by request id, reads it and
-    deletes it. The stock ``ExampleHiddenStatesConnector`` does the same with pinned memory, CUDA
-    streams and a writer thread pool, which crash on CPU; this one copies synchronously between
-    engine steps (on GPU that waits for the step in flight), once per request, a few hundred KB.
+    the same tokens at the same positions). ``NLAShmHiddenStatesConnector`` (``vllm_connector``) is
+    a KV connector that gathers a capturing request's rows from its blocks in the worker, step by
+    step (below), and writes them as safetensors files into a per-engine directory under
+    ``/dev/shm`` (written to a hidden temporary name, then renamed, so a reader never sees half a
+    file). The API process (``CaptureDir``) finds the files by request id, reads and deletes them.
+    The stock ``ExampleHiddenStatesConnector`` writes once per finished request, with pinned memory,
+    CUDA streams and a writer thread pool, which crash on CPU; this one copies synchronously
+    between engine steps (on GPU that waits for the step in flight: a sync to remove there), the
+    rows each step settled, a few KB per running request.
 
 When they arrive
     While the request runs. Each engine step, the scheduler side of the connector sends, for every
@@ -46,8 +47,8 @@ What it costs
     its last token the "draft" is accepted and that token comes free. KV memory grows by
     ``d_model`` elements per token for the row store (for Qwen2.5-7B about 12% on top of its KV).
     Every request pays the compute, capturing or not; only capturing requests
-    (``kv_transfer_params = {"nla_capture": True}``) pay the copy (a few hundred KB, once) and the
-    file. An engine built without ``capture_layer`` pays nothing.
+    (``kv_transfer_params = {"nla_capture": True}``) pay the copies (a few KB a step) and the files.
+    An engine built without ``capture_layer`` pays nothing.
 
 Request ids
     ``AsyncLLM`` makes the engine-side id ``"<id>-<8 random chars>"``, and the n>1 children
@@ -188,12 +189,21 @@ def rows_to_save(num_tokens: int, num_computed_tokens: int) -> int:
     return max(0, min(num_tokens - 1, num_computed_tokens))
 
 
-def block_slots(block_ids: list[int], block_size: int, num_rows: int) -> list[int]:
-    """Flat KV slots of positions ``0 .. num_rows-1`` given a request's block table."""
-    need = math.ceil(num_rows / block_size) if num_rows else 0
+def blocks_for(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """The part of a request's block table that holds positions ``start .. end-1`` (what the
+    scheduler sends the worker: a few blocks per step, not the whole table)."""
+    if end <= start:
+        return []  # nothing to copy (a last file that only marks the end)
+    need = math.ceil(end / block_size)
     if need > len(block_ids):
-        raise ValueError(f"{num_rows} rows need {need} blocks of {block_size}; the request has {len(block_ids)}")
-    return [b * block_size + o for b in block_ids[:need] for o in range(block_size)][:num_rows]
+        raise ValueError(f"{end} rows need {need} blocks of {block_size}; the request has {len(block_ids)}")
+    return list(block_ids[start // block_size:need])
+
+
+def block_slots(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Flat KV slots of positions ``start .. end-1``, given the blocks ``blocks_for`` cut for them."""
+    first = start // block_size
+    return [block_ids[p // block_size - first] * block_size + p % block_size for p in range(start, end)]
 
 
 class CaptureError(RuntimeError):

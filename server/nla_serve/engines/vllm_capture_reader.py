@@ -78,38 +78,41 @@ class CaptureDir:
                                f"{start}..{num_rows - 1} expected")
         return rows[start - first:num_rows - first]
 
-    def take_parts(self, key: str, index: int, n: int, token_ids: list[int] | None = None
-                   ) -> list[tuple[int, "torch.Tensor"]]:
-        """The rows of a running choice that have arrived since the last call: (first position,
-        rows) per part file, in position order; the files are deleted."""
+    def take_parts(self, key: str, index: int, n: int, start: int,
+                   token_ids: Callable[[], list[int]] | None = None) -> list["torch.Tensor"]:
+        """The rows of a running choice that have arrived since the last call, which handed on
+        rows up to ``start``: one tensor per part file, in position order; the files are deleted.
+        ``token_ids`` (called only when a part is there) gives the choice's tokens to check against."""
         prefix = f"{key}-" if n == 1 else f"{index}_{key}-"
         try:
             names = sorted(nm for nm in os.listdir(self.path) if nm.startswith(prefix) and nm.endswith(PART_SUFFIX))
         except FileNotFoundError:
             return []
-        return [self._load(nm, token_ids) for nm in names]
+        ids = token_ids() if names and token_ids is not None else None
+        out, at = [], start
+        for name in names:
+            first, rows = self._load(name, ids)
+            if first != at:
+                raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
+            out.append(rows)
+            at += rows.shape[0]
+        return out
 
     async def finish(self, key: str, index: int, n: int, num_rows: int, token_ids: list[int] | None = None, *,
                      start: int = 0, alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0
-                     ) -> list[tuple[int, "torch.Tensor"]]:
-        """Rows ``start .. num_rows-1`` of a finished choice: the parts still waiting (the engine
-        may have run a step past the end before the abort of a stop string reached it) and then
-        its last file, which is written after every part. Pieces in order, trimmed to ``num_rows``."""
+                     ) -> "torch.Tensor | None":
+        """Rows ``start .. num_rows-1`` of a finished choice (None if there are none): the parts
+        still waiting (the engine may have run a step past the end before the abort of a stop
+        string reached it) and then its last file, which is written after every part. Rows past
+        ``num_rows`` belong to tokens a stop string removed and are dropped."""
+        import torch
+
         await self._until_found(key, index, n, alive, timeout_s)
-        pieces, at = [], start
-        for first, rows in self.take_parts(key, index, n, token_ids):
-            if first != at:
-                raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
-            pieces.append((first, rows))
-            at += rows.shape[0]
-        name = self.find(key, index, n)
-        pieces.append((at, self.read(name, num_rows, token_ids, at)))
-        out = []
-        for first, rows in pieces:  # rows past num_rows belong to tokens a stop string removed
-            keep = rows[:max(0, num_rows - first)]
-            if keep.shape[0]:
-                out.append((first, keep))
-        return out
+        pieces = self.take_parts(key, index, n, start, lambda: token_ids)
+        at = start + sum(p.shape[0] for p in pieces)
+        pieces.append(self.read(self.find(key, index, n), num_rows, token_ids, at))
+        rows = torch.cat(pieces)[:max(0, num_rows - start)]
+        return rows if rows.shape[0] else None
 
     async def _until_found(self, key: str, index: int, n: int, alive: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -163,18 +166,18 @@ class CaptureDir:
         for name in sorted(names, key=lambda nm: not nm.endswith(PART_SUFFIX)):
             if name.startswith("."):
                 continue  # still being written
-            if name.endswith(PART_SUFFIX):  # a discarded request's parts: removed, not counted
-                if key_of(name.rsplit("@", 1)[0]) in self._graveyard:
-                    remove_file(os.path.join(self.path, name))
+            suffix = next((sx for sx in (PART_SUFFIX, SUFFIX, ERROR_SUFFIX) if name.endswith(sx)), None)
+            if suffix is None:
                 continue
-            for suffix in (SUFFIX, ERROR_SUFFIX):
-                entry = self._graveyard.get(key_of(name[: -len(suffix)].rsplit("@", 1)[0])) \
-                    if name.endswith(suffix) else None
-                if entry is not None:
-                    remove_file(os.path.join(self.path, name))
-                    entry[1] -= 1
-                    if entry[1] <= 0:
-                        del self._graveyard[key_of(name[: -len(suffix)].rsplit("@", 1)[0])]
+            key = key_of(name[: -len(suffix)].rsplit("@", 1)[0])  # "<id>@<start>" for parts
+            entry = self._graveyard.get(key)
+            if entry is None:
+                continue
+            remove_file(os.path.join(self.path, name))
+            if suffix != PART_SUFFIX:  # a discarded request's parts are removed, not counted
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._graveyard[key]
 
     def collect_garbage(self, max_age_s: float, max_bytes: int) -> int:
         """Remove what nobody will read, and return the bytes left: files (and half-written

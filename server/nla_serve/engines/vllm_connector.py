@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX, PART_SUFFIX,
-                                            SUFFIX, block_slots, capture_file, part_file, remove_file, rows_to_save,
+                                            SUFFIX, block_slots, blocks_for, capture_file, part_file, remove_file, rows_to_save,
                                             settled_rows)
 
 
@@ -24,7 +24,7 @@ class PendingCapture:
 
     req_id: str
     path: str
-    block_ids: list[int]  # the hidden-state group's blocks, in position order
+    block_ids: list[int]  # the hidden-state group's blocks holding start..end-1 (``blocks_for``)
     start: int
     end: int
     token_ids: list[int]  # the tokens of those rows
@@ -101,9 +101,10 @@ def _build_connector_class():
                                        getattr(request, "num_in_flight_tokens", 0))
                     if end <= sent:
                         continue  # nothing new (or preempted and still recomputing what was sent)
-                    blocks = self._kv_cache_manager.get_block_ids(req_id)[self._cache_kv_group_id]
-                    saves.append(PendingCapture(req_id, part_file(self._capture_dir, req_id, sent), list(blocks),
-                                                sent, end, list(request.all_token_ids[sent:end]), final=False))
+                    table = self._kv_cache_manager.get_block_ids(req_id)[self._cache_kv_group_id]
+                    saves.append(PendingCapture(req_id, part_file(self._capture_dir, req_id, sent),
+                                                blocks_for(table, self._block_size, sent, end), sent, end,
+                                                list(request.all_token_ids[sent:end]), final=False))
                     entry[1] = end
             return CaptureMetadata(saves=saves)
 
@@ -123,7 +124,7 @@ def _build_connector_class():
             self._pending[request.request_id] = PendingCapture(
                 req_id=request.request_id,
                 path=path,
-                block_ids=list(block_ids or []),
+                block_ids=blocks_for(block_ids or [], self._block_size, start, num_rows),
                 start=start,
                 end=num_rows,
                 token_ids=list(request.all_token_ids[start:num_rows]),
@@ -164,8 +165,8 @@ def _build_connector_class():
             try:
                 assert self._kv_cache is not None, "register_kv_caches was not called"
                 cache = self._kv_cache  # [num_blocks, num_states, block_size, d]
-                all_slots = block_slots(save.block_ids, self._block_size, save.end) if save.end > save.start else []
-                slots = torch.tensor(all_slots[save.start:], dtype=torch.long).to(cache.device)
+                slots = torch.tensor(block_slots(save.block_ids, self._block_size, save.start, save.end),
+                                     dtype=torch.long).to(cache.device)
                 # A synchronous device->host copy between steps (on GPU it waits for the step in
                 # flight: the GPU smoke script measures it; a non-blocking copy is the next step).
                 with gpu_sync_allowed():

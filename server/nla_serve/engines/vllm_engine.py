@@ -280,6 +280,8 @@ class VLLMEngine:
         params = self._sampling_params(options, prompt, capture)
         engine_prompt = self._engine_prompt(prompt)
         key = vllm_capture.vllm_request_id(request_id)
+        import torch
+
         n = options.n
         num_prompt = len(prompt.token_ids)
         # Token ids the rows must belong to; mixed-mode prompts hold 0 at embedded positions.
@@ -308,36 +310,21 @@ class VLLMEngine:
                     texts[c.index] += text
                     captured = None
                     if capture and self._capture is not None and reason != "abort":
-                        ids = fed_prompt + outputs[c.index]
-                        # rows settled by earlier engine steps (one file per step), in order
-                        pieces = []
-                        for start, rows in self._capture.take_parts(key, c.index, n, ids):
-                            if start != next_row[c.index]:
-                                raise vllm_capture.CaptureError(
-                                    f"choice {c.index}: rows from {start} arrived, {next_row[c.index]} expected")
-                            pieces.append(rows)
-                            next_row[c.index] += rows.shape[0]
-                        if reason is not None:  # the rest, up to P+G-2: late parts and the last file
-                            need = len(ids) - 1
-                            while next_row[c.index] > need and pieces:  # a stop string cut tokens whose rows came
-                                extra = min(next_row[c.index] - need, pieces[-1].shape[0])
-                                pieces[-1] = pieces[-1][:pieces[-1].shape[0] - extra]
-                                next_row[c.index] -= extra
-                                if not pieces[-1].shape[0]:
-                                    pieces.pop()
-                            for _, rest in await self._capture.finish(
-                                    key, c.index, n, need, ids, start=next_row[c.index],
-                                    alive=lambda: not llm.errored):
-                                pieces.append(rest)
-                                next_row[c.index] += rest.shape[0]
+                        # rows settled by earlier engine steps (one part file per step); at the end,
+                        # late parts and the last file, up to P+G-2
+                        first = next_row[c.index]
+                        if reason is None:
+                            pieces = self._capture.take_parts(key, c.index, n, first,
+                                                              lambda: fed_prompt + outputs[c.index])
+                            rows = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]) if pieces else None
+                        else:
+                            ids = fed_prompt + outputs[c.index]
+                            rows = await self._capture.finish(key, c.index, n, len(ids) - 1, ids, start=first,
+                                                              alive=lambda: not llm.errored)
                             delivered.add(c.index)
-                        pieces = [p for p in pieces if p.shape[0]]
-                        if pieces:
-                            import torch
-
-                            first = next_row[c.index] - sum(p.shape[0] for p in pieces)
-                            captured = CapturedRows(start=first, rows=torch.cat(pieces) if len(pieces) > 1
-                                                    else pieces[0])
+                        if rows is not None:
+                            captured = CapturedRows(start=first, rows=rows)
+                            next_row[c.index] = captured.end
                     if reason is not None:
                         done.add(c.index)
                     yield StepOutput(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 MAX_QUOTE_CHARS = 400  # longer "quotes" are an unbalanced quote mark, not a quote
@@ -126,8 +126,10 @@ def ground(explanation: str | None, context: str, predictions: Sequence[str] | N
         return Grounding(0, checked_predictions=predictions is not None)
     ctx = normalize(context)
     current = normalize(token) if token is not None else ""
-    # the context continued by each predicted token: "...capital of France is" + " Paris"
-    continued = [normalize(context + tok) for tok in (predictions or ())]
+    # the context continued by each predicted token: "...capital of France is" + " Paris"; a quote
+    # that crosses the end of the context starts within its last MAX_QUOTE_CHARS characters
+    tail = context[-2 * MAX_QUOTE_CHARS:]
+    continued = [normalize(tail + tok) for tok in (predictions or ())]
     tokens = {normalize(tok) for tok in (predictions or ())} - {""}
     found, predicted, unfound = [], [], []
     for q in quotes:
@@ -139,16 +141,3 @@ def ground(explanation: str | None, context: str, predictions: Sequence[str] | N
             unfound.append(q)
     return Grounding(len(quotes), tuple(found), tuple(predicted), tuple(unfound),
                      checked_predictions=predictions is not None)
-
-
-@dataclass
-class GroundingContext:
-    """What the server knows at one explained position: the text the activation saw and the
-    model's top next-token predictions there (decoded), or None where it has none."""
-
-    text: str
-    predictions: list[str] | None = field(default=None)
-    token: str | None = None
-
-    def check(self, explanation: str | None) -> Grounding:
-        return ground(explanation, self.text, self.predictions, self.token)

@@ -39,9 +39,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ACTIONS = ("flag", "webhook", "abort")
-
-
 class MonitorConfigError(ValueError):
     """The rules file is wrong; the message names the file, the rule and the field."""
 

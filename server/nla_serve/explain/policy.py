@@ -54,14 +54,14 @@ class ExplainPlan:
         slots = max(1, self.max_explanations - (1 if self.positions == "auto" else 0))
         return dataclasses.replace(self, stride=max(1, max_tokens // slots))
 
-    def positions_before(self, P: int, available: int) -> list[int] | None:
-        """Positions this plan picks whatever the choice's final length, among the first
-        ``available`` rows: what can be explained while the choice still generates. None when the
+    def stable_positions(self, P: int) -> list[int] | None:
+        """The positions this plan picks whatever the choice's final length (sorted), which can
+        be explained while the choice still generates, each once its row exists. None when the
         selection depends on the final length (``last``, ``all``, ``every``, non-streamed ``auto``)."""
         pos = self.positions
         if not (isinstance(pos, tuple) or pos == "prompt" or self.stride is not None):
             return None
-        return [p for p in self.select(P, 1 << 30) if p < available]
+        return self.select(P, 1 << 30)
 
     def select(self, P: int, G: int) -> list[int]:
         """Positions to explain for a choice with P prompt and G generated tokens (sorted)."""
