@@ -30,9 +30,16 @@ endif
 
 install: $(STAMP)
 
-# Programs the tests run for real: a PostgreSQL server for the audit log's shared store. Installed
-# from Debian's packages when missing (as root); instant when already there.
+# Programs the tests run for real: a PostgreSQL server for the audit log's shared store, and
+# Chromium for the viewer's browser tests (Playwright drives Debian's build; it downloads nothing).
+# Installed from Debian's packages when missing (as root); instant when already there.
 system:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium (the viewer's tests drive a real browser)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs Chromium at /usr/bin/chromium (Debian: apt-get install chromium)"; exit 1; fi; \
+	fi
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's postgresql (the audit tests start a real server)"; \

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Callable
 
 from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from nla_serve.api import errors as api_errors
 from nla_serve.api import openapi
@@ -24,6 +26,10 @@ from nla_serve.errors import PayloadTooLargeError
 from nla_serve.service import Service
 
 log = logging.getLogger("nla_serve")
+
+# The viewer (docs/viewer.md): static files shipped in the package, served without a key (they hold
+# no secrets; the page asks for the key and sends it with each API call, like any client).
+UI_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
 
 
 class BodyLimit:
@@ -95,6 +101,7 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     api_errors.install(app)
     app.include_router(router)
     app.include_router(audit_router)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")  # /ui redirects to /ui/
     app.add_middleware(api_errors.CatchAll)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

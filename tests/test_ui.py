@@ -1,0 +1,251 @@
+"""The viewer at /ui in a real browser: Playwright drives Debian's Chromium (``make test`` installs it;
+nothing is downloaded) against a real server on loopback (tiny models, transformers engine, API and
+admin keys, the audit log on, a monitors file), at a desktop and a phone window size.
+
+``NLA_UI_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_ui.py`` also writes the screenshots shown
+in the README and docs/viewer.md (docs/img/viewer-*.png).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from conftest import MODEL, AppServer
+from nla_serve.api.app import create_app
+from nla_serve.config import ServerSettings
+from nla_serve.explain.monitors import load_rules
+from nla_serve.service import Service
+
+CHROMIUM = "/usr/bin/chromium"
+KEY = "sk-viewer-test-0123456789"
+ADMIN = "admin-viewer-test-0123456789"
+RULE = "every-scored-answer-token"
+IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+SIZES = {"desktop": {"width": 1280, "height": 860}, "phone": {"width": 390, "height": 844}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny, loop, tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer")
+    rules = root / "rules.yaml"  # what --monitors FILE reads
+    rules.write_text(f"- name: {RULE}\n  when: {{fve_below: 100.0}}\n  positions: generated\n"
+                     "- name: never-matches\n  when: {text_matches: zq-never-zq}\n")
+    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
+                              engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
+                              cache_dir=str(root / "cache"), api_keys={"viewer": KEY}, admin_key=ADMIN,
+                              monitors=load_rules(rules), audit_checkpoint_seconds=0.5)
+    svc = loop.run(Service.start(settings))
+    app = AppServer(loop, create_app(settings, svc)).start()
+    yield app.url
+    app.stop()
+    loop.run(svc.stop())
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page with its console errors, uncaught exceptions and requests recorded."""
+
+    def __init__(self, browser, url: str, size: str):
+        self.context = browser.new_context(viewport=SIZES[size])
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(url + "/ui")
+
+    def close(self) -> None:
+        self.context.close()
+
+    def no_horizontal_scroll(self) -> None:
+        width = self.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"the page is {width[0]} px wide in a {width[1]} px window"
+
+
+def connect(page: Page) -> None:
+    page.fill("#api-key", KEY)
+    page.fill("#admin-key", ADMIN)
+    page.click("#keys button[type=submit]")
+    expect(page.locator("#model-line")).to_contain_text(f"Model {MODEL}")
+
+
+def ask(page: Page, question: str) -> None:
+    page.fill("#max-tokens", "24")
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+
+
+# Every change to the conversation: (answer chips so far, whether the turn is done).
+WATCH_CHIPS = """() => {
+  window.chipCounts = [];
+  new MutationObserver(() => window.chipCounts.push([document.querySelectorAll('.answer .chip').length,
+                                                     !!document.querySelector('.turn[data-done]')]))
+    .observe(document.getElementById('conversation'), {childList: true, subtree: true, attributes: true});
+}"""
+
+
+def shot(page: Page, name: str) -> None:
+    if os.environ.get("NLA_UI_SCREENSHOTS") == "1":
+        IMG.mkdir(parents=True, exist_ok=True)
+        path = IMG / f"viewer-{name}.png"
+        page.screenshot(path=str(path))
+        assert path.stat().st_size < 300_000, f"{path} is {path.stat().st_size} bytes; keep screenshots small"
+
+
+def admin(url: str, path: str, **params) -> dict:
+    res = httpx.get(url + path, params=params, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    res.raise_for_status()
+    return res.json()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_page_loads_without_a_key_or_console_errors(server, browser, size):
+    w = Watched(browser, server, size)
+    try:
+        assert w.page.url == server + "/ui/"  # /ui redirects to the folder; neither needs the key
+        expect(w.page).to_have_title("nla-serve viewer")
+        expect(w.page.locator("#health")).to_have_text("server ok")
+        expect(w.page.get_by_role("tab", name="Playground")).to_have_attribute("aria-selected", "true")
+        # an API call without the key is refused, with the API's words shown
+        w.page.click("#keys button[type=submit]")
+        expect(w.page.locator("#error .error-message")).to_have_text("Missing API key: send 'Authorization: Bearer <key>'")
+        expect(w.page.locator("#error .error-detail")).to_contain_text("HTTP 401")
+        w.errors = [e for e in w.errors if "401" not in e]  # Chromium logs the refused fetch itself
+        connect(w.page)
+        expect(w.page.locator("#error")).to_be_hidden()
+        w.no_horizontal_scroll()
+        assert not w.errors, w.errors
+        assert all(u.startswith(server) for u in w.requests), [u for u in w.requests if not u.startswith(server)]
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_monitor_flags(server, browser, size):
+    w = Watched(browser, server, size)
+    page = w.page
+    try:
+        connect(page)
+        bodies = []
+        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and bodies.append(r.post_data_json))
+        page.evaluate(WATCH_CHIPS)
+        ask(page, f"Tell me about the sea ({size}).")
+        expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
+        assert bodies and bodies[0]["stream"] is True and bodies[0]["explain"]["positions"] == "auto"
+        # the chips arrived a few at a time while the stream was open, not all at once at the end
+        seen = page.evaluate("window.chipCounts")
+        open_counts = sorted({n for n, done in seen if not done and n > 0})
+        assert len(open_counts) > 1, seen
+        status = page.locator(".turn-status").inner_text()
+        rid = re.search(r"chatcmpl-[0-9a-f]+", status).group(0)
+        record = admin(server, f"/v1/audit/records/{rid}")["record"]
+        P = record["prompt_tokens"]
+        # the chips are the answer's tokens, and the explained ones are marked
+        assert page.locator(".answer .chip").count() == len(record["choices"][0]["token_ids"])
+        generated = [e for e in record["explanations"] if e["source"] == "completion"]
+        assert generated, record["explanations"]
+        explained = page.locator(".answer .chip.explained")
+        assert explained.count() == len(generated)
+        first = generated[0]
+        chip = page.locator(f".answer .chip[data-completion-index='{first['token_index'] - P}']")
+        expect(chip).to_have_class(re.compile(r"\bexplained\b"))
+        # a monitor rule that matched flags the chip and the turn
+        if first["fve"] is not None:
+            assert RULE in first["monitors"]
+            expect(chip).to_have_attribute("data-flag", "⚑")
+            expect(page.locator(".turn .events")).to_contain_text(RULE)
+        chip.focus()
+        page.keyboard.press("Enter")  # keyboard: a focused chip opens like a click
+        panel = page.locator("#panel")
+        expect(panel.locator(".explanation-text")).to_have_text(first["text"])
+        expect(panel).to_contain_text(f"token #{first['token_index']}")
+        expect(panel).to_contain_text("Explained during generation")
+        fve = "—" if first["fve"] is None else f"{first['fve']:.3f}"
+        expect(panel.locator(".fve-badge")).to_have_text(f"FVE {fve}")
+        expect(panel).to_contain_text("fraction of variance explained")
+        expect(panel.locator("h3", has_text="Grounding")).to_be_visible()
+        if first["fve"] is not None:
+            expect(panel.locator(".monitor-event")).to_contain_text(RULE)
+        if size == "desktop":
+            shot(page, "playground")
+        # any other token: explained on request, labelled as computed later from the text
+        j = page.locator(".answer .chip:not(.explained)").first.get_attribute("data-completion-index")
+        plain = page.locator(f".answer .chip[data-completion-index='{j}']")
+        plain.click()
+        panel.get_by_role("button", name="Explain this token now").click()
+        expect(panel.locator(".origin.later")).to_contain_text("Computed later, from the text")
+        # it says whether re-tokenizing the text gave back the same token at this index
+        expect(panel.locator(".origin.later")).to_contain_text(re.compile("re-tokeniz", re.I))
+        expect(panel).to_contain_text(f"token #{P + int(j)}")
+        expect(plain).to_have_class(re.compile(r"\bexplained\b"))
+        w.no_horizontal_scroll()
+        assert not w.errors, w.errors
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_search_finds_the_request_and_its_record_opens_verified(server, browser, size):
+    w = Watched(browser, server, size)
+    page = w.page
+    try:
+        connect(page)
+        ask(page, f"What do whales eat ({size})?")
+        expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
+        rid = re.search(r"chatcmpl-[0-9a-f]+", page.locator(".turn-status").inner_text()).group(0)
+        record = admin(server, f"/v1/audit/records/{rid}")["record"]
+        words = [e["text"] for e in record["explanations"] if e["text"] and e["source"] == "completion"]
+        term = re.search(r"\w{4,}", words[0]).group(0)
+        page.get_by_role("tab", name="Records").click()
+        page.fill("#q", term)
+        page.locator("#search summary").click()
+        page.fill("#search input[name=request_id]", rid)
+        page.get_by_role("button", name="Search", exact=True).click()
+        hit = page.locator("#results .hits button.link", has_text=rid).first
+        expect(hit).to_be_visible()
+        expect(page.locator("#results mark.found").first).to_have_text(re.compile(re.escape(term), re.I))
+        hit.click()
+        view = page.locator("#record")
+        expect(view.locator("h2")).to_have_text(f"Record #{record['seq']}")
+        expect(view.locator(".verification h3")).to_have_text("Verified in this browser")
+        expect(view.locator(".verification")).to_contain_text("Ed25519 signature verifies")
+        expect(view.locator(".verification")).to_contain_text("inclusion path")
+        assert view.locator(".answer-text").text_content() == record["choices"][0]["text"]
+        expect(view.locator(".chip.explained")).to_have_count(len(record["explanations"]))
+        if record["monitor_events"]:
+            expect(view).to_contain_text(RULE)
+        view.locator(".chip.explained").first.click()
+        expect(page.locator("#record-panel .explanation-text")).to_have_text(record["explanations"][0]["text"])
+        expect(page.locator("#record-panel")).to_contain_text("From the signed audit record")
+        if size == "desktop":
+            shot(page, "record")
+        # a wrong pinned key is caught, in the browser
+        other = "nla-serve/0000000000000000+a2b9f1d3+AQ" + "A" * 42 + "="
+        view.get_by_label("log public key to check against").fill(other)
+        view.get_by_role("button", name="Check with this key").click()
+        expect(view.locator(".verification h3")).to_have_text("Does NOT verify")
+        # a bad filter is refused with the API's words
+        page.fill("#search input[name=fve_min]", "0.9")
+        page.fill("#search input[name=fve_max]", "0.1")
+        page.get_by_role("button", name="Search", exact=True).click()
+        expect(page.locator("#error .error-message")).to_contain_text("fve_min")
+        w.no_horizontal_scroll()
+        assert not [e for e in w.errors if "400" not in e], w.errors
+    finally:
+        w.close()
