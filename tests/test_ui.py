@@ -2,21 +2,25 @@
 nothing is downloaded) against a real server on loopback (tiny models, transformers engine, API and
 admin keys, the audit log on, a monitors file), at a desktop and a phone window size.
 
-``NLA_UI_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_ui.py`` also writes the screenshots shown
-in the README and docs/viewer.md (docs/img/viewer-*.png).
+``NLA_UI_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_ui.py`` runs the same tests against the
+embedded default model and NLA instead (``nla-serve serve`` as ``make serve`` starts it, with the same
+keys and monitors file; a few minutes on a CPU) and writes the screenshots shown in the README and
+docs/viewer.md (docs/img/viewer-*.png).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from conftest import MODEL, AppServer
+from conftest import MODEL, AppServer, free_port, until
 from nla_serve.api.app import create_app
 from nla_serve.config import ServerSettings
 from nla_serve.explain.monitors import load_rules
@@ -27,15 +31,22 @@ KEY = "sk-viewer-test-0123456789"
 ADMIN = "admin-viewer-test-0123456789"
 RULE = "every-scored-answer-token"
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
-SIZES = {"desktop": {"width": 1280, "height": 860}, "phone": {"width": 390, "height": 844}}
+SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+SCREENSHOTS = os.environ.get("NLA_UI_SCREENSHOTS") == "1"
+QUESTIONS = {"desktop": "What is the capital of France?", "phone": "Give me three facts about the moon.",
+             "records-desktop": "What do whales eat?", "records-phone": "Name a large whale."}
 
 
 @pytest.fixture(scope="module")
-def server(tiny, loop, tmp_path_factory):
+def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("viewer")
     rules = root / "rules.yaml"  # what --monitors FILE reads
     rules.write_text(f"- name: {RULE}\n  when: {{fve_below: 100.0}}\n  positions: generated\n"
                      "- name: never-matches\n  when: {text_matches: zq-never-zq}\n")
+    if SCREENSHOTS:
+        yield from default_server(root, rules)
+        return
+    tiny, loop = request.getfixturevalue("tiny"), request.getfixturevalue("loop")
     settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
                               engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
                               cache_dir=str(root / "cache"), api_keys={"viewer": KEY}, admin_key=ADMIN,
@@ -45,6 +56,44 @@ def server(tiny, loop, tmp_path_factory):
     yield app.url
     app.stop()
     loop.run(svc.stop())
+
+
+def default_server(root: Path, rules: Path):
+    """``nla-serve serve`` with the embedded default model and NLA, keys and the monitors file."""
+    keys, admin_key = root / "keys.yaml", root / "admin.key"
+    keys.write_text(f"viewer: {KEY}\n")
+    admin_key.write_text(ADMIN + "\n")
+    keys.chmod(0o600)
+    admin_key.chmod(0o600)
+    port = free_port()
+    log = root / "serve.log"
+    exe = Path(sys.executable).with_name("nla-serve")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(exe), "serve", "--port", str(port),
+                                 "--api-keys-file", str(keys), "--admin-key-file", str(admin_key),
+                                 "--monitors", str(rules), "--audit-db", str(root / "audit.db"),
+                                 "--audit-key", str(root / "audit.key"),  # never the cache's own log key
+                                 "--audit-checkpoint-seconds", "0.5"],
+                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            pytest.fail(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert until(up, 600, every=1), log.read_text()[-3000:]
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +131,11 @@ def connect(page: Page) -> None:
     page.fill("#api-key", KEY)
     page.fill("#admin-key", ADMIN)
     page.click("#keys button[type=submit]")
-    expect(page.locator("#model-line")).to_contain_text(f"Model {MODEL}")
+    expect(page.locator("#model-line")).to_contain_text("Model " + ("" if SCREENSHOTS else MODEL))
 
 
 def ask(page: Page, question: str) -> None:
-    page.fill("#max-tokens", "24")
+    page.fill("#max-tokens", "40" if SCREENSHOTS else "24")
     page.fill("#question", question)
     page.press("#question", "Enter")
 
@@ -101,7 +150,7 @@ WATCH_CHIPS = """() => {
 
 
 def shot(page: Page, name: str) -> None:
-    if os.environ.get("NLA_UI_SCREENSHOTS") == "1":
+    if SCREENSHOTS:
         IMG.mkdir(parents=True, exist_ok=True)
         path = IMG / f"viewer-{name}.png"
         page.screenshot(path=str(path))
@@ -145,7 +194,7 @@ def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_mon
         bodies = []
         page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and bodies.append(r.post_data_json))
         page.evaluate(WATCH_CHIPS)
-        ask(page, f"Tell me about the sea ({size}).")
+        ask(page, QUESTIONS[size])
         expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
         assert bodies and bodies[0]["stream"] is True and bodies[0]["explain"]["positions"] == "auto"
         # the chips arrived a few at a time while the stream was open, not all at once at the end
@@ -182,8 +231,10 @@ def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_mon
         expect(panel.locator("h3", has_text="Grounding")).to_be_visible()
         if first["fve"] is not None:
             expect(panel.locator(".monitor-event")).to_contain_text(RULE)
-        if size == "desktop":
-            shot(page, "playground")
+        if SCREENSHOTS:  # show the explanation that quotes the most
+            best = max(generated, key=lambda e: len((e["grounding"] or {}).get("found") or []) * 10 + (e["fve"] or 0))
+            page.locator(f".answer .chip[data-completion-index='{best['token_index'] - P}']").click()
+            shot(page, "playground" if size == "desktop" else "phone")
         # any other token: explained on request, labelled as computed later from the text
         j = page.locator(".answer .chip:not(.explained)").first.get_attribute("data-completion-index")
         plain = page.locator(f".answer .chip[data-completion-index='{j}']")
@@ -206,12 +257,12 @@ def test_search_finds_the_request_and_its_record_opens_verified(server, browser,
     page = w.page
     try:
         connect(page)
-        ask(page, f"What do whales eat ({size})?")
+        ask(page, QUESTIONS[f"records-{size}"])
         expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
         rid = re.search(r"chatcmpl-[0-9a-f]+", page.locator(".turn-status").inner_text()).group(0)
         record = admin(server, f"/v1/audit/records/{rid}")["record"]
         words = [e["text"] for e in record["explanations"] if e["text"] and e["source"] == "completion"]
-        term = re.search(r"\w{4,}", words[0]).group(0)
+        term = re.search(r"\w{4,}", words[0]).group(0)[:6]
         page.get_by_role("tab", name="Records").click()
         page.fill("#q", term)
         page.locator("#search summary").click()

@@ -112,6 +112,12 @@ export function chipLabel(token, index, item) {
  * ("generation" | "later" | "record"), laterNote, onExplain (a function, or null)}.
  */
 export function renderPanel(panel, view) {
+  draw(panel, view);
+  // one column (a phone): the panel is below the conversation, so bring it into view
+  if (window.matchMedia("(max-width: 820px)").matches) panel.scrollIntoView({ block: "start" });
+}
+
+function draw(panel, view) {
   const { item } = view;
   const where = [`token #${view.tokenIndex}`];
   if (view.completionIndex !== null && view.completionIndex !== undefined) where.push(`answer token ${view.completionIndex}`);
