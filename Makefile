@@ -46,6 +46,12 @@ system:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else echo "make test needs PostgreSQL's server binaries (Debian: apt-get install postgresql)"; exit 1; fi; \
 	fi
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's prometheus (the dashboard test scrapes the server with a real one)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "make test needs Prometheus (Debian: apt-get install prometheus)"; exit 1; fi; \
+	fi
 
 test: install system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
