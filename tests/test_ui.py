@@ -157,6 +157,20 @@ def shot(page: Page, name: str) -> None:
         assert path.stat().st_size < 300_000, f"{path} is {path.stat().st_size} bytes; keep screenshots small"
 
 
+def tampered(doc: dict) -> dict:
+    """A record document whose entry says another answer, with a leaf hash recomputed to match."""
+    import base64
+    import hashlib
+    import json
+
+    entry = json.loads(base64.b64decode(doc["entry"]))
+    entry["choices"][0]["text"] = "an answer the model never gave"
+    raw = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    doc["entry"] = base64.b64encode(raw).decode()
+    doc["leaf_hash"] = base64.b64encode(hashlib.sha256(b"\x00" + raw).digest()).decode()
+    return doc
+
+
 def admin(url: str, path: str, **params) -> dict:
     res = httpx.get(url + path, params=params, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     res.raise_for_status()
@@ -240,7 +254,7 @@ def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_mon
         plain = page.locator(f".answer .chip[data-completion-index='{j}']")
         plain.click()
         panel.get_by_role("button", name="Explain this token now").click()
-        expect(panel.locator(".origin.later")).to_contain_text("Computed later, from the text")
+        expect(panel.locator(".origin.later")).to_contain_text("Computed later, from the text", timeout=300_000)
         # it says whether re-tokenizing the text gave back the same token at this index
         expect(panel.locator(".origin.later")).to_contain_text(re.compile("re-tokeniz", re.I))
         expect(panel).to_contain_text(f"token #{P + int(j)}")
@@ -291,6 +305,17 @@ def test_search_finds_the_request_and_its_record_opens_verified(server, browser,
         view.get_by_label("log public key to check against").fill(other)
         view.get_by_role("button", name="Check with this key").click()
         expect(view.locator(".verification h3")).to_have_text("Does NOT verify")
+        # a record edited on its way (its answer changed, the leaf hash made to match) is caught by the
+        # signature check in the browser
+        view.get_by_label("log public key to check against").fill("")
+        view.get_by_role("button", name="Check with this key").click()
+        expect(view.locator(".verification h3")).to_have_text("Verified in this browser")
+        page.route(f"**/v1/audit/records/{rid}", lambda route: route.fulfill(json=tampered(route.fetch().json())))
+        page.get_by_role("button", name="Search", exact=True).click()
+        page.locator("#results .hits button.link", has_text=rid).first.click()
+        expect(view.locator(".verification h3")).to_have_text("Does NOT verify")
+        expect(view.locator(".verification li.bad")).to_have_text(re.compile("signature does not verify"))
+        page.unroute(f"**/v1/audit/records/{rid}")
         # a bad filter is refused with the API's words
         page.fill("#search input[name=fve_min]", "0.9")
         page.fill("#search input[name=fve_max]", "0.1")

@@ -53,17 +53,24 @@ function norm(s) {
   return s.toLowerCase().replace(/\s+/g, " ").replace(/^[\s.,;:!?"'“”‘’`]+|[\s.,;:!?"'“”‘’`]+$/g, "");
 }
 
-/** Ranges [start, end, kind] of each phrase (case-insensitive) in `text`. */
-function ranges(text, phrases, kind) {
+const QUOTE_MARKS = "\"“”‘’'`";
+const WORDLIKE = /[\p{L}\p{N}]/u;
+
+/** Ranges [start, end, kind] of each phrase in `text` (any case, whole words; with `quoted`, only
+ *  where a quote mark opens it, which is how the explanation quoted it). */
+function ranges(text, phrases, kind, quoted = false) {
   const out = [];
   const lower = text.toLowerCase();
   for (const p of phrases) {
     const needle = norm(p);
     if (!needle) continue;
-    let at = lower.indexOf(needle);
-    while (at >= 0) {
+    for (let at = lower.indexOf(needle); at >= 0; at = lower.indexOf(needle, at + 1)) {
+      const before = text[at - 1] || " ";
+      const after = text[at + needle.length] || " ";
+      const opens = QUOTE_MARKS.includes(before);
+      if (quoted ? !opens : WORDLIKE.test(before) && WORDLIKE.test(needle[0])) continue;
+      if (WORDLIKE.test(after) && WORDLIKE.test(needle[needle.length - 1])) continue;
       out.push([at, at + needle.length, kind]);
-      at = lower.indexOf(needle, at + needle.length);
     }
   }
   return out;
@@ -148,8 +155,8 @@ function draw(panel, view) {
   }
 
   const g = item.grounding || null;
-  const quoteMarks = g ? [...ranges(item.text || "", g.found || [], "found"), ...ranges(item.text || "", g.predicted || [], "predicted"),
-    ...ranges(item.text || "", g.unfound || [], "unfound")] : [];
+  const quoteMarks = g ? [...ranges(item.text || "", g.found || [], "found", true),
+    ...ranges(item.text || "", g.predicted || [], "predicted", true), ...ranges(item.text || "", g.unfound || [], "unfound", true)] : [];
   parts.push(h("section", { class: "block" },
     h("h3", {}, "Explanation"),
     item.text ? h("blockquote", { class: "explanation-text" }, highlighted(item.text, quoteMarks)) : h("p", { class: "hint" }, "(no text)"),
