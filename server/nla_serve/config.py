@@ -9,14 +9,17 @@ settings cut out of the server's.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nla_serve.explain.monitors import Rule
 
 EngineKind = Literal["vllm", "transformers"]
+# The verbalizer may also be "remote": a fleet of stock vLLM OpenAI servers (engines/remote_verbalizer.py)
+VerbalizerKind = Literal["vllm", "transformers", "remote"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's own (its config says)
 NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
 CACHE_ENV = "NLA_SERVE_CACHE_DIR"  # the environment twin of --cache-dir
@@ -27,6 +30,40 @@ def default_cache_root() -> Path:
     ``~/.cache/nla-serve``. Every cache nla-serve writes lives under this one root."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nla-serve"
+
+
+
+def http_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
+    """Backend base URLs, normalised: no trailing slash and no ``/v1`` (we add the routes)."""
+    out = []
+    for url in urls:
+        url = url.strip().rstrip("/")
+        if url.endswith("/v1"):  # the OpenAI base URL form
+            url = url[:-3]
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        out.append(url)
+    if len(set(out)) != len(out):
+        raise ValueError("a verbalizer URL is given twice")
+    return tuple(out)
+
+class RemoteSettings(BaseModel):
+    """A verbalizer fleet: stock vLLM OpenAI servers serving the AV with ``--enable-prompt-embeds``.
+
+    ``model`` is the name the backends serve it under (None: the first of each backend's
+    ``/v1/models``). ``timeout_s`` bounds one job on one backend; past it the job is retried on
+    another. Backends are probed every ``health_interval_s`` seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    urls: tuple[str, ...] = Field(min_length=1)
+    model: str | None = None
+    api_key: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
+
+    _urls = field_validator("urls")(lambda cls, urls: http_urls(urls))
 
 
 class EngineSettings(BaseModel):
@@ -46,7 +83,7 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
-    kind: EngineKind = "vllm"
+    kind: VerbalizerKind = "vllm"  # "remote" only for the verbalizer: see RemoteSettings
     dtype: DType = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (transformers engine)
     capture_layer: int | None = None
@@ -60,6 +97,7 @@ class EngineSettings(BaseModel):
     enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU (see resolve_eager)
     compilation_config: dict | None = None  # vLLM's, as given (e.g. {"cudagraph_mode": "PIECEWISE"}); None: its default
     seed: int = 0
+    remote: RemoteSettings | None = None  # kind "remote": the backends (``model`` is still the local AV folder)
 
 
 # The most tokens one explanation may take; the verbalizer engine's context is sized from it.
@@ -171,6 +209,12 @@ class ServerSettings(BaseModel):
     audit_checkpoint_every: int = Field(default=256, ge=1)  # records between signed checkpoints, at most
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)  # seconds between checkpoints, at most
     audit_queue_size: int = Field(default=4096, ge=1)
+    # A verbalizer fleet (stock vLLM servers with the AV) instead of the in-process verbalizer engine
+    verbalizer_url: tuple[str, ...] = ()
+    verbalizer_model: str | None = None
+    verbalizer_api_key: str | None = None
+    verbalizer_timeout: float = Field(default=300.0, gt=0)
+    _verbalizer_urls = field_validator("verbalizer_url")(lambda cls, urls: http_urls(urls))
 
     @property
     def cache_root(self) -> Path:
@@ -211,11 +255,15 @@ class ServerSettings(BaseModel):
     def verbalizer_engine(self, av_dir: str | Path) -> EngineSettings:
         """The verbalizer engine's slice: the AV with prompt embeddings (its context is sized by
         ``NLARuntime.open`` from the AV's prompt and ``MAX_EXPLANATION_TOKENS``)."""
+        remote = None
+        if self.verbalizer_url:
+            remote = RemoteSettings(urls=self.verbalizer_url, model=self.verbalizer_model,
+                                    api_key=self.verbalizer_api_key, timeout_s=self.verbalizer_timeout)
         return EngineSettings(
-            model=str(av_dir), kind=self.engine, device=self.device, dtype=self.nla_dtype_setting,
-            enable_prompt_embeds=True, max_num_seqs=self.max_num_seqs,
+            model=str(av_dir), kind="remote" if remote else self.engine, device=self.device,
+            dtype=self.nla_dtype_setting, enable_prompt_embeds=True, max_num_seqs=self.max_num_seqs,
             memory_fraction=self.verbalizer_memory_fraction, kv_cache_gib=self.kv_cache_gib,
-            enforce_eager=self.enforce_eager)
+            enforce_eager=self.enforce_eager, remote=remote)
 
     def reconstructor(self) -> ReconstructorSettings:
         return ReconstructorSettings(device=self.device, dtype=self.nla_dtype_setting)

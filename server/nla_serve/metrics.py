@@ -70,6 +70,10 @@ class Metrics:
                                       L + ["rule", "action"], registry=r)
         self.webhook_failures = Counter("nla_monitor_webhook_failures", "Monitor webhook events not delivered",
                                         L + ["reason"], registry=r)
+        self.backend_up = Gauge("nla_verbalizer_backend_up", "1 while a --verbalizer-url backend answers its "
+                                "probes, 0 while it is down", L + ["backend"], registry=r)
+        self.backend_in_flight = Gauge("nla_verbalizer_backend_in_flight", "Explanation jobs running on each "
+                                       "--verbalizer-url backend", L + ["backend"], registry=r)
         self.errors = Counter("nla_request_errors", "Requests refused or failed, by HTTP status", L + ["status"],
                               registry=r)
 
@@ -130,6 +134,12 @@ class Metrics:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
         self.queue_depth.labels(self.model_name).set(queue_depth)
+
+    def set_backends(self, backends: list[dict]) -> None:
+        """The verbalizer fleet's backends (``RemoteVerbalizerEngine.fleet_state``)."""
+        for b in backends:
+            self.backend_up.labels(self.model_name, b["url"]).set(1 if b["up"] else 0)
+            self.backend_in_flight.labels(self.model_name, b["url"]).set(b["in_flight"])
 
     # -- the audit writer (called from its thread; prometheus-client objects are thread-safe) --
 

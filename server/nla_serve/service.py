@@ -298,6 +298,14 @@ class Service:
         stats = getattr(self.target, "stats", None)  # engines that report on themselves (vLLM)
         if stats is not None:
             self.metrics.record_engine(stats)
+        fleet = self.verbalizer_backends()
+        if fleet is not None:
+            self.metrics.set_backends(fleet)
+
+    def verbalizer_backends(self) -> list[dict] | None:
+        """Each --verbalizer-url backend's state; None with an in-process verbalizer."""
+        state = getattr(self.nla.engine, "fleet_state", None) if self.nla is not None else None
+        return state() if state is not None else None
 
     def in_flight(self) -> dict[str, dict[str, int]]:
         """Every per-request structure of the service and its parts, by size (all 0 when idle)."""

@@ -116,6 +116,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None
+    error: str | None = None  # why this one prompt could not be generated (the others still were)
 
 
 @dataclass

@@ -373,9 +373,14 @@ async def health(request: Request):
     if svc is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     target, verbalizer = svc.states["target"], svc.states.get("verbalizer")
+    fleet = svc.verbalizer_backends()
+    if fleet is not None and verbalizer == "up" and not any(b["up"] for b in fleet):
+        verbalizer = "down"  # every --verbalizer-url backend is unreachable
     explaining = verbalizer == "up"
     body = {"status": "down" if target != "up" else ("ok" if explaining or svc.nla is None else "degraded"),
             "target": target, "verbalizer": verbalizer or "none", "explanations": explaining}
+    if fleet is not None:  # counts only: /health needs no key, so no backend addresses
+        body["verbalizer_backends"] = {"up": sum(b["up"] for b in fleet), "total": len(fleet)}
     reasons = {k: v for k, v in svc.state_reasons.items() if v}
     if reasons:
         body["reasons"] = reasons

@@ -43,6 +43,13 @@ FLAGS = [
                                                               "verify still passes)"),
     ("--audit-checkpoint-every", "audit_checkpoint_every", int, "sign a checkpoint at least every N records"),
     ("--audit-checkpoint-seconds", "audit_checkpoint_seconds", float, "... and at least every T seconds"),
+    ("--verbalizer-url", "verbalizer_url", str, "explain on stock vLLM servers serving the AV (`vllm serve AV "
+                                                "--enable-prompt-embeds`): base URLs, comma-separated; "
+                                                "least-loaded routing, failed jobs retried on another"),
+    ("--verbalizer-model", "verbalizer_model", str, "the AV's name on those servers (default: their first model)"),
+    ("--verbalizer-api-key-file", "verbalizer_api_key_file", str, "the key those servers want (first line)"),
+    ("--verbalizer-timeout", "verbalizer_timeout", float, "seconds one explanation may take on one backend "
+                                                          "before it is retried on another (default 300)"),
     ("--device", "device", str, "auto | cpu | cuda (transformers engine and reconstructor)"),
     ("--dtype", "dtype", str, "auto (each checkpoint's own) | float32 | bfloat16 | float16; target and NLA"),
     ("--nla-dtype", "nla_dtype", str, "the NLA's (AV and AR) dtype when it should differ from --dtype"),
@@ -113,6 +120,10 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     if getattr(args, "api_key", None):
         print("nla-serve: warning: --api-key on the command line is visible to every user in `ps`; "
               "use --api-key-file or NLA_SERVE_API_KEY", file=sys.stderr)
+    if "verbalizer_url" in values:
+        values["verbalizer_url"] = tuple(u for u in values["verbalizer_url"].split(",") if u.strip())
+    if "verbalizer_api_key_file" in values:
+        values["verbalizer_api_key"] = read_key_file(values.pop("verbalizer_api_key_file"), "--verbalizer-api-key-file")
     for field in ("api_key", "admin_key"):
         key_file = values.pop(field + "_file", None)
         if key_file is not None:

@@ -3,7 +3,9 @@
 ``TransformersEngine`` (plain Hugging Face, one request at a time) defines the semantics;
 ``VLLMEngine`` (``AsyncLLM``) is the production engine and must agree with it. The same class serves
 as the target (with ``capture_layer``) and as the verbalizer engine (with ``enable_prompt_embeds``);
-``make_engine`` picks the implementation and imports it lazily, so nothing here needs vllm installed.
+``RemoteVerbalizerEngine`` is a verbalizer only: stock vLLM servers reached over HTTP
+(``--verbalizer-url``). ``make_engine`` picks the implementation and imports it lazily, so nothing
+here needs vllm installed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ def make_engine(settings: EngineSettings) -> TargetEngine:
         from nla_serve.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings)
-    raise ValueError(f"unknown engine kind {settings.kind!r}; expected 'vllm' or 'transformers'")
+    if settings.kind == "remote":
+        from nla_serve.engines.remote_verbalizer import RemoteVerbalizerEngine
+
+        return RemoteVerbalizerEngine(settings)
+    raise ValueError(f"unknown engine kind {settings.kind!r}; expected 'vllm', 'transformers' or 'remote'")
 
 
 __all__ = ["TargetEngine", "check_prompt", "generate_all", "make_engine"]

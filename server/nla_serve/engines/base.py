@@ -53,18 +53,25 @@ class TargetEngine(Protocol):
 async def generate_all(
     engine: TargetEngine, prompts: list[Prompt], options: SamplingOptions, request_id: str
 ) -> list[Completion]:
-    """Run many single-choice prompts concurrently (the engine batches them) and collect them."""
+    """Run many single-choice prompts concurrently (the engine batches them) and collect them. A
+    prompt the engine refuses or cannot place (``ClientError``, ``UnavailableError``: e.g. every
+    backend of a remote verbalizer is down) comes back with ``error`` set; the others go on."""
     import asyncio
+
+    from nla_serve.errors import ClientError, UnavailableError
 
     async def one(i: int, prompt: Prompt) -> Completion:
         ids: list[int] = []
         text: list[str] = []
         reason = None
-        async for out in engine.generate(prompt, options, f"{request_id}-{i}", capture=False):
-            ids.extend(out.token_ids)
-            text.append(out.text)
-            if out.finished:
-                reason = out.finish_reason
+        try:
+            async for out in engine.generate(prompt, options, f"{request_id}-{i}", capture=False):
+                ids.extend(out.token_ids)
+                text.append(out.text)
+                if out.finished:
+                    reason = out.finish_reason
+        except (ClientError, UnavailableError) as e:
+            return Completion(token_ids=ids, text="".join(text), finish_reason=None, error=e.message)
         return Completion(token_ids=ids, text="".join(text), finish_reason=reason)
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))

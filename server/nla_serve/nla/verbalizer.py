@@ -96,6 +96,10 @@ class Verbalizer:
                                   request_id or f"av-{uuid.uuid4().hex[:12]}")
         out = []
         for c in done:
+            if c.error is not None:
+                out.append(Verbalization(body="", raw=c.text, closed=False, tokens=len(c.token_ids),
+                                         finish_reason=None, broken=c.error, token_ids=c.token_ids))
+                continue
             body, closed = parse_explanation(c.text)
             out.append(Verbalization(body=body, raw=c.text, closed=closed, tokens=len(c.token_ids),
                                      finish_reason=c.finish_reason, broken=broken_reason(body),
