@@ -118,10 +118,10 @@ export function chipLabel(token, index, item) {
  * events (monitor events at this token), context (text up to this token, for grounding), origin
  * ("generation" | "later" | "record"), laterNote, onExplain (a function, or null)}.
  */
-export function renderPanel(panel, view) {
+export function renderPanel(panel, view, { scroll = true } = {}) {
   draw(panel, view);
   // one column (a phone): the panel is below the conversation, so bring it into view
-  if (window.matchMedia("(max-width: 820px)").matches) panel.scrollIntoView({ block: "start" });
+  if (scroll && window.matchMedia("(max-width: 820px)").matches) panel.scrollIntoView({ block: "start" });
 }
 
 function draw(panel, view) {

@@ -176,15 +176,15 @@ export class Records {
     );
     $("record-title").focus();
     const first = items.find((it) => it.token_index === focusIndex) || items[0];
-    if (first) this.show(first, events, context);
+    if (first) this.show(first, events, context, false);  // the record stays in view; the panel shows its first
   }
 
-  show(item, events, context) {
+  show(item, events, context, scroll = true) {
     renderPanel(this.panel, {
       token: item.token, tokenIndex: item.token_index ?? item.index, choiceIndex: item.choice_index,
       completionIndex: item.source === "completion" ? item.token_index - this.P : null, item,
       events: events.filter((e) => e.token_index === item.token_index && (e.choice_index || 0) === (item.choice_index || 0)),
       context, origin: "record",
-    });
+    }, { scroll });
   }
 }

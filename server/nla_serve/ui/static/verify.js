@@ -198,7 +198,8 @@ export async function verifyRecordDocument(doc, keyText, latest, consistency) {
       throw new ProofError(`the proof is for leaf ${doc.proof.leaf_index} of ${doc.proof.tree_size}, the checkpoint holds ${cp.size}`);
     }
     await verifyInclusion(doc.seq, cp.size, leaf, doc.proof.hashes.map(b64decode), cp.root);
-    step(true, `The inclusion path (${doc.proof.hashes.length} hashes) leads from the leaf to the checkpoint's root.`);
+    const n = doc.proof.hashes.length;
+    step(true, `The inclusion path (${n} hash${n === 1 ? "" : "es"}) leads from the leaf to the checkpoint's root.`);
     if (latest) {
       const newest = await openCheckpoint(latest.checkpoint, verifier, can.ed25519);
       if (newest.size === cp.size) {
