@@ -182,3 +182,23 @@ def test_fleet_flags_are_checked(tiny, tmp_path):
     out = subprocess.run([exe, "serve", "--model", str(tiny.target), "--nla-av", str(tiny.av),
                           "--verbalizer-url", "ftp://example.org"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "verbalizer_url" in out.stderr and "ftp://example.org" in out.stderr
+
+
+def test_parallel_flags_pass_through():
+    """vLLM's parallelism reaches the target engine's settings as given; the reference engine refuses it."""
+    import argparse
+
+    from nla_serve.api.serve import register, settings_from
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    s = settings_from(parser.parse_args(["serve", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                                         "--data-parallel-size", "3", "--distributed-executor-backend", "ray"]))
+    p = s.target_engine("/models/x", 12).parallel
+    assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size,
+            p.distributed_executor_backend) == (2, 2, 3, "ray")
+    assert s.target_engine("/models/x", None).parallel == p and s.verbalizer_engine("/models/av").parallel.is_single
+    with pytest.raises(SystemExit, match="needs --engine vllm"):
+        settings_from(parser.parse_args(["serve", "--engine", "transformers", "--tensor-parallel-size", "2"]))
+    with pytest.raises(SystemExit, match="distributed_executor_backend"):
+        settings_from(parser.parse_args(["serve", "--distributed-executor-backend", "threads"]))

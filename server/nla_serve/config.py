@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nla_serve.explain.monitors import Rule
 
@@ -46,6 +46,21 @@ def http_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     if len(set(out)) != len(out):
         raise ValueError("a verbalizer URL is given twice")
     return tuple(out)
+
+class ParallelSettings(BaseModel):
+    """vLLM's own parallelism, passed through unchanged to the target engine (vLLM engine only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+
+    @property
+    def is_single(self) -> bool:
+        return self.tensor_parallel_size == self.pipeline_parallel_size == self.data_parallel_size == 1
+
 
 class RemoteSettings(BaseModel):
     """A verbalizer fleet: stock vLLM OpenAI servers serving the AV with ``--enable-prompt-embeds``.
@@ -97,6 +112,7 @@ class EngineSettings(BaseModel):
     enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU (see resolve_eager)
     compilation_config: dict | None = None  # vLLM's, as given (e.g. {"cudagraph_mode": "PIECEWISE"}); None: its default
     seed: int = 0
+    parallel: ParallelSettings = ParallelSettings()
     remote: RemoteSettings | None = None  # kind "remote": the backends (``model`` is still the local AV folder)
 
 
@@ -209,12 +225,20 @@ class ServerSettings(BaseModel):
     audit_checkpoint_every: int = Field(default=256, ge=1)  # records between signed checkpoints, at most
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)  # seconds between checkpoints, at most
     audit_queue_size: int = Field(default=4096, ge=1)
+    # vLLM's parallelism for the target (--tensor-parallel-size ...)
+    parallel: ParallelSettings = ParallelSettings()
     # A verbalizer fleet (stock vLLM servers with the AV) instead of the in-process verbalizer engine
     verbalizer_url: tuple[str, ...] = ()
     verbalizer_model: str | None = None
     verbalizer_api_key: str | None = None
     verbalizer_timeout: float = Field(default=300.0, gt=0)
     _verbalizer_urls = field_validator("verbalizer_url")(lambda cls, urls: http_urls(urls))
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> "ServerSettings":
+        if self.engine != "vllm" and not self.parallel.is_single:
+            raise ValueError("tensor/pipeline/data parallelism needs --engine vllm")
+        return self
 
     @property
     def cache_root(self) -> Path:
@@ -250,7 +274,7 @@ class ServerSettings(BaseModel):
             model=str(model_dir), kind=self.engine, device=self.device, dtype=self.dtype,
             capture_layer=capture_layer, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, memory_fraction=self.target_memory_fraction,
-            kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager)
+            kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager, parallel=self.parallel)
 
     def verbalizer_engine(self, av_dir: str | Path) -> EngineSettings:
         """The verbalizer engine's slice: the AV with prompt embeddings (its context is sized by

@@ -50,6 +50,10 @@ FLAGS = [
     ("--verbalizer-api-key-file", "verbalizer_api_key_file", str, "the key those servers want (first line)"),
     ("--verbalizer-timeout", "verbalizer_timeout", float, "seconds one explanation may take on one backend "
                                                           "before it is retried on another (default 300)"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int, "vLLM's, for the target (capture verified at 1 only)"),
+    ("--pipeline-parallel-size", "pipeline_parallel_size", int, "vLLM's, for the target (capture verified at 1 only)"),
+    ("--data-parallel-size", "data_parallel_size", int, "vLLM's, for the target (capture verified at 1 only)"),
+    ("--distributed-executor-backend", "distributed_executor_backend", str, "vLLM's: mp | ray | uni"),
     ("--device", "device", str, "auto | cpu | cuda (transformers engine and reconstructor)"),
     ("--dtype", "dtype", str, "auto (each checkpoint's own) | float32 | bfloat16 | float16; target and NLA"),
     ("--nla-dtype", "nla_dtype", str, "the NLA's (AV and AR) dtype when it should differ from --dtype"),
@@ -120,6 +124,10 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     if getattr(args, "api_key", None):
         print("nla-serve: warning: --api-key on the command line is visible to every user in `ps`; "
               "use --api-key-file or NLA_SERVE_API_KEY", file=sys.stderr)
+    parallel = {k: values.pop(k) for k in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                                           "distributed_executor_backend") if k in values}
+    if parallel:
+        values["parallel"] = parallel
     if "verbalizer_url" in values:
         values["verbalizer_url"] = tuple(u for u in values["verbalizer_url"].split(",") if u.strip())
     if "verbalizer_api_key_file" in values:
@@ -150,8 +158,10 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         return ServerSettings(**values, explain=policy)
     except ValidationError as e:
         err = e.errors()[0]
-        raise SystemExit(f"nla-serve: setting {'.'.join(map(str, err['loc']))} has value {err.get('input')!r}: "
-                         f"{err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))
+        if not where:  # a rule across settings: its message names them
+            raise SystemExit(f"nla-serve: {err['msg'].removeprefix('Value error, ')}") from None
+        raise SystemExit(f"nla-serve: setting {where} has value {err.get('input')!r}: {err['msg']}") from None
 
 
 def read_key_file(path: str, flag: str) -> str:

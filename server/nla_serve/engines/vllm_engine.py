@@ -165,6 +165,8 @@ class VLLMEngine:
         )
         if s.compilation_config is not None:
             kwargs["compilation_config"] = dict(s.compilation_config)
+        # vLLM's parallelism as given (only what differs from its defaults, so a plain engine is unchanged)
+        kwargs.update({k: v for k, v in s.parallel.model_dump().items() if v not in (1, None)})
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * _GiB)
         else:
