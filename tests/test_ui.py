@@ -259,6 +259,12 @@ def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_mon
         expect(panel.locator(".origin.later")).to_contain_text(re.compile("re-tokeniz", re.I))
         expect(panel).to_contain_text(f"token #{P + int(j)}")
         expect(plain).to_have_class(re.compile(r"\bexplained\b"))
+        # a prompt token, by its index: the prompt is sent again as it was
+        page.get_by_label("prompt token index").fill("3")
+        page.locator(".prompt-line button[type=submit]").click()
+        expect(page.locator(".prompt-chips .chip[data-token-index='3']")).to_be_visible(timeout=300_000)
+        expect(panel.locator(".origin.later")).to_contain_text("The prompt was sent again as it was")
+        expect(panel).to_contain_text("token #3 · prompt")
         w.no_horizontal_scroll()
         assert not w.errors, w.errors
     finally:
