@@ -18,10 +18,12 @@ ARG WHEELS=
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     NLA_SERVE_HOST=0.0.0.0 NLA_SERVE_PORT=8000
 
-# python3 from the distribution where the base has none (CUDA and plain Debian bases)
+# python3 from the distribution where the base has none (CUDA and plain Debian bases). g++ and the
+# Python headers: torch's inductor compiles vLLM's sampler kernels at run time, even in eager mode
+# (without them the first request fails: "InvalidCxxCompiler: No working C++ compiler found").
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl libnuma1 libgomp1 \
-    $( { [ "$VARIANT" = gpu ] || ! command -v python3 >/dev/null; } && echo python3 python3-venv python3-pip ) \
+ && apt-get install -y --no-install-recommends ca-certificates curl libnuma1 libgomp1 g++ \
+    $( { [ "$VARIANT" = gpu ] || ! command -v python3 >/dev/null; } && echo python3 python3-venv python3-pip python3-dev ) \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
