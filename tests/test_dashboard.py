@@ -5,7 +5,7 @@ PostgreSQL, monitor rules) gets every kind of traffic the dashboard shows: expla
 completions, streams, a repeated request (cache hits), explanations sampled until one quotes
 something (grounding: the tiny random AV quotes now and then, never on cue), a 400, and finally an
 audit commit that fails because its PostgreSQL is stopped. A real Prometheus (Debian's package,
-``make test`` installs it) scrapes it every second with the shipped ``deploy/prometheus.yml``; then
+``make test`` installs it) scrapes it every 2 s with the shipped ``deploy/prometheus.yml``; then
 every target of every panel is evaluated through Prometheus's HTTP API and must return data, and
 every metric the dashboard names must be in the server's ``/metrics``. Traffic runs twice with a
 scrape in between, so every counter grows while Prometheus watches and every rate and quantile is
@@ -127,7 +127,7 @@ def test_compose_file_follows_the_compose_spec_and_provisions_the_dashboard():
 
 
 class Prometheus:
-    """Debian's prometheus binary on a loopback port, scraping ``target`` every second with the
+    """Debian's prometheus binary on a loopback port, scraping ``target`` every 2 s with the
     shipped deploy/prometheus.yml (its target and interval replaced), storage in a temp folder."""
 
     def __init__(self, target: str) -> None:
@@ -138,7 +138,7 @@ class Prometheus:
         self.root = Path(tempfile.mkdtemp(prefix="nla-serve-prom-"))
         config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
         [job] = config["scrape_configs"]
-        job["scrape_interval"] = "1s"
+        job["scrape_interval"] = job["scrape_timeout"] = "2s"
         job["static_configs"] = [{"targets": [target]}]
         (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -171,7 +171,7 @@ class Prometheus:
             res = self.query('timestamp(up{job="nla-serve"} == 1)')
             return res and float(res[0]["value"][1]) > t
 
-        assert until(done, 30, every=0.25), "prometheus did not scrape the server: " + self.log.read_text()[-2000:]
+        assert until(done, 120, every=0.25), "prometheus did not scrape the server: " + self.log.read_text()[-2000:]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -218,15 +218,16 @@ def drive(url: str) -> None:
     # grounding: hot sampling until an explanation quotes something (about 1 in 20 at these settings)
     grounded = metric_value(url, "nla_explanation_grounding_count")
 
-    def quoted():
+    for _ in range(20):  # each request quotes with a chance of about one half: bounded by count, not time
         r = chat(url, "The quick brown fox jumps", {"positions": "all", "max_explanations": 16, "temperature": 2.0,
                                                     "max_tokens": 96})
         # Known bug, reported: hot-sampled random text can hold a NUL byte, which PostgreSQL's text
         # columns (the audit search index) refuse, so that answer's audit commit fails with a 503.
         assert r.status_code == 200 or (r.status_code == 503 and "NUL" in r.text), r.text
-        return metric_value(url, "nla_explanation_grounding_count") > grounded
-
-    assert until(quoted, 90, every=0), "no sampled explanation quoted anything in 90 s"
+        if metric_value(url, "nla_explanation_grounding_count") > grounded:
+            break
+    else:
+        pytest.fail("none of 20 requests' sampled explanations quoted anything")
 
     bad = chat(url, "hello", True, not_a_field=1)
     assert bad.status_code == 400, bad.text
