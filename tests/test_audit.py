@@ -221,6 +221,29 @@ def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path, where):
     assert len(page1) == 15 and page2 and not {h.rowid for h in page1} & {h.rowid for h in page2}
 
 
+def test_nul_characters_are_recorded_exactly_and_searchable(tmp_path, where):
+    """A NUL in a prompt, an answer or an explanation (JSON allows it; PostgreSQL text does not):
+    the signed entry keeps it, the search copy holds U+FFFD, and the log verifies."""
+    key = LogKey.load_or_create(tmp_path / "log.key")
+    log = AuditLog(open_store(where), key, checkpoint_file=tmp_path / "latest-checkpoint").open()
+    rec = record(1, text="before\x00after")
+    rec["prompt"]["messages"][0]["content"] = "nul\x00inside"
+    rec["explanations"][0]["text"] = "quoted \x00 byte"
+
+    async def go():
+        await log.append(rec)
+        await log.checkpoint_now()
+
+    asyncio.run(go())
+    log.close()
+    store = open_store(where)
+    assert json.loads(store.record_at(0).entry)["choices"][0]["text"] == "before\x00after"
+    assert [h.row.record_id for h in store.search(SearchQuery(q="quoted"))] == ["chatcmpl-0001"]
+    assert store.search(SearchQuery(q="nul\x00ins")) == store.search(SearchQuery(q="nul\ufffdins"))
+    rep = verify(key, where, tmp_path)
+    assert rep.ok, rep.problems
+
+
 def test_proofs_verify_offline_and_forged_proofs_do_not(tmp_path, where):
     key, db = fill(tmp_path, where=where, n=21, checkpoint_every=6)
     store = open_store(db)

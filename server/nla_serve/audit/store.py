@@ -109,7 +109,14 @@ class SearchQuery(BaseModel):
         """Whitespace-separated terms; "double quotes" keep a phrase together."""
         if not self.q:
             return []
-        return [a or b for a, b in re.findall(r'"([^"]+)"|(\S+)', self.q) if (a or b).strip()]
+        q = searchable(self.q)
+        return [a or b for a, b in re.findall(r'"([^"]+)"|(\S+)', q) if (a or b).strip()]
+
+
+def searchable(text: str | None) -> str | None:
+    """The search copy of a text: NUL becomes U+FFFD. PostgreSQL text cannot hold NUL and FTS5
+    queries cannot either; the signed entry keeps the exact text, so records and proofs are exact."""
+    return text.replace("\x00", "\ufffd") if text else text
 
 
 def parse_time(v):
@@ -254,8 +261,8 @@ class Store:
         self.executemany((
             "INSERT INTO texts (seq, record_id, time, model, key_id, source, choice_index, token_index, token, "
             "status, fve, grounding, monitors, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-            [(t.seq, t.record_id, t.time, t.model, t.key_id, t.source, t.choice_index, t.token_index, t.token,
-              t.status, t.fve, t.grounding, t.monitors, t.text) for t in texts])
+            [(t.seq, t.record_id, t.time, t.model, t.key_id, t.source, t.choice_index, t.token_index,
+              searchable(t.token), t.status, t.fve, t.grounding, t.monitors, searchable(t.text)) for t in texts])
 
     def commit(self) -> None:
         self._local.writing = False
