@@ -46,7 +46,8 @@ class Variant:
         self.worker = None
         if nla:
             self.worker = ExplanationWorker(base.nla, queue_size=queue_size or settings.explain_queue_size,
-                                            batch_size=settings.explain_batch_size,
+                                            concurrency=settings.explain_concurrency,
+                                            score_batch=settings.explain_score_batch,
                                             cache_size=settings.explain_cache_size)
             loop.run(self.worker.start())
         self.service = Service(settings, target or base.target, base.model_name, base.model_dir,
@@ -351,7 +352,8 @@ def test_concurrent_requests_share_batches(app):
     [t.join() for t in threads]
     n_items = sum(len(explanations_of(r)) for r in results)
     assert n_items == 36
-    assert app.worker.batches_run - batches_before < n_items  # jobs of several requests shared batches
+    # explanations of several requests that finished together shared reconstructor passes
+    assert app.worker.batches_run - batches_before < n_items
     text = httpx.get(app.url + "/metrics").text
     assert "nla_explanation_batch_size_count" in text
 
@@ -440,7 +442,7 @@ def test_failing_verbalizer_marks_items_failed(base, loop):
 
         layer, d_model, ckpt = base.nla.layer, base.nla.d_model, base.nla.ckpt
 
-        async def explain_vectors(self, *a, **k):
+        async def verbalize(self, *a, **k):
             raise RuntimeError("verbalizer exploded")
 
     v = Variant(loop, base)
@@ -884,18 +886,18 @@ def test_api_key_file_and_a_warning_for_the_flag(tmp_path, capsys):
 
 
 class RecordingRuntime:
-    """The real NLA runtime, recording which vectors each verbaliser batch held."""
+    """The real NLA runtime, recording the order in which vectors reached the verbaliser."""
 
     def __init__(self, inner):
         self.inner = inner
-        self.batches: list[list[float]] = []
+        self.started: list[float] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def explain_vectors(self, vectors, **kw):
-        self.batches.append([float(v[0]) for v in vectors])
-        return await self.inner.explain_vectors(vectors, **kw)
+    async def verbalize(self, vectors, **kw):
+        self.started += [float(v[0]) for v in vectors]
+        return await self.inner.verbalize(vectors, **kw)
 
 
 def test_worker_shares_batches_fairly_between_requests(base, loop):
@@ -904,11 +906,11 @@ def test_worker_shares_batches_fairly_between_requests(base, loop):
     from nla_serve.explain.worker import ExplanationJob
 
     recorder = RecordingRuntime(base.nla)
-    worker = ExplanationWorker(recorder, batch_size=2, cache_size=0)
+    worker = ExplanationWorker(recorder, concurrency=2, cache_size=0)
 
     async def go():
         await worker.start()
-        # request A queues 6 jobs, then B 2: with FIFO batches B would wait for all of A's
+        # request A queues 6 jobs, then B 2: in FIFO order B would wait for all of A's
         futs = [worker.submit(ExplanationJob("A", torch.full((64,), 1.0 + i / 100), max_tokens=3)) for i in range(6)]
         futs += [worker.submit(ExplanationJob("B", torch.full((64,), 2.0 + i / 100), max_tokens=3)) for i in range(2)]
         results = await asyncio.gather(*futs)
@@ -917,13 +919,51 @@ def test_worker_shares_batches_fairly_between_requests(base, loop):
 
     results = loop.run(go())
     assert all(r.status in ("ok", "truncated", "failed") for r in results)
-    owners = [["A" if v < 2 else "B" for v in batch] for batch in recorder.batches]
-    assert owners[0] == ["A", "B"] and owners[1] == ["A", "B"], owners
+    owners = ["A" if v < 2 else "B" for v in recorder.started]
+    assert owners == ["A", "B", "A", "B", "A", "A", "A", "A"], owners
     assert worker.in_flight() == {"requests": 0, "queued_jobs": 0}
 
 
+def test_worker_resolves_each_explanation_when_it_is_done(base, loop):
+    """Continuous feeding: a short explanation started beside a long one resolves when its own
+    text is done (no lockstep batch waits for the longest), and the two run at once."""
+    import torch
+
+    from nla_serve.explain.worker import ExplanationJob
+    from nla_serve.types import Explanation
+
+    class TimedRuntime:  # the runtime's interface with verbalizer times set by the test
+        d_model = base.nla.d_model
+        score = base.nla.score
+
+        async def verbalize(self, vectors, **kw):
+            await asyncio.sleep(float(vectors[0, 0]))
+            return [Explanation(status="ok", text=f"took {round(float(vectors[0, 0]), 2)} s", tokens=3)]
+
+    worker = ExplanationWorker(TimedRuntime(), concurrency=4, cache_size=0)
+
+    async def go():
+        await worker.start()
+        t0 = time.monotonic()
+        done = {}
+
+        async def timed(name, seconds):
+            job = ExplanationJob(name, torch.full((64,), seconds), reconstruct=False)
+            exp = await worker.submit(job)
+            done[name] = (time.monotonic() - t0, exp)
+
+        await asyncio.gather(timed("long", 2.0), timed("short", 0.2))
+        await worker.stop()
+        return done
+
+    done = loop.run(go())
+    assert done["short"][0] < 1.0 < done["long"][0] < 3.0, done  # concurrently, each at its own time
+    assert done["short"][1].text == "took 0.2 s" and done["short"][1].fve_reason == "reconstruction not requested"
+    assert worker.in_flight() == {"requests": 0, "queued_jobs": 0} and not worker._running
+
+
 def test_explanation_deadline_answers_skipped_instead_of_waiting(base, loop):
-    v = Variant(loop, base, explain_cache_size=0, explain_batch_size=1)
+    v = Variant(loop, base, explain_cache_size=0, explain_concurrency=1)
     try:
         r = chat(v.client(), content="a deadline", max_tokens=8,
                  extra_body={"explain": {"positions": "all", "max_explanations": 16, "max_tokens": 300,
@@ -971,7 +1011,9 @@ def test_grounding_checks_quotes_against_context_and_predictions(base, loop):
         class QuotingRuntime:
             layer, d_model, ckpt = base.nla.layer, base.nla.d_model, base.nla.ckpt
 
-            async def explain_vectors(self, vectors, **kw):
+            score = base.nla.score  # the real reconstructor's (here: says reconstruction was not requested)
+
+            async def verbalize(self, vectors, **kw):
                 from nla_serve.types import Explanation
 
                 text = f'The last words read "quick brown". Next it expects "{next_token}". Also "{invented}".'

@@ -7,8 +7,10 @@ on the chosen engine:
 1. generated tokens/s of N concurrent requests with capture off (an engine without capture), with
    capture on but nothing explained, and with the default explanation policy;
 2. explanations/s and verbalizer tokens/s at 1, 4 and 16 concurrent requests (each generating a few
-   tokens and asking for 4 explanations), through the batching worker versus one explanation at a
-   time (worker batch size 1);
+   tokens and asking for 4 explanations), through the worker versus one explanation at a time
+   (worker concurrency 1);
+   and the verbalizer's tokens/s at 16 concurrent jobs through the worker versus the same prompts
+   sent straight to the verbalizer engine;
 3. p50/p95 time to first token and token-to-explanation latency.
 
 Everything runs in-process through the same Service and generation pipeline as the HTTP server
@@ -108,6 +110,49 @@ async def explained_requests(svc: Service, worker: ExplanationWorker, concurrenc
             "token_to_explanation_p50": pct(lat, 0.5), "token_to_explanation_p95": pct(lat, 0.95)}
 
 
+async def worker_vs_raw(svc: Service, jobs: int, verbalizer_tokens: int, rounds: int = 3) -> dict:
+    """Verbalizer tokens/s of ``jobs`` explanations at once through the worker (continuous feeding,
+    scoring off so only the verbalizer is measured, then on) against the same prompts sent straight
+    to the verbalizer engine at the same concurrency; rounds alternate, medians are reported."""
+    from statistics import median
+
+    from nla_serve.engines import generate_all
+    from nla_serve.explain.worker import ExplanationJob
+
+    vectors = torch.randn(jobs, svc.nla.d_model, generator=torch.Generator().manual_seed(5))
+    verbalizer = svc.nla.verbalizer
+    prompts = [verbalizer.prompt_for(v) for v in vectors]
+    options = verbalizer.sampling(max_tokens=verbalizer_tokens)
+
+    async def raw() -> float:
+        t0 = time.monotonic()
+        done = await generate_all(svc.nla.engine, prompts, options, f"bench-raw-{time.time_ns()}")
+        return sum(len(c.token_ids) for c in done) / (time.monotonic() - t0)
+
+    async def through_worker(reconstruct: bool) -> float:
+        w = ExplanationWorker(svc.nla, queue_size=4096, concurrency=jobs, cache_size=0)
+        await w.start()
+        t0 = time.monotonic()
+        futures = [w.submit(ExplanationJob(f"bench-w-{i}", v, max_tokens=verbalizer_tokens, reconstruct=reconstruct))
+                   for i, v in enumerate(vectors)]
+        results = await asyncio.gather(*futures)
+        dt = time.monotonic() - t0
+        await w.stop()
+        return sum(r.tokens for r in results) / dt
+
+    await raw()  # warm-up
+    runs: dict[str, list[float]] = {"raw": [], "worker": [], "worker_scored": []}
+    for _ in range(rounds):
+        runs["raw"].append(await raw())
+        runs["worker"].append(await through_worker(False))
+        runs["worker_scored"].append(await through_worker(True))
+    med = {k: median(v) for k, v in runs.items()}
+    return {"jobs": jobs, "verbalizer_tokens": verbalizer_tokens, "rounds": rounds,
+            "raw_tokens_per_s": med["raw"], "worker_tokens_per_s": med["worker"],
+            "worker_scored_tokens_per_s": med["worker_scored"],
+            "worker_vs_raw": med["worker"] / med["raw"] - 1, "all_runs": runs}
+
+
 def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Path]:
     """An NLA of the target's own architecture with untrained behaviour: for measuring speed only."""
     import math
@@ -162,8 +207,8 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
     worker = svc.worker
     scaling = []
     for conc in args.concurrency:
-        for mode, bs in (("batched", settings.explain_batch_size), ("one_at_a_time", 1)):
-            w = ExplanationWorker(svc.nla, queue_size=4096, batch_size=bs, cache_size=0, metrics=svc.metrics)
+        for mode, bs in (("batched", settings.explain_concurrency), ("one_at_a_time", 1)):
+            w = ExplanationWorker(svc.nla, queue_size=4096, concurrency=bs, cache_size=0, metrics=svc.metrics)
             await w.start()
             r = await explained_requests(svc, w, conc, args.per_request, args.explain_gen_tokens,
                                          args.verbalizer_tokens)
@@ -173,6 +218,10 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
                   f"{r['verbalizer_tokens_per_s']:.1f} verbalizer tok/s", flush=True)
     svc.worker = worker
     result["explanations"] = scaling
+    result["worker_vs_raw"] = wr = await worker_vs_raw(svc, 16, args.verbalizer_tokens)
+    print(f"  {name}: verbalizer at 16 jobs: raw {wr['raw_tokens_per_s']:.1f} tok/s, through the worker "
+          f"{wr['worker_tokens_per_s']:.1f} ({wr['worker_vs_raw']:+.1%}), scored {wr['worker_scored_tokens_per_s']:.1f}",
+          flush=True)
     top = max(args.concurrency)
     b = next(r for r in scaling if r["concurrency"] == top and r["mode"] == "batched")
     o = next(r for r in scaling if r["concurrency"] == top and r["mode"] == "one_at_a_time")

@@ -198,7 +198,8 @@ class ServerSettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)
     max_concurrent_requests: int = Field(default=64, ge=1)
     explain_queue_size: int = Field(default=256, ge=1)
-    explain_batch_size: int = Field(default=32, ge=1)
+    explain_concurrency: int = Field(default=32, ge=1)  # jobs on the verbalizer at once (each its own request)
+    explain_score_batch: int = Field(default=32, ge=1)  # explanations per reconstructor pass, at most
     explain_cache_size: int = Field(default=4096, ge=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Prompt size, refused before tokenizing (None: 64 characters per token of context, far more

@@ -53,7 +53,7 @@ class Metrics:
                                    buckets=GROUNDING_BUCKETS, registry=r)
         self.ungrounded = Counter("nla_explanation_quotes_unchecked", "Explanations that quote nothing (no "
                                   "grounding score)", L, registry=r)
-        self.batch_size = Histogram("nla_explanation_batch_size", "Jobs per verbalizer batch", L,
+        self.batch_size = Histogram("nla_explanation_batch_size", "Explanations per reconstructor pass", L,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.cache_hits = Counter("nla_explanation_cache_hits", "Explanations served from the cache", L,
                                   registry=r)

@@ -247,7 +247,8 @@ class Service:
                 await target.shutdown()
                 raise
             worker = ExplanationWorker(nla, queue_size=settings.explain_queue_size,
-                                       batch_size=settings.explain_batch_size,
+                                       concurrency=settings.explain_concurrency,
+                                       score_batch=settings.explain_score_batch,
                                        cache_size=settings.explain_cache_size, metrics=metrics)
             await worker.start()
             log.info("NLA loaded in %.1fs: AV %s, AR %s (%s), layer %d, FVE baseline %s (%s)", time.monotonic() - t1,

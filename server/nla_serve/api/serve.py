@@ -66,7 +66,9 @@ FLAGS = [
     ("--fve-baseline", "fve_baseline", float, "FVE baseline when the checkpoint has none"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "beyond this, 429"),
     ("--explain-queue-size", "explain_queue_size", int, "explanation jobs queued before new ones are skipped"),
-    ("--explain-batch-size", "explain_batch_size", int, "explanations per verbalizer batch"),
+    ("--explain-concurrency", "explain_concurrency", int, "explanations on the verbalizer at once, each its own "
+                                                          "request in the engine's continuous batching"),
+    ("--explain-score-batch", "explain_score_batch", int, "most explanations per reconstructor pass"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (413 beyond)"),
     ("--max-prompt-chars", "max_prompt_chars", int, "most prompt characters per request (default 64 x context)"),
     ("--max-message-chars", "max_message_chars", int, "most characters per chat message (default: the above)"),

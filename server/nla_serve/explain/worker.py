@@ -1,22 +1,31 @@
-"""The explanation worker: one owner of the verbalizer engine and the reconstructor, fed by a
-bounded queue, batching jobs from every request in flight.
+"""The explanation worker: one owner of the verbalizer and the reconstructor, fed by a bounded
+queue, feeding the verbalizer continuously.
 
-    submit(job) ──> [bounded queue,   ──> loop: take up to batch_size jobs, one per request in turn
-                     one lane per           ├─ jobs past their deadline resolve 'skipped'
-                     request]               ├─ group by settings -> NLARuntime.explain_vectors
-                        │ full              └─ each job's future gets its Explanation
-                        └─> 'skipped'
+    submit(job) ──> [bounded queue,   ──> dispatcher: while fewer than `concurrency` jobs run,
+                     one lane per           start the next job, one request's lane after another
+                     request]               │  (past its deadline: 'skipped')
+                        │ full              ▼
+                        └─> 'skipped'     verbalizer: each job is its own engine request, inside the
+                                            engine's continuous batching (vLLM, or a fleet of them)
+                                            │ done, in any order
+                                            ▼
+                                          scorer: the explanations finished meanwhile, scored by the
+                                            reconstructor in one batch; each job's future resolves
 
-Fair sharing: each request has its own lane and batches are filled round-robin across lanes, so
-one request's 64 explanations cannot starve another's one. Deadlines: a job carries the time by
-which it must have started (``explain.deadline_s`` / ``--explain-deadline``, from the request's
-arrival); past it the job is answered ``skipped`` with the reason instead of holding the response.
+No job waits for another: an explanation resolves when its own text is written and scored, not
+when the longest of a batch is. Batching still happens where it pays: the engine batches the
+running verbalizer requests step by step, and the reconstructor scores in one forward pass
+whatever finished while it scored the previous group (no waiting timer).
+
+Fair sharing: each request has its own lane and jobs start round-robin across lanes, so one
+request's 64 explanations cannot starve another's one. Deadlines: a job carries the time by which
+it must have started (``explain.deadline_s`` / ``--explain-deadline``, from the request's arrival);
+past it the job is answered ``skipped`` with the reason instead of holding the response.
 
 Results travel back on each job's own future, exceptions as ``failed`` explanations: a failing
 verbalizer never fails the generation that asked. ``cancel(request_id)`` resolves a finished or
-disconnected request's pending jobs as ``skipped`` at once. The only per-request structure is the
-index of pending jobs by request, and a job leaves it when it resolves, so it is empty when idle. While one batch runs, new jobs pile up and form the next batch, so
-concurrent requests share batches without any waiting timer.
+disconnected request's pending jobs as ``skipped`` at once and stops its running verbalizer
+requests. The per-request structures (pending jobs by request, running jobs) are empty when idle.
 """
 
 from __future__ import annotations
@@ -67,41 +76,55 @@ class ExplanationJob:
 
 
 class ExplanationWorker:
-    def __init__(self, runtime: "NLARuntime", *, queue_size: int = 256, batch_size: int = 32,
-                 cache_size: int = 4096, metrics: "Metrics | None" = None):
+    """``concurrency``: most jobs on the verbalizer at once; ``score_batch``: most explanations
+    per reconstructor forward pass."""
+
+    def __init__(self, runtime: "NLARuntime", *, queue_size: int = 256, concurrency: int = 32,
+                 score_batch: int = 32, cache_size: int = 4096, metrics: "Metrics | None" = None):
         self.runtime = runtime
         self.queue_size = queue_size
-        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.score_batch = score_batch
         self.cache = ExplanationCache(cache_size)
         self.metrics = metrics
         self._lanes: OrderedDict[str, deque[ExplanationJob]] = OrderedDict()  # request id -> its queued jobs
         self._queued = 0
-        self._ready: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._ready: asyncio.Event | None = None  # jobs are queued
+        self._slots: asyncio.Semaphore | None = None  # free verbalizer places
+        self._scored: deque[tuple[ExplanationJob, Explanation]] = deque()  # verbalized, waiting for the AR
+        self._score_ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._running: dict[ExplanationJob, asyncio.Task] = {}  # jobs on the verbalizer
         self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
         self.unavailable_reason: str | None = None  # set while the verbalizer engine is down
-        self.batches_run = 0
+        self.jobs_started = 0
+        self.batches_run = 0  # reconstructor batches
 
     @property
     def depth(self) -> int:
         return self._queued
 
     async def start(self) -> None:
-        self._ready = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="nla-explanation-worker")
+        self._ready, self._score_ready = asyncio.Event(), asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._tasks = [asyncio.create_task(self._dispatch(), name="nla-explanation-dispatch"),
+                       asyncio.create_task(self._score_loop(), name="nla-explanation-scorer")]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks + list(self._running.values()):
+            task.cancel()
+        for task in self._tasks + list(self._running.values()):
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
-        for lane in self._lanes.values():
-            for job in lane:
-                self._resolve(job, Explanation(status="skipped", reason="the server is shutting down"))
+        stopping = Explanation(status="skipped", reason="the server is shutting down")
+        for jobs in list(self._pending.values()):
+            for job in list(jobs):
+                self._resolve(job, stopping)
         self._lanes.clear()
         self._queued = 0
+        self._scored.clear()
 
     def submit(self, job: ExplanationJob) -> asyncio.Future:
         """Queue a job; its future resolves with an Explanation (never raises)."""
@@ -115,7 +138,7 @@ class ExplanationWorker:
         if self.unavailable_reason is not None:
             self._resolve(job, Explanation(status="skipped", reason=self.unavailable_reason))
             return job.future
-        if self._task is None or self._task.done():
+        if not self._tasks or any(t.done() for t in self._tasks):
             self._resolve(job, Explanation(status="failed", reason="the explanation worker is not running"))
             return job.future
         if self._queued >= self.queue_size:
@@ -131,9 +154,12 @@ class ExplanationWorker:
 
     def cancel(self, request_id: str, reason: str = "the request was cancelled") -> None:
         """Resolve the request's pending jobs as skipped (its client went away, it ended, or its
-        deadline passed), queued or running; a running batch's results for them are dropped."""
+        deadline passed), queued or running; running ones are stopped on the verbalizer."""
         for job in list(self._pending.get(request_id, ())):
             self._resolve(job, Explanation(status="skipped", reason=reason))
+            task = self._running.get(job)
+            if task is not None:
+                task.cancel()
         lane = self._lanes.pop(request_id, None)
         if lane is not None:
             self._queued -= len(lane)
@@ -157,63 +183,91 @@ class ExplanationWorker:
             latency = time.monotonic() - job.captured_at if exp.status in ("ok", "truncated") else None
             self.metrics.record_explanation(exp.status, exp.tokens, exp.fve, latency, cached=cached)
 
-    def _take_batch(self) -> list[ExplanationJob]:
-        """Up to batch_size live jobs, one per request per round; each served lane goes to the back,
-        so the next batch starts with a request this one did not reach."""
-        batch: list[ExplanationJob] = []
+    def _next_job(self) -> ExplanationJob | None:
+        """The next live job, round-robin over requests: the lane served goes to the back."""
         now = time.monotonic()
-        while self._lanes and len(batch) < self.batch_size:
-            for request_id in list(self._lanes):
-                if len(batch) >= self.batch_size:
-                    break
-                lane = self._lanes[request_id]
-                job = lane.popleft()
-                self._queued -= 1
-                if not lane:
-                    del self._lanes[request_id]
-                else:
-                    self._lanes.move_to_end(request_id)
-                if job.future is not None and job.future.done():  # resolved while queued
-                    self._forget(job)
-                elif job.deadline is not None and now > job.deadline:
-                    self._resolve(job, Explanation(status="skipped", reason=(
-                        "the explanation deadline passed before the verbalizer could take it (the server is "
-                        "busy; raise explain.deadline_s or ask for fewer explanations)")))
-                else:
-                    batch.append(job)
-        return batch
+        while self._lanes:
+            request_id, lane = next(iter(self._lanes.items()))
+            job = lane.popleft()
+            self._queued -= 1
+            if lane:
+                self._lanes.move_to_end(request_id)
+            else:
+                del self._lanes[request_id]
+            if job.future is not None and job.future.done():  # resolved while queued
+                self._forget(job)
+            elif job.deadline is not None and now > job.deadline:
+                self._resolve(job, Explanation(status="skipped", reason=(
+                    "the explanation deadline passed before the verbalizer could take it (the server is "
+                    "busy; raise explain.deadline_s or ask for fewer explanations)")))
+            else:
+                return job
+        return None
 
-    async def _loop(self) -> None:
-        import torch
-
+    async def _dispatch(self) -> None:
         while True:
             await self._ready.wait()
-            batch = self._take_batch()
+            await self._slots.acquire()
+            job = self._next_job()
             if not self._lanes:
                 self._ready.clear()
-            if not batch:
+            if job is None:
+                self._slots.release()
                 continue
-            groups: dict[tuple, list[ExplanationJob]] = {}
-            for job in batch:
-                groups.setdefault(job.settings, []).append(job)
-            for (temperature, max_tokens, reconstruct, seed), jobs in groups.items():
-                if self.metrics is not None:
-                    self.metrics.batch_size.labels(self.metrics.model_name).observe(len(jobs))
+            self.jobs_started += 1
+            self._running[job] = asyncio.create_task(self._verbalize(job), name="nla-explanation-job")
+
+    async def _verbalize(self, job: ExplanationJob) -> None:
+        try:
+            [exp] = await self.runtime.verbalize(
+                job.vector[None], temperature=job.temperature, max_tokens=job.max_tokens, seed=job.seed,
+                request_id=f"nla-job-{self.jobs_started}")
+        except asyncio.CancelledError:  # cancel() or stop(): the job was resolved by the canceller
+            return
+        except Exception as e:  # the verbalizer failed: the item fails, the server goes on
+            log.exception("explanation job failed")
+            self._resolve(job, Explanation(status="failed", reason=f"the verbalizer failed: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self._running.pop(job, None)
+            self._slots.release()
+        if exp.text is None or not job.reconstruct:
+            await self._finish([(job, exp)], reconstruct=False)  # no reconstructor pass: at once
+            return
+        self._scored.append((job, exp))
+        self._score_ready.set()
+
+    async def _score_loop(self) -> None:
+        while True:
+            await self._score_ready.wait()
+            group = []
+            while self._scored and len(group) < self.score_batch:
+                job, exp = self._scored.popleft()
+                if not job.future.done():  # cancelled meanwhile: not worth scoring
+                    group.append((job, exp))
+            if not self._scored:
+                self._score_ready.clear()
+            if group:
                 self.batches_run += 1
-                try:
-                    results = await self.runtime.explain_vectors(
-                        torch.stack([j.vector for j in jobs]), temperature=temperature, max_tokens=max_tokens,
-                        reconstruct=reconstruct, seed=seed, request_id=f"nla-batch-{self.batches_run}")
-                except asyncio.CancelledError:
-                    for job in jobs:
-                        self._resolve(job, Explanation(status="skipped", reason="the server is shutting down"))
-                    raise
-                except Exception as e:  # the verbalizer failed: the items fail, the server goes on
-                    log.exception("explanation batch of %d failed", len(jobs))
-                    for job in jobs:
-                        self._resolve(job, Explanation(status="failed",
-                                                       reason=f"the verbalizer failed: {type(e).__name__}: {e}"))
-                    continue
-                for job, exp in zip(jobs, results):
-                    self.cache.put(cache_key(job.vector, *job.settings), exp)
-                    self._resolve(job, exp)
+                if self.metrics is not None:
+                    self.metrics.batch_size.labels(self.metrics.model_name).observe(len(group))
+                await self._finish(group, reconstruct=True)
+
+    async def _finish(self, group: list[tuple[ExplanationJob, Explanation]], reconstruct: bool) -> None:
+        """Score (or only annotate) ``group`` and resolve its jobs; a failing reconstructor fails them."""
+        import torch
+
+        results = [exp for _, exp in group]
+        try:
+            await self.runtime.score(results, torch.stack([job.vector for job, _ in group]), reconstruct)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("scoring %d explanations failed", len(group))
+            for job, _ in group:
+                self._resolve(job, Explanation(status="failed",
+                                               reason=f"the reconstructor failed: {type(e).__name__}: {e}"))
+            return
+        for job, exp in group:
+            self.cache.put(cache_key(job.vector, *job.settings), exp)
+            self._resolve(job, exp)

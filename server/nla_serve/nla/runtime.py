@@ -122,6 +122,16 @@ class NLARuntime:
                               request_id: str | None = None) -> list[Explanation]:
         """vectors: [N, d] -> N explanations, in order, scored by the AR when ``reconstruct``."""
         v = check_vectors(vectors, self.d_model)
+        results = await self.verbalize(v, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                       request_id=request_id)
+        await self.score(results, v, reconstruct)
+        return results
+
+    async def verbalize(self, vectors: "torch.Tensor", *, temperature: float = 0.0, max_tokens: int = 200,
+                        seed: int | None = None, request_id: str | None = None) -> list[Explanation]:
+        """vectors: [N, d] -> N explanations, not yet scored (``score`` does that; the worker scores
+        whatever finished together in one reconstructor pass)."""
+        v = check_vectors(vectors, self.d_model)
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ClientError(f"temperature must be >= 0, got {temperature}", param="temperature")
         if not 1 <= max_tokens <= self.max_explanation_tokens:
@@ -129,12 +139,11 @@ class NLARuntime:
                               f"room), got {max_tokens}", param="max_tokens")
         verbs = await self.verbalizer.verbalize(v, temperature=temperature, max_tokens=max_tokens, seed=seed,
                                                 request_id=request_id)
-        results = [to_explanation(vb) for vb in verbs]
-        await self.score(results, v, reconstruct)
-        return results
+        return [to_explanation(vb) for vb in verbs]
 
     async def score(self, results: list[Explanation], vectors: "torch.Tensor", reconstruct: bool = True) -> None:
         """Fill mse/cos/fve in place for every result that has text."""
+        vectors = check_vectors(vectors, self.d_model)
         todo = [i for i, r in enumerate(results) if r.text is not None]
         if not todo:
             return
