@@ -23,7 +23,8 @@ import torch
 
 from conftest import MODEL, free_port, start_cli, until, vllm_required
 
-pytestmark = pytest.mark.vllm
+# two stock vLLM servers, a server and an in-process verbalizer start here: minutes on 2 busy cores
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 
 
 class StockVLLM:
