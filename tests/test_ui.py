@@ -228,11 +228,15 @@ def test_a_question_streams_and_explained_tokens_open_with_fve_grounding_and_mon
         first = generated[0]
         chip = page.locator(f".answer .chip[data-completion-index='{first['token_index'] - P}']")
         expect(chip).to_have_class(re.compile(r"\bexplained\b"))
-        # a monitor rule that matched flags the chip and the turn
-        if first["fve"] is not None:
-            assert RULE in first["monitors"]
-            expect(chip).to_have_attribute("data-flag", "⚑")
-            expect(page.locator(".turn .events")).to_contain_text(RULE)
+        # the monitor rule matched every scored answer token: each of those chips is flagged, and the
+        # events are listed under the answer
+        flagged = [e for e in generated if e["monitors"]]
+        assert flagged and all(RULE in e["monitors"] for e in flagged) and len(flagged) == len(
+            [e for e in generated if e["fve"] is not None])
+        expect(page.locator(".answer .chip[data-flag]")).to_have_count(len(flagged))
+        expect(page.locator(".turn .events li")).to_have_count(len(record["monitor_events"]))
+        expect(page.locator(".turn .events")).to_contain_text(RULE)
+        assert "never-matches" not in page.locator(".turn").inner_text()
         chip.focus()
         page.keyboard.press("Enter")  # keyboard: a focused chip opens like a click
         panel = page.locator("#panel")
