@@ -471,3 +471,27 @@ def test_rows_arrive_while_the_choice_runs(target, hf_target, tiny, loop):
     assert_rows_match(hf_target, tiny.layer, ids, got)
     assert len(got.rows) > 2, "rows came in several pieces, not all at the end"
     assert lags and max(lags[2:]) <= 2, lags  # after the first steps, at most two steps behind
+
+
+def test_preemption_keeps_rows_exact(tiny, hf_target, loop):
+    """A KV cache for about two requests, four running at once: vLLM preempts and recomputes, and
+    every choice's tokens and rows still equal a plain transformers forward."""
+    engine = _start(loop, EngineSettings(
+        model=str(tiny.target), kind="vllm", dtype="float32", device="cpu", capture_layer=tiny.layer,
+        max_model_len=256, max_num_seqs=4, kv_cache_gib=1 / 1024, enforce_eager=True))  # ~512 tokens of KV
+    try:
+        prompts = [prompt_of(engine.tokenizer, 40, seed=50 + i) for i in range(4)]
+        options = SamplingOptions(max_tokens=150, temperature=0.0, ignore_eos=True)  # 4 x 190 tokens > 512
+
+        async def all_at_once():
+            return await asyncio.gather(*(collect(engine, Prompt(p), options, f"preempt-{i}")
+                                          for i, p in enumerate(prompts)))
+
+        results = loop.run(all_at_once())
+        assert engine.stats.preemptions > 0, "the KV budget did not force a preemption"
+        for ids, got in zip(prompts, results):
+            assert got[0].ids == hf_greedy(hf_target, ids, options.max_tokens)
+            assert_rows_match(hf_target, tiny.layer, ids, got[0])
+        assert engine.in_flight() == {k: 0 for k in engine.in_flight()}
+    finally:
+        loop.run(engine.shutdown(), timeout=120)

@@ -35,6 +35,8 @@ class Metrics:
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", L, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens produced", L, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests", L + ["finished_reason"], registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted because the KV cache was full "
+                                   "(they are recomputed; their captured rows stay exact)", L, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests generating", L, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for admission", L, registry=r)
         self.explanations = Counter("nla_explanations", "Explanations by status", L + ["status"], registry=r)
@@ -129,6 +131,8 @@ class Metrics:
         times, stats.queue_times[:] = list(stats.queue_times), []
         for t in times:
             self.queue_time.labels(self.model_name).observe(t)
+        n, stats.preemptions_unexported = stats.preemptions_unexported, 0
+        self.preemptions.labels(self.model_name).inc(n)
 
     def set_load(self, running: int, waiting: int, queue_depth: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -145,3 +145,5 @@ class EngineStats:
     num_waiting: int = 0
     capture_dir_bytes: int = 0  # captured activations waiting in shared memory
     queue_times: list[float] = field(default_factory=list)  # seconds queued, per finished request, not yet exported
+    preemptions: int = 0  # requests preempted (KV cache full), in all
+    preemptions_unexported: int = 0  # ... of which /metrics has not counted yet

@@ -202,8 +202,11 @@ class VLLMEngine:
                     stats.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
                     stats.num_running = int(scheduler_stats.num_running_reqs)
                     stats.num_waiting = int(scheduler_stats.num_waiting_reqs)
-                if iteration_stats is not None and len(stats.queue_times) < 10_000:
-                    stats.queue_times.extend(r.queued_time for r in iteration_stats.finished_requests)
+                if iteration_stats is not None:
+                    stats.preemptions += iteration_stats.num_preempted_reqs
+                    stats.preemptions_unexported += iteration_stats.num_preempted_reqs
+                    if len(stats.queue_times) < 10_000:
+                        stats.queue_times.extend(r.queued_time for r in iteration_stats.finished_requests)
 
             def log_engine_initialized(self):
                 pass
