@@ -495,3 +495,17 @@ def test_preemption_keeps_rows_exact(tiny, hf_target, loop):
         assert engine.in_flight() == {k: 0 for k in engine.in_flight()}
     finally:
         loop.run(engine.shutdown(), timeout=120)
+
+
+def test_capture_architectures_are_checked_at_start():
+    """Llama and Qwen2 targets can be captured on vLLM; Gemma-3 (no auxiliary hidden states in
+    vLLM 0.32) is refused before any engine process starts, with the way out named."""
+    vllm_required()
+    from nla_serve.engines.vllm_engine import check_capture_architecture
+    from nla_serve.errors import EngineError
+
+    for ok in (["LlamaForCausalLM"], ["Qwen2ForCausalLM"], ["MistralForCausalLM"]):
+        check_capture_architecture(ok, "/models/x")
+    for refused in (["Gemma3ForCausalLM"], ["NoSuchArchitecture"], []):
+        with pytest.raises(EngineError, match="--engine transformers"):
+            check_capture_architecture(refused, "/models/x")

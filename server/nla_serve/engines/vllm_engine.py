@@ -108,6 +108,8 @@ class VLLMEngine:
                 f"capture_layer={s.capture_layer} is outside 0..{self.num_layers - 2} for a model of "
                 f"{self.num_layers} blocks (vLLM exposes block outputs only below the last block)"
             )
+        if s.capture_layer is not None:
+            check_capture_architecture(AutoConfig.from_pretrained(s.model).architectures or [], s.model)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         if s.capture_layer is not None:
             self._capture = CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
@@ -433,6 +435,30 @@ class VLLMEngine:
 # vLLM's parameter names -> the request fields our clients sent
 _PARAMS = {"max_tokens": "max_tokens", "n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
            "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
+
+
+def check_capture_architecture(architectures: list[str], model: str) -> None:
+    """Refuse at start, with the reason, a target whose vLLM class cannot output a mid-layer
+    residual: the capture asks vLLM for auxiliary hidden states (the EAGLE-3 interface), which
+    vLLM 0.32 implements for Llama, Mistral, Qwen2/2.5/3 and others, but not for Gemma-2/3.
+    Without this check the engine process dies during start with vLLM's own terse error."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    for arch in architectures:
+        try:
+            cls = ModelRegistry._try_load_model_cls(arch)  # imports only that architecture's module
+        except Exception:  # noqa: BLE001 - an unloadable class is reported below like an unknown one
+            cls = None
+        if cls is not None and supports_eagle3(cls):
+            return
+    import vllm
+
+    raise EngineError(
+        f"{model}: architecture {', '.join(architectures) or '(none in config.json)'} cannot be captured by the "
+        f"vLLM engine: vLLM {vllm.__version__} gives mid-layer activations (auxiliary hidden states, its EAGLE-3 "
+        "interface) only for some architectures (Llama, Mistral, Qwen2/2.5/3 among them; not Gemma-2/3). Serve "
+        "this model with --engine transformers, or without an NLA")
 
 
 def map_vllm_error(e: BaseException) -> NLAServeError:
