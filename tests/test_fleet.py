@@ -125,10 +125,12 @@ def test_fleet_explanations_equal_the_in_process_verbalizer(tiny, loop, fleet_se
     # a generation explained through the fleet: the answer and its explanations both arrive
     r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
-        "explain": {"positions": "generated", "max_tokens": 8}})
+        "explain": {"positions": "generated", "max_tokens": 24}})
     assert r.status_code == 200, r.text
     items = r.json()["explanations"]
-    assert items and all(i["status"] in ("ok", "truncated") and i["text"] for i in items), \
+    # the tiny random AV sometimes writes no words ('failed', its own doing); the fleet fails nothing
+    assert items and any(i["text"] for i in items), items
+    assert all(i["status"] in ("ok", "truncated") or "no words" in i["reason"] for i in items), \
         [(i["status"], i.get("reason")) for i in items]
     health = httpx.get(url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["verbalizer_backends"] == {"up": 2, "total": 2}
