@@ -16,7 +16,9 @@ dtype here (``--nla-dtype``) must be the backends' ``--dtype``.
 
 Routing and faults. Each job goes to the healthy backend with the fewest jobs in flight. A backend
 that cannot be reached, answers 5xx, or exceeds ``timeout_s`` is marked down and the job is retried
-on another one it has not tried; a job no backend could take fails with every backend's reason. A
+on another one it has not tried. When none is left, the job waits up to two probe rounds for any
+backend to pass a probe and gets one more round (a busy server may only have been slow to accept);
+after that it fails with every backend's reason. A
 4xx is the job's own fault (e.g. too long for the backend's context) and is not retried. Backends are
 probed (``/v1/models``) every ``health_interval_s``; a down backend comes back when a probe passes.
 The generation never waits on any of this: failures become ``failed`` explanations.
@@ -164,8 +166,11 @@ class RemoteVerbalizerEngine:
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(folder))
         self.max_model_len = self.settings.max_model_len or int(cfg.get("max_position_embeddings", 4096))
         headers = {"Authorization": f"Bearer {self.remote.api_key}"} if self.remote.api_key else {}
-        # the per-request timeout is the job's budget on one backend; connecting must be quick
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.remote.timeout_s, connect=5.0),
+        # the per-request timeout is the job's budget on one backend; a busy server can be slow to
+        # accept, so connecting gets up to 30 s (a refused connection fails at once anyway)
+        self._client = httpx.AsyncClient(headers=headers,
+                                         timeout=httpx.Timeout(self.remote.timeout_s,
+                                                               connect=min(30.0, self.remote.timeout_s)),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         await asyncio.gather(*(self._probe(b) for b in self.backends))
         up = [b.url for b in self.backends if b.up]
@@ -257,8 +262,16 @@ class RemoteVerbalizerEngine:
         check_prompt(prompt, options, self.max_model_len)
         tried: set[str] = set()
         reasons: list[str] = []
+        second_round = False
         while True:
             b = self._pick(tried)
+            if b is None and not second_round:
+                # Every backend failed or is down. A busy one may only have been slow to accept: wait
+                # for the probes to find one up again (two probe rounds), then give the job one more round.
+                second_round = True
+                if await self._wait_for_any_up(2 * self.remote.health_interval_s + 5.0):
+                    tried.clear()
+                    continue
             if b is None:
                 down = [f"{x.url}: {x.error}" for x in self.backends if not x.up and x.url not in tried]
                 raise UnavailableError("no verbalizer backend could take the explanation (" +
@@ -276,6 +289,14 @@ class RemoteVerbalizerEngine:
                              finished=True, finish_reason=choice.get("finish_reason"),
                              num_prompt_tokens=len(prompt.token_ids))
             return
+
+    async def _wait_for_any_up(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not any(b.up for b in self.backends):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
 
     async def _send(self, b: Backend, body: dict, request_id: str) -> dict:
         b.in_flight += 1
