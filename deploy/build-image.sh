@@ -16,7 +16,13 @@
 #   - --ulimit nofile/nproc below the current limits: podman asks for higher ones by default and the
 #     container runtime may not raise them here (CAP_SYS_RESOURCE is not in the bounding set):
 #     "crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted".
+#   - --shm-size 2g at run time: vLLM's engine needs more than the 64 MiB default /dev/shm
+#     ("Insufficient space in /dev/shm for shared-memory allocation: 160 MiB required, 62 MiB
+#     free"); in Kubernetes the pod mounts a memory emptyDir there (deploy/k8s/base/server.yaml).
 #   - --network host: no CNI bridge needed; the build reaches PyPI and Debian directly.
+#   - --format docker: OCI images drop HEALTHCHECK. (podman logs "unable to get systemd connection
+#     to add healthchecks" here: no systemd, so the check is kept in the image but not run.)
+#   - the base carries this machine's CA bundle (see make_base).
 #   - WHEELS / EXTRA_INDEX: where this machine keeps the CPU build of torch==2.13.0 (PyPI's
 #     torch 2.13.0 for Linux is the CUDA one); mounted into the build with -v, read-only.
 set -euo pipefail
@@ -43,6 +49,13 @@ make_base() {
     rm -rf "$WORK/rootfs"
     debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror"
     rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
+    # This machine's CAs: its TLS to the registries presents a chain only its own bundle trusts
+    # (without them pip fails: "SSLCertVerificationError ... self-signed certificate in certificate chain").
+    # The Dockerfile's ca-certificates adds them to the image's bundle, so an image built by this
+    # script trusts what this machine trusts: a local test image, not one to publish. (Mounting the
+    # bundle over the image's own during the build breaks ca-certificates' install: "mv: cannot move
+    # ... ca-certificates.crt: Device or resource busy".)
+    install -D -m 644 /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/usr/local/share/ca-certificates/build-host.crt"
     tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE"
 }
 
@@ -55,19 +68,15 @@ build() {
     if [ -d /opt/pypi/simple ]; then
         args+=(-v /opt/pypi:/opt/pypi:ro --build-arg EXTRA_INDEX=file:///opt/pypi/simple)
     fi
-    # the machine's CA bundle: its TLS to the registries may pass a proxy with a CA of its own
-    # (without it: "SSLCertVerificationError ... self-signed certificate in certificate chain")
-    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-        args+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
-    fi
-    "${PODMAN[@]}" build --network host "${LIMITS[@]}" "${args[@]}" -t "$IMAGE" "$WORK/context"
+    # docker format: OCI images drop HEALTHCHECK ("HEALTHCHECK is not supported for OCI image format")
+    "${PODMAN[@]}" build --format docker --network host "${LIMITS[@]}" "${args[@]}" -t "$IMAGE" "$WORK/context"
     "${PODMAN[@]}" images "$IMAGE"
 }
 
 run_and_check() {
     "${PODMAN[@]}" rm -f nla-serve-check >/dev/null 2>&1 || true
     mkdir -p "$WORK/cache"
-    "${PODMAN[@]}" run -d --name nla-serve-check --network host "${LIMITS[@]}" \
+    "${PODMAN[@]}" run -d --name nla-serve-check --network host --shm-size 2g "${LIMITS[@]}" \
         -e NLA_SERVE_PORT="$PORT" -v "$WORK/cache:/root/.cache/nla-serve" "$IMAGE"
     trap '"${PODMAN[@]}" logs nla-serve-check > "$WORK/container.log" 2>&1; "${PODMAN[@]}" rm -f nla-serve-check >/dev/null' EXIT
     for _ in $(seq 1 120); do   # the first start converts the default model: a few minutes on 2 CPUs
