@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from nla_serve.config import ServerSettings
+from nla_serve.explain.options import ExplainOptions
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationWorker
 from nla_serve.generation import ExplanationEvent, GenerationRequest, TokenEvent, run
@@ -76,7 +77,7 @@ async def explained_requests(svc: Service, worker: ExplanationWorker, concurrenc
                              max_tokens: int, verbalizer_tokens: int) -> dict:
     svc.worker = worker
     worker.cache = type(worker.cache)(0)  # measure work, not the cache
-    plan = make_plan({"positions": "all", "max_explanations": per_request, "max_tokens": verbalizer_tokens},
+    plan = make_plan(ExplainOptions(positions="all", max_explanations=per_request, max_tokens=verbalizer_tokens),
                      svc.settings.explain)
     ttft, lat, counts, vtoks = [], [], [], []
 
