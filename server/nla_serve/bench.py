@@ -85,21 +85,28 @@ async def explained_requests(svc: Service, worker: ExplanationWorker, concurrenc
         req = GenerationRequest(f"bench-x-{i}-{time.time_ns()}", prompt_ids(svc, i),
                                 SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), plan)
         first = None
-        done_at = None
         n = 0
-        async for ev in run(svc, req):
-            now = time.monotonic()
-            if isinstance(ev, TokenEvent) and first is None and ev.token_ids:
-                first = now
-                ttft.append(now - req.arrived)
-            if isinstance(ev, TokenEvent) and ev.finish_reason:
-                done_at = now
-            if isinstance(ev, ExplanationEvent):
-                for item in ev.items:
+        P = len(req.prompt_ids)
+        seen: dict[tuple[int, int], float] = {}  # (choice, position) -> when its token reached us
+        with svc.admission.admit() as ticket:  # as the HTTP handler does
+            async for ev in run(svc, req, ticket):
+                now = time.monotonic()
+                if isinstance(ev, TokenEvent) and ev.token_ids:
+                    if first is None:
+                        first = now
+                        ttft.append(now - req.arrived)
+                    k = sum(1 for key in seen if key[0] == ev.index)
+                    for j in range(len(ev.token_ids)):
+                        seen[(ev.index, P + k + j)] = now
+                if isinstance(ev, ExplanationEvent) and ev.position is not None:
                     n += 1
-                    vtoks.append(item.get("verbalizer_tokens") or 0)
-                    if done_at is not None:
-                        lat.append(now - done_at)
+                    vtoks.append(ev.explanation.tokens or 0)
+                    # token-to-explanation: from the moment the explained token was out (a prompt
+                    # position: the first token, when the prompt's rows exist) to its explanation
+                    if ev.position < P:
+                        lat.append(now - first)
+                    elif (ev.choice_index, ev.position) in seen:
+                        lat.append(now - seen[(ev.choice_index, ev.position)])
         counts.append(n)
 
     t0 = time.monotonic()
