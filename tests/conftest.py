@@ -149,7 +149,12 @@ def start_cli(tiny, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, Path]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, log, 300)
+    return proc, url, log
 
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, seconds: float) -> None:
+    """Until ``url``/health answers 200; fails with the log's tail if the process exits or time runs out."""
     def up():
         if proc.poll() is not None:
             pytest.fail(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -158,8 +163,7 @@ def start_cli(tiny, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, Path]
         except httpx.HTTPError:
             return False
 
-    assert until(up, 300, every=0.5), log.read_text()[-3000:]
-    return proc, url, log
+    assert until(up, seconds, every=0.5), log.read_text()[-3000:]
 
 
 class PostgresServer:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from conftest import MODEL, AppServer, free_port, until
+from conftest import MODEL, AppServer, free_port, wait_healthy
 from nla_serve.api.app import create_app
 from nla_serve.config import ServerSettings
 from nla_serve.explain.monitors import load_rules
@@ -76,17 +76,8 @@ def default_server(root: Path, rules: Path):
                                  "--audit-checkpoint-seconds", "0.5"],
                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"nla-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        assert until(up, 600, every=1), log.read_text()[-3000:]
+        wait_healthy(proc, url, log, 600)
         yield url
     finally:
         proc.terminate()

@@ -88,6 +88,7 @@ async def explained_requests(svc: Service, worker: ExplanationWorker, concurrenc
         n = 0
         P = len(req.prompt_ids)
         seen: dict[tuple[int, int], float] = {}  # (choice, position) -> when its token reached us
+        generated: dict[int, int] = {}  # choice -> tokens received so far
         with svc.admission.admit() as ticket:  # as the HTTP handler does
             async for ev in run(svc, req, ticket):
                 now = time.monotonic()
@@ -95,9 +96,10 @@ async def explained_requests(svc: Service, worker: ExplanationWorker, concurrenc
                     if first is None:
                         first = now
                         ttft.append(now - req.arrived)
-                    k = sum(1 for key in seen if key[0] == ev.index)
+                    k = generated.get(ev.index, 0)
                     for j in range(len(ev.token_ids)):
                         seen[(ev.index, P + k + j)] = now
+                    generated[ev.index] = k + len(ev.token_ids)
                 if isinstance(ev, ExplanationEvent) and ev.position is not None:
                     n += 1
                     vtoks.append(ev.explanation.tokens or 0)

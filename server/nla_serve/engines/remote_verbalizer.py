@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nla_serve.remote_verbalizer")
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class BackendFailure(Exception):
@@ -64,7 +64,6 @@ class Backend:
     max_model_len: int | None = None
     error: str | None = "not probed yet"
     served: int = 0  # jobs completed here
-    last_probe: float = field(default=0.0)
 
     def state(self) -> dict:
         return {"url": self.url, "up": self.up, "in_flight": self.in_flight, "model": self.model,
@@ -159,7 +158,7 @@ class RemoteVerbalizerEngine:
         self.num_layers = int(cfg.get("num_hidden_layers", 0))
         name = self.settings.dtype if self.settings.dtype != "auto" else (cfg.get("torch_dtype") or cfg.get("dtype")
                                                                           or "float32")
-        self.dtype = getattr(torch, _DTYPES.get(str(name), "float32"))
+        self.dtype = getattr(torch, str(name) if str(name) in _DTYPES else "float32")
         gemma = str(cfg.get("model_type", "")).startswith("gemma")
         self.table = await asyncio.to_thread(EmbeddingTable, folder, self.dtype,
                                              math.sqrt(self.hidden_size) if gemma else None)
@@ -212,7 +211,6 @@ class RemoteVerbalizerEngine:
 
     async def _probe(self, b: Backend) -> None:
         """Up when ``/v1/models`` answers and serves our model (or any, when none is named)."""
-        b.last_probe = time.monotonic()
         try:
             r = await self._client.get(f"{b.url}/v1/models", timeout=5.0)
             if r.status_code != 200:
