@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install system test serve bench fuzz soak clean
+.PHONY: install system test serve bench fuzz soak default-nla clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,14 @@ SOAK_MINUTES ?= 3
 soak: install
 	$(BIN)/python bench/soak.py --model tiny --minutes $(SOAK_MINUTES)
 	$(BIN)/python bench/soak.py --model default --minutes $(SOAK_MINUTES)
+
+# the shipped default NLA, retrained from nothing (~2 h on 2 CPU cores; run it alone: see
+# docs/training.md). Stages are resumable: run it again after an interruption and it goes on.
+NLA_WORK ?= $(HOME)/.cache/nla-serve/train/smollm2-L20
+NLA_OUT  ?= server/nla_serve/default_nla
+default-nla: install
+	$(BIN)/nla-serve train --target "$$($(BIN)/python -c 'from nla_serve.provision import default_model_dir; print(default_model_dir())')" \
+	    --layer 20 --work $(NLA_WORK) --out $(NLA_OUT) --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -49,8 +49,8 @@ def tiny_text(path: Path, docs: int = 24, seed: int = 0) -> Path:
 
 
 def tiny_config(target: Path, work: Path, text: Path, **kw) -> TrainConfig:
-    base = dict(target=str(target), layer=2, work=work, sources=(f"text:{text}", "chat:8"), docs_per_source=None,
-                chat_max_tokens=24, chat_batch=8, context_tokens=64, positions_per_doc=8, min_position=4,
+    base = dict(target=str(target), layer=2, work=work, sources=(f"text:{text}", "chat:8", "genres:12"),
+                docs_per_source=None, chat_max_tokens=24, chat_batch=8, genre_max_tokens=24, writer_engine="transformers", context_tokens=64, positions_per_doc=8, min_position=4,
                 heldout_fraction=0.25, lora_rank=4, lora_alpha=8.0, adapter_dtype="bfloat16",
                 ar_steps=40, ar_batch=16, ar_lr=2e-3, av_steps=40, av_batch=8, av_lr=3e-3,
                 rl_steps=3, rl_batch=2, rl_group=4, rl_max_new_tokens=20, eval_n=12, eval_max_tokens=40,
@@ -378,7 +378,7 @@ def test_activations_are_hidden_states_k_plus_1_at_valid_positions(trained, tiny
     cfg, _ = trained
     acts = load_activations(cfg.work / "activations")
     docs = {}
-    for name in ("corpus.jsonl", "chats.jsonl"):
+    for name in ("corpus.jsonl", "chats.jsonl", "genres.jsonl"):
         for line in (cfg.work / name).read_text().splitlines():
             d = json.loads(line)
             docs[(d["source"], d["id"])] = d
@@ -401,7 +401,7 @@ def test_activations_are_hidden_states_k_plus_1_at_valid_positions(trained, tiny
             checked += 1
     assert checked >= 5
     assert all(len(s) == 1 for s in splits.values())  # held out by document
-    assert {"train", "heldout"} <= {r["split"] for r in acts.records}
+    assert {"train", "heldout", "unseen"} <= {r["split"] for r in acts.records}
     assert {"chat"} <= {r["source"] for r in acts.records}
     assert any(r["role"] == "assistant" for r in acts.records)
 
@@ -417,6 +417,31 @@ def test_chat_transcripts_keep_the_exact_token_stream(trained, tiny):
         assert c["ids"][: c["prompt_len"]] == list(prompt)
         assert c["ids"][: c["prompt_len"]].count(tok.bos_token_id) == 1  # one BOS, as the server sends
         assert len(c["ids"]) > c["prompt_len"]
+
+
+def test_genre_grid_covers_every_cell_and_holds_out_whole_genres_and_topics(trained):
+    from nla_serve.train.genres import GENRES, TOPICS, UNSEEN_GENRES, UNSEEN_TOPICS, grid
+
+    cells = grid()
+    assert len(cells) == len(GENRES) * len(TOPICS) == len({(c["genre"], c["topic"]) for c in cells})
+    assert {c["form"] for c in cells} == {"chat", "text"}
+    assert grid(12) == cells[:12] and grid(12, seed=1) != cells[:12]
+    cfg, _ = trained
+    docs = [json.loads(line) for line in (cfg.work / "genres.jsonl").read_text().splitlines()]
+    assert [(d["extra"]["genre"], d["extra"]["topic"]) for d in docs] == [(c["genre"], c["topic"]) for c in cells[:12]]
+    for d in docs:  # a chat keeps the exact stream (prompt then answer); plain text has no template
+        assert (d.get("prompt_len") is not None) == (d["extra"]["form"] == "chat")
+    acts = load_activations(cfg.work / "activations")
+    seen_in_training = {(r.get("genre"), r.get("topic")) for r in acts.records if r["split"] == "train"}
+    assert not {g for g, _ in seen_in_training} & UNSEEN_GENRES
+    assert not {t for _, t in seen_in_training} & UNSEEN_TOPICS
+    unseen = [r for r in acts.records if r["split"] == "unseen"]
+    assert unseen and all(r["genre"] in UNSEEN_GENRES or r["topic"] in UNSEEN_TOPICS for r in unseen)
+    # the evaluation reports the unseen split apart, with its genres named
+    report = json.loads((cfg.out_dir / "eval.json").read_text())
+    assert report["unseen"]["n"] == min(cfg.eval_n, len(unseen))
+    assert set(report["unseen"]["by_genre"]) <= {r["genre"] for r in unseen}
+    assert "unseen" not in report["unseen"] and "fve" in report["unseen"] and "grounding" in report["unseen"]
 
 
 def test_targets_are_honest_and_in_the_explanation_format(tiny):
@@ -437,8 +462,10 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     # only the prefix and the model's predictions shape it: other predictions, other text
     rec2 = dict(rec, top=[[tok.encode(" sleeps", add_special_tokens=False)[0], 0.3], [nxt, 0.25]])
     assert explanation_body(tok, rec2, max_tokens=400) != body
-    chat = explanation_body(tok, dict(rec, role="assistant", user="How do foxes jump so high?"), max_tokens=400)
-    assert "assistant" in chat and "foxes" in chat
+    chat = explanation_body(tok, dict(rec, role="assistant", user="Write a recipe inspired by coffee.",
+                                      genre="recipe", topic="coffee"), max_tokens=400)
+    assert "An AI assistant's reply in a chat: a recipe, about coffee." in chat
+    assert "Write a recipe" not in chat  # the user's words are never quoted, only their gist
     # in a reply, the quote is the reply's own words, not the chat template or the system prompt
     ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about foxes."}], tokenize=True,
                                   add_generation_prompt=True, return_dict=True)["input_ids"]
@@ -446,7 +473,7 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     rec3 = dict(rec, prefix_ids=ids + reply, token=reply[-1], role="assistant", user="Tell me about foxes.",
                 reply_start=len(ids))
     body3 = explanation_body(tok, rec3, max_tokens=400)
-    assert 'The last words read: "The quick brown fox".' in body3
+    assert 'The local phrase is "quick brown fox".' in body3  # three words at most, the reply's own
 
 
 def test_resume_continues_instead_of_restarting(trained, tmp_path):

@@ -9,7 +9,8 @@ target's own next-token distribution (lm_head on the final normed state).
 Positions are sampled as the authors do: never the first ``min_position`` tokens (attention-sink
 and near-empty-context rows explain poorly), never special tokens (chat-template scaffolding), and
 never rows whose norm is ``outlier_factor`` times the document's median (the rare huge-norm rows).
-Each sample keeps its document, split (held out by document, see ``corpus.is_heldout``), position,
+Each sample keeps its document, split (held out by document, see ``corpus.is_heldout``; ``unseen``
+for the genres and topics ``genres.py`` never trains on), genre and topic where known, position,
 token, the last ``PREFIX`` token ids up to and including it (for chat replies, where the reply
 starts among them), and the target's top-k predictions.
 
@@ -121,6 +122,8 @@ def collect(target: str, docs: Iterable[Document], layer: int, out_dir: Path, *,
                     probs = torch.softmax(lm_head(final[r, pos]).float(), dim=-1)  # [k, vocab]
                     top = torch.topk(probs, top_k, dim=-1)
                     split = "heldout" if is_heldout(doc.source, doc.id, heldout_fraction) else "train"
+                    if doc.extra.get("unseen"):
+                        split = "unseen"  # a held-out genre or topic (genres.py): never trained on
                     for j, p in enumerate(pos):
                         vecs.append(resid[r, p].cpu())
                         first = max(0, p + 1 - PREFIX)
@@ -130,6 +133,7 @@ def collect(target: str, docs: Iterable[Document], layer: int, out_dir: Path, *,
                             "reply_start": max(0, doc.prompt_len - first) if doc.prompt_len is not None
                             and p >= doc.prompt_len else None,
                             "user": (doc.user or "")[:200] or None, "norm": norms[p],
+                            **{k: doc.extra[k] for k in ("genre", "topic") if k in doc.extra},
                             "top": [[int(i), round(float(q), 4)] for i, q in zip(top.indices[j], top.values[j])],
                         })
                 bar.update(len(batch))

@@ -2,8 +2,8 @@
 
 Prompts are varied on purpose (everyday questions, writing tasks, Python questions built from the
 documentation's topic names, questions about Bible verses) and drawn in a seeded order. The
-target answers each with sampling (temperature 0.7, top-p 0.9), batched with left padding
-(``generation.generate_ids``). Each
+target answers each with sampling (temperature 0.7, top-p 0.9) through ``writer.TextWriter``
+(vLLM, or batched transformers with left padding). Each
 transcript keeps the exact token ids the target saw and wrote (chat template, one BOS, up to and
 including its end-of-turn token), because activations must come from exactly that stream.
 Transcripts are appended batch by batch, so an interrupted run resumes where it stopped.
@@ -72,32 +72,29 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def generate_chats(target: str, out: Path, n: int, *, max_new_tokens: int = 160, batch_size: int = 8,
-                   seed: int = 0, device: str = "cpu", prompts: list[str] | None = None,
-                   progress: bool = True) -> list[Document]:
+                   seed: int = 0, device: str = "cpu", engine: str = "transformers", prompts: list[str] | None = None,
+                   progress: bool = True, writer: "TextWriter | None" = None) -> list[Document]:
     """Append transcripts to ``out`` (jsonl) until it holds ``n``; return all ``n``."""
-    import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from nla_serve.model_folder import chat_ids, eos_ids_of
-    from nla_serve.train.generation import generate_ids
+    from nla_serve.model_folder import chat_ids
+    from nla_serve.train.writer import TextWriter
 
     done = [Document.from_json(line) for line in out.read_text().splitlines()] if out.is_file() else []
     prompts = prompts or chat_prompts(n, seed)
     if len(done) >= n:
         return done[:n]
     tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(device).eval()
-    eos = eos_ids_of(target, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    own = writer is None  # a writer handed in (the corpus stage shares one engine) stays open
+    if own:
+        writer = TextWriter.open(target, tok, device=device, engine=engine, seed=seed, batch_size=batch_size)
     bar = tqdm(total=n, initial=len(done), desc="chats", disable=not progress)
     with open(out, "a", encoding="utf-8") as f:
-        for start in range(len(done), n, batch_size):
-            batch = prompts[start:min(n, start + batch_size)]
+        for start in range(len(done), n, writer.batch_size):
+            batch = prompts[start:min(n, start + writer.batch_size)]
             ids = [chat_ids(tok, p) for p in batch]
-            gen = torch.Generator().manual_seed(seed * 100_003 + start)
-            new = generate_ids(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, temperature=0.7,
-                               top_p=0.9, generator=gen)
+            new = writer.generate(ids, max_new_tokens, seed * 100_003 + start)
             for r, (p, x, g) in enumerate(zip(batch, ids, new)):
                 doc = Document(id=f"chat-{start + r}", source="chat", ids=x + g, prompt_len=len(x), user=p,
                                text=tok.decode(g, skip_special_tokens=True))
@@ -106,4 +103,6 @@ def generate_chats(target: str, out: Path, n: int, *, max_new_tokens: int = 160,
             f.flush()
             bar.update(len(batch))
     bar.close()
+    if own:
+        writer.close()
     return done[:n]

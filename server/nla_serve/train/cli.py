@@ -22,6 +22,8 @@ HELP = {
     "docs_per_source": "at most this many documents per text source, spread over the source",
     "chat_max_tokens": "longest reply of a target-written chat transcript",
     "chat_batch": "transcripts generated per batch",
+    "genre_max_tokens": "longest answer the target writes for one genre-grid cell",
+    "writer_engine": "what writes the chats and the genre grid: auto (vLLM when installed), vllm, transformers",
     "context_tokens": "tokens of each document the target reads",
     "positions_per_doc": "activations sampled per document",
     "min_position": "never sample the first N positions (nor special tokens, nor huge-norm rows)",
@@ -69,7 +71,8 @@ def add_train(sub) -> None:
     p.add_argument("--work", required=True, type=Path, help="work dir holding every stage's outputs (resumable)")
     p.add_argument("--out", type=Path, help="where OUT/av, OUT/ar and OUT/eval.json go (default WORK/nla)")
     p.add_argument("--source", action="append", dest="sources",
-                   help="text source, repeatable: kjv, pydoc, chat[:N], text:PATH (default kjv, pydoc, chat:400)")
+                   help="text source, repeatable: kjv, pydoc, chat[:N], genres[:N], text:PATH "
+                        "(default kjv, pydoc, chat:200, genres:1000)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the loss log is still written)")
     floats = {"injection_scale"}
@@ -108,7 +111,7 @@ def _activations(args, layer: int):
     from nla_serve.model_folder import resolve_device
 
     if args.work:
-        return load_activations(Path(args.work) / "activations").split("heldout")
+        return load_activations(Path(args.work) / "activations").split(getattr(args, "split", "heldout"))
     if not args.target:
         sys.exit("give --work (a training work dir) or --target with --source (text to measure on)")
     cache = Path(args.activations_dir or Path(args.out_json or ".").resolve().parent / ".nla-activations")
@@ -138,6 +141,9 @@ def add_eval(sub) -> None:
                    help="batch: batched plain transformers (default); transformers/vllm: the server's runtime")
     p.add_argument("--max-tokens", type=int, default=200, help="AV token limit (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled control")
+    p.add_argument("--split", choices=["heldout", "unseen"], default="heldout",
+                   help="with --work: documents held out of trained genres (heldout), or the genres and topics "
+                        "never trained on (unseen)")
     p.add_argument("--out", dest="out_json", type=Path, help="write the JSON here (default: print it)")
     p.set_defaults(func=run_eval)
 

@@ -36,10 +36,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (default: torch's choice, one per core)
     progress: bool = True
     # text
-    sources: tuple[str, ...] = ("kjv", "pydoc", "chat:400")
-    docs_per_source: int | None = 400
+    sources: tuple[str, ...] = ("kjv", "pydoc", "chat:200", "genres:1000")
+    docs_per_source: int | None = 150
     chat_max_tokens: int = 128
     chat_batch: int = 16
+    genre_max_tokens: int = 128
+    writer_engine: str = "auto"  # auto (vLLM when installed), vllm, transformers
     context_tokens: int = 192
     positions_per_doc: int = 8
     min_position: int = 24
@@ -58,14 +60,14 @@ class TrainConfig:
     lora_alpha: float = 32.0
     adapter_dtype: str = "bfloat16"  # storage of exported adapters (the value head stays fp32)
     # supervised warm start
-    ar_steps: int = 600
+    ar_steps: int = 500
     ar_batch: int = 16
     ar_lr: float = 1e-3
-    av_steps: int = 500
+    av_steps: int = 650
     av_batch: int = 8
     av_lr: float = 1e-3
     # reinforcement learning (GRPO-style)
-    rl_steps: int = 30
+    rl_steps: int = 0  # GRPO: worth it on a GPU; on a CPU its time buys more as AV steps
     rl_batch: int = 4  # vectors per step
     rl_group: int = 4  # samples per vector
     rl_lr: float = 2e-4
@@ -74,8 +76,8 @@ class TrainConfig:
     rl_max_new_tokens: int = 96
     rl_truncation_penalty: float = 1.0
     # refit of the AR on the final AV's own greedy explanations of training rows
-    refit_rows: int = 2500  # 0 skips the refit
-    refit_steps: int = 300
+    refit_rows: int = 1500  # 0 skips the refit
+    refit_steps: int = 200
     refit_lr: float = 5e-4
     refit_gen_batch: int = 48
     refit_max_tokens: int = 128

@@ -6,6 +6,8 @@ A *source* is a named function that yields ``Document``s; ``--source`` specs pic
     pydoc          Python's own documentation (``pydoc_data.topics``), ~1500-character pieces
     text:PATH      a local file: ``.jsonl`` with a ``text`` field per line, else blank-line-separated text
     chat[:N]       N transcripts the target writes itself (see ``chats.py``; produced by the pipeline)
+    genres[:N]     N answers the target writes over a genre x topic x format grid (``genres.py``),
+                   as chats or plain text; some genres and topics are held out whole (split ``unseen``)
 
 Sources are plain callables in ``SOURCES``, so tests (and users) can add their own offline ones.
 A document is held out by a stable hash of its source and id, never by position: no text of a
@@ -119,10 +121,15 @@ SOURCES: dict[str, Callable[..., Iterator[Document]]] = {
 }
 
 
+# sources the target writes itself, produced by the pipeline's corpus stage (not plain functions)
+GENERATED = ("chat", "genres")
+
+
 def parse_source(spec: str) -> tuple[str, str | None]:
     name, _, arg = spec.partition(":")
-    if name not in SOURCES and name != "chat":
-        raise ValueError(f"unknown text source {spec!r}; expected one of {sorted(SOURCES) + ['chat[:N]']}")
+    if name not in SOURCES and name not in GENERATED:
+        raise ValueError(f"unknown text source {spec!r}; expected one of "
+                         f"{sorted(SOURCES) + [g + '[:N]' for g in GENERATED]}")
     return name, arg or None
 
 
@@ -131,7 +138,7 @@ def text_sources_documents(specs: list[str], limit: int | None = None) -> Iterat
     evenly over the whole source (every book of the Bible, not just Genesis)."""
     for spec in specs:
         name, arg = parse_source(spec)
-        if name == "chat":
+        if name in GENERATED:
             continue
         docs = list(SOURCES[name](arg) if arg is not None else SOURCES[name]())
         if limit is not None and len(docs) > limit:

@@ -109,7 +109,7 @@ def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, devi
 
 def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n: int = 200, engine: str = "batch",
              device: str = "cpu", max_tokens: int = 200, seed: int = 0, base: str | Path | None = None,
-             cache_dir: str | Path | None = None, tokenizer=None, examples: int = 20) -> dict:
+             cache_dir: str | Path | None = None, tokenizer=None, examples: int = 30) -> dict:
     """Score the pair on ``n`` rows of ``acts`` (already the held-out split), drawn evenly across its
     text sources (``stratified``)."""
     from dataclasses import replace
@@ -148,9 +148,14 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
     grounds = [grounding_of(tokenizer, r, b) for r, b in zip(records, bodies)]
     by_source: dict[str, list[float]] = {}
     grounding_by_source: dict[str, list] = {}
+    by_genre: dict[str, list[float]] = {}
+    grounding_by_genre: dict[str, list] = {}
     for r, s, g in zip(records, main["rows"], grounds):
         by_source.setdefault(r["source"], []).append(s.fve)
         grounding_by_source.setdefault(r["source"], []).append(g)
+        if r.get("genre"):
+            by_genre.setdefault(r["genre"], []).append(s.fve)
+            grounding_by_genre.setdefault(r["genre"], []).append(g)
     report = {
         "n": len(records), "layer": ckpt.layer, "d_model": ckpt.d_model,
         "baseline": round(baseline, 6), "baseline_source": source, "engine": engine, "max_tokens": max_tokens,
@@ -165,10 +170,14 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
                       for k, v in sorted(by_source.items())},
         "av": str(av_dir), "ar": str(ar_dir),
     }
+    if by_genre:
+        report["by_genre"] = {k: {"n": len(v), "fve": summary(v), "grounding": grounding_summary(grounding_by_genre[k])}
+                              for k, v in sorted(by_genre.items())}
     if examples:
         shown = stratified(records, examples, seed + 1)  # a few of each source, not the first few
         report["examples"] = [{
-            "source": records[i]["source"], "doc": records[i]["doc"], "pos": records[i]["pos"],
+            "source": records[i]["source"], "genre": records[i].get("genre"), "doc": records[i]["doc"],
+            "pos": records[i]["pos"],
             "context": tokenizer.decode(records[i]["prefix_ids"][-24:], skip_special_tokens=False),
             "token": tokenizer.decode([records[i]["token"]]), "explanation": outs[i][0], "closed": outs[i][1],
             "fve": round(main["rows"][i].fve, 4), "cos": round(main["rows"][i].cos, 4),

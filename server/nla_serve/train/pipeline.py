@@ -3,6 +3,7 @@
     WORK/config.json            the TrainConfig (a resumed run must name the same target, layer, seed)
     WORK/corpus.jsonl           text documents of the non-chat sources          (stage corpus)
     WORK/chats.jsonl            transcripts the target wrote, appended per batch (stage corpus)
+    WORK/genres.jsonl           the target's answers over the genre grid, per batch (stage corpus)
     WORK/activations/           layer-K rows + records, per part of documents   (stage collect)
     WORK/targets.jsonl          one explanation target per activation           (stage targets)
     WORK/pair.json              marker and injection scale, fixed once
@@ -78,9 +79,9 @@ class Pipeline:
         if not (self.work / ".corpus.complete").is_file():
             self.stage_corpus()
         docs = [Document.from_json(line) for line in path.read_text().splitlines()]
-        chats = self.work / "chats.jsonl"
-        if chats.is_file():
-            docs += [Document.from_json(line) for line in chats.read_text().splitlines()]
+        for name in ("chats.jsonl", "genres.jsonl"):
+            if (self.work / name).is_file():
+                docs += [Document.from_json(line) for line in (self.work / name).read_text().splitlines()]
         return docs
 
     @cached_property
@@ -193,15 +194,29 @@ class Pipeline:
             docs = list(text_sources_documents(list(cfg.sources), cfg.docs_per_source))
             path.write_text("".join(d.to_json() + "\n" for d in docs))
             (self.work / ".corpus.complete").write_text(str(len(docs)))
-        n_chats = 0
+        from nla_serve.train.genres import generate_genres
+
+        n = {"chat": 0, "genres": 0}
         for spec in cfg.sources:
             name, arg = parse_source(spec)
-            if name == "chat":
-                n_chats += int(arg) if arg else DEFAULT_CHATS
-        if n_chats:
-            generate_chats(cfg.target, self.work / "chats.jsonl", n_chats, max_new_tokens=cfg.chat_max_tokens,
-                           batch_size=cfg.chat_batch, seed=cfg.seed, device=self.device, progress=cfg.progress)
-        return {"documents": int((self.work / ".corpus.complete").read_text()), "chats": n_chats}
+            if name in n:
+                n[name] += int(arg) if arg else DEFAULT_CHATS
+        writer = None
+        if n["chat"] + n["genres"]:  # one engine writes both (a vLLM engine takes ~30 s to start)
+            from nla_serve.train.writer import TextWriter
+
+            writer = TextWriter.open(cfg.target, self.tokenizer, device=self.device, engine=cfg.writer_engine,
+                                     seed=cfg.seed, batch_size=cfg.chat_batch)
+        if n["chat"]:
+            generate_chats(cfg.target, self.work / "chats.jsonl", n["chat"], max_new_tokens=cfg.chat_max_tokens,
+                           seed=cfg.seed, progress=cfg.progress, writer=writer)
+        if n["genres"]:
+            generate_genres(cfg.target, self.work / "genres.jsonl", n["genres"], max_new_tokens=cfg.genre_max_tokens,
+                            seed=cfg.seed, progress=cfg.progress, writer=writer)
+        if writer is not None:
+            writer.close()
+        return {"documents": int((self.work / ".corpus.complete").read_text()), "chats": n["chat"],
+                "genres": n["genres"]}
 
     def stage_collect(self) -> dict:
         from nla_serve.train.activations import collect
@@ -374,12 +389,21 @@ class Pipeline:
     def stage_eval(self) -> dict:
         from nla_serve.train.evaluate import evaluate, write_report
 
-        out = self.cfg.out_dir
-        report = evaluate(out / "av", out / "ar", self.acts.split("heldout"), n=self.cfg.eval_n, device=self.device,
-                          max_tokens=self.cfg.eval_max_tokens, seed=self.cfg.seed, base=self.cfg.target,
-                          cache_dir=self.work / "merged")
+        cfg, out = self.cfg, self.cfg.out_dir
+
+        def run(split: str) -> dict:
+            return evaluate(out / "av", out / "ar", self.acts.split(split), n=cfg.eval_n, device=self.device,
+                            max_tokens=cfg.eval_max_tokens, seed=cfg.seed, base=cfg.target,
+                            cache_dir=self.work / "merged")
+
+        # top level: documents held out of seen genres; "unseen": genres and topics never trained on
+        report = run("heldout")
+        if any(r["split"] == "unseen" for r in self.acts.records):
+            report["unseen"] = run("unseen")
         write_report(report, out / "eval.json")
-        return {k: report[k] for k in ("n", "fve", "shuffled", "truncated_share", "mean_tokens")}
+        keys = ("n", "fve", "shuffled", "grounding", "truncated_share", "mean_tokens")
+        return {k: report[k] for k in keys} | (
+            {"unseen": {k: report["unseen"][k] for k in keys}} if "unseen" in report else {})
 
     def losses(self, stage: str, key: str = "loss") -> dict:
         rows = [r[key] for r in self.log.read(stage)]

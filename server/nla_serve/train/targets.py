@@ -11,15 +11,17 @@ target is assembled from two things only, both available to the residual stream 
 From them the explanation says, in three short paragraphs like the released AVs' (the last one
 about the final token), in plain English:
 
-- the kind of text it is (chat reply, user message, scripture-like archaic prose, Python
-  documentation, code) and its topic words, as judged from the visible text;
-- a quote of the last few words;
+- the kind of text it is (chat reply, user message, the genre the user asked for and its topic,
+  scripture-like archaic prose, Python documentation, code) and two topic words, as judged from
+  the visible text;
+- a quote of the local phrase: the last three words at most (a longer quote, or the user's whole
+  question, teaches the verbaliser to recite memorised quotes when it cannot read them);
 - the final token, whether it sits mid-word or ends a sentence, and the words the model expects
   next, with how sure it is.
 
 Nothing is claimed that the prefix and the predictions do not show; a genre is named only when the
 visible text shows it (the register labels for the shipped corpora are what the text *reads as*).
-Targets are 30-80 tokens: long enough to carry the token and context, short enough to be cheap to
+Targets are 30-64 tokens: long enough to carry the token and context, short enough to be cheap to
 generate. ``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
 """
 
@@ -79,15 +81,23 @@ def topic_words(text: str, n: int = 3) -> list[str]:
 
 
 def register(rec: dict, text: str, recent: str) -> str:
+    """What kind of text this is, as far as the tokens up to p show it. In a chat the genre the
+    user asked for (``genres.py``) and its topic are in the user's message, which the activation
+    has read; the user's words themselves are never quoted (the activation holds their gist, not
+    their letters, and a verbaliser taught to quote them recites memorised questions instead)."""
+    from nla_serve.train.genres import genre_name
+
     role, source = rec.get("role"), rec.get("source", "")
-    topic = (rec.get("user") or "").strip()
-    ask = " ".join(topic.split()[:8]) + ("…" if len(topic.split()) > 8 else "")
+    genre, topic = genre_name(rec.get("genre")), rec.get("topic")
+    about = f", about {topic}" if topic else ""
     if role == "assistant":
-        kind = f'An AI assistant\'s reply in a chat; the user asked: "{ask}"'
+        kind = "An AI assistant's reply in a chat" + (f": {genre}{about}" if genre else "")
     elif role == "user":
-        kind = "A user's message to an AI assistant in a chat"
+        kind = "A user's message to an AI assistant" + (f", asking for {genre}{about}" if genre else " in a chat")
     elif role == "system":
         kind = "The system prompt at the start of a chat"
+    elif genre:
+        kind = genre[0].upper() + genre[1:] + ", as plain text"
     elif source == "kjv" or ARCHAIC.search(text):
         kind = "Archaic, King James-style scripture prose"
     elif source == "pydoc":
@@ -142,19 +152,22 @@ def visible_text(tokenizer, rec: dict) -> tuple[str, str]:
     return text, text
 
 
-def explanation_body(tokenizer, rec: dict, *, quote_words: int = 8, max_tokens: int = 80) -> str:
+def explanation_body(tokenizer, rec: dict, *, quote_words: int = 3, max_tokens: int = 64) -> str:
+    """Three short paragraphs: the kind of text and its topic words; the local phrase (the last
+    ``quote_words`` words, the span a single layer-K row plausibly still holds); the final token
+    and the model's own next-token expectations."""
     text, message = visible_text(tokenizer, rec)
     piece = token_text(tokenizer, rec["token"])
     words = message[-400:].split()
     chat = rec.get("role") in ("assistant", "user")
-    topics = topic_words(((rec.get("user") or "") + "\n" + message) if chat else text)
-    for q in range(quote_words, 1, -1):
+    topics = topic_words(message if chat else text, n=2)
+    for q in range(quote_words, 0, -1):
         recent = " ".join(words[-q:])
         p1 = register(rec, text, recent)
         if topics:
-            p1 += " Its topic words include " + ", ".join(topics) + "."
+            p1 += " Its topic words include " + " and ".join(topics) + "."
         if len(words) >= 2:
-            p2 = f'The last words read: "{recent}".'
+            p2 = f'The local phrase is "{recent}".'
         else:
             p2 = "The message has only just begun."
         p3 = f"The final token is {show(piece)}." + position_note(tokenizer, rec, piece) + prediction_note(tokenizer, rec)
