@@ -5,13 +5,16 @@ each configuration starts one ``VLLMEngine``, warms it up, and times batches of 
 requests (fixed length, ``ignore_eos``). Configurations:
 
 - ``off``: an engine without ``capture_layer`` (plain vLLM);
-- ``on``: an engine with ``capture_layer`` and requests asking for their rows (the target path);
-- ``on-unused``: the same capturing engine, requests with ``capture=False`` (the extra "draft"
-  token per step without the copy and the file).
+- ``embedded`` / ``speculative``: an engine with ``capture_layer`` by that capture method
+  (``--methods``; ``engines/vllm_row_store.py``, ``engines/vllm_capture.py``) and requests asking
+  for their rows (the target path);
+- ``embedded-unused`` / ``speculative-unused``: the same engines, requests with ``capture=False``
+  (what every request pays: the row store's write, or the extra "draft" token per step, without
+  the copy and the file).
 
-The capture rides on vLLM's speculative slot with the last sampled token as the "draft", so a
-model that repeats a token gets that next token for free: ``repeat_rate`` says how often that
-happened (random models repeat a lot; real ones rarely).
+The speculative method rides on vLLM's speculative slot with the last sampled token as the
+"draft", so a model that repeats a token gets that next token for free: ``repeat_rate`` says how
+often that happened (random models repeat a lot; real ones rarely).
 
 Usage: ``python bench/capture_overhead.py [--requests 8] [--max-tokens 128] [--eager auto|on|off]
 [--model DIR --dtype bfloat16] [-v]``; prints one JSON object (start seconds, tokens/s per
@@ -53,14 +56,16 @@ async def run_batch(engine, prompts, max_tokens: int, capture: bool, tag: str) -
     return sum(r[0] for r in results), wall, sum(r[1] for r in results), sum(r[2] for r in results)
 
 
-async def measure(model: str, layer: int | None, configs: list[tuple[str, bool]], args) -> dict:
+async def measure(model: str, layer: int | None, configs: list[tuple[str, bool]], args,
+                  method: str = "auto") -> dict:
     import torch
 
     from nla_serve.config import EngineSettings
     from nla_serve.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(EngineSettings(
-        model=model, dtype=args.dtype, capture_layer=layer, max_model_len=1024, max_num_seqs=max(8, args.requests),
+        model=model, dtype=args.dtype, capture_layer=layer, capture_method=method, max_model_len=1024,
+        max_num_seqs=max(8, args.requests),
         kv_cache_gib=0.5, enforce_eager={"auto": None, "on": True, "off": False}[args.eager],
     ))
     t0 = time.perf_counter()
@@ -100,8 +105,10 @@ async def main() -> None:
                    help="vLLM eager mode; auto = the engine default (eager on CPU, compiled on GPU)")
     p.add_argument("--model", help="a model folder instead of the random Llama")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--methods", default="embedded,speculative", help="capture methods to measure, comma-separated")
     p.add_argument("-v", "--verbose", action="store_true", help="print every round")
     args = p.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
 
     from transformers import AutoConfig
 
@@ -116,21 +123,26 @@ async def main() -> None:
             desc = f"random Llama, {args.layers} blocks, hidden {args.hidden}, {args.dtype}"
         layer = layers // 2
         off = await measure(model, None, [("off", False)], args)
-        on = await measure(model, layer, [("on", True), ("on-unused", False)], args)
+        runs, starts = {"off": off["off"]}, {"plain": off["start_s"]}
+        for m in methods:
+            on = await measure(model, layer, [(m, True), (f"{m}-unused", False)], args, method=m)
+            runs[m], runs[f"{m}-unused"], starts[m] = on[m], on[f"{m}-unused"], on["start_s"]
+    tps = {k: v["tokens_per_s"] for k, v in runs.items()}
     result = {
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "model": f"{desc}, capture layer {layer}",
         "requests": args.requests, "max_tokens": args.max_tokens, "eager": args.eager,
-        "start_s": {"plain": off["start_s"], "capturing": on["start_s"]},
-        "tokens_per_s": {k: v["tokens_per_s"] for k, v in (("off", off["off"]), ("on", on["on"]),
-                                                              ("on-unused", on["on-unused"]))},
-        "detail": {"off": off["off"], "on": on["on"], "on-unused": on["on-unused"]},
+        "start_s": starts,
+        "tokens_per_s": tps,
+        # the share of plain vLLM's generated tokens/s that capture costs, per method
+        "capture_cost": {m: round(1 - tps[m] / tps["off"], 4) for m in methods},
+        "detail": runs,
     }
     print(json.dumps(result, indent=2))
     base = result["tokens_per_s"]["off"]
     for k, v in result["tokens_per_s"].items():
-        print(f"{k:>10}: {v:8.1f} tok/s  ({v / base:.2f}x of off)")
+        print(f"{k:>18}: {v:8.1f} tok/s  ({v / base:.2f}x of off)")
 
 
 if __name__ == "__main__":

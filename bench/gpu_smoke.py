@@ -5,8 +5,9 @@ On a CUDA machine with the CUDA `vllm` installed (`make install` picks it when `
     .venv/bin/python bench/gpu_smoke.py --out gpu-smoke.json      # under 5 minutes on one GPU
 
 For each runner configuration (the V1 model runner and Model Runner V2, via VLLM_USE_V2_MODEL_RUNNER;
-eager, PIECEWISE and FULL CUDA graphs; async scheduling where vLLM enables it) it starts the
-capturing engine on a random bf16 Llama (or --model), generates greedily, and checks that:
+eager, PIECEWISE and FULL CUDA graphs; async scheduling where vLLM enables it) and each capture
+method (`embedded`: the draft-free row store, `speculative`: the extract_hidden_states drafter) it
+starts the capturing engine on a random bf16 Llama (or --model), generates greedily, and checks that:
 
 - rows arrived while the request ran (in several pieces, not all at the end) and add up to
   P+G-1 rows: none at or past the last sampled token;
@@ -15,7 +16,7 @@ capturing engine on a random bf16 Llama (or --model), generates greedily, and ch
 - and reports whether the tokens match transformers' greedy tokens (informational: bf16 kernels
   differ, and a random model's near-tied logits flip; the rows are compared on vLLM's own tokens).
 
-Then tokens/s of plain vLLM against the capturing engine at 1, 8 and 64 concurrent streams
+Then tokens/s of plain vLLM against each capture method at 1, 8 and 64 concurrent streams
 (bench/capture_overhead.py's measurement). Every configuration runs in its own subprocess (a vLLM
 engine per process), so one that fails is reported with its error and the rest still run. The
 output is one JSON object. What it does not check: hidden device syncs inside the engine processes
@@ -49,7 +50,13 @@ CONFIGS = {  # name -> (environment, compilation config, enforce_eager)
 }
 
 
-async def parity(model: str, layer: int, compilation: dict | None, eager: bool, atol: float) -> dict:
+# the speculative method is the fallback: checked on the GPU default configuration only, to stay
+# within five minutes; the draft-free row store (the default) on every configuration
+FALLBACK_CONFIGS = ("v1-full",)
+
+
+async def parity(model: str, layer: int, compilation: dict | None, eager: bool, atol: float,
+                 method: str = "embedded") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +65,9 @@ async def parity(model: str, layer: int, compilation: dict | None, eager: bool, 
     from nla_serve.types import Prompt, SamplingOptions
 
     kw = {"compilation_config": compilation} if compilation else {}
-    engine = VLLMEngine(EngineSettings(model=model, dtype="bfloat16", capture_layer=layer, max_model_len=1024,
-                                       max_num_seqs=64, enforce_eager=eager, kv_cache_gib=0.5, **kw))
+    engine = VLLMEngine(EngineSettings(model=model, dtype="bfloat16", capture_layer=layer, capture_method=method,
+                                       max_model_len=1024, max_num_seqs=64, enforce_eager=eager, kv_cache_gib=0.5,
+                                       **kw))
     t0 = time.perf_counter()
     await engine.start()
     out: dict = {"start_s": round(time.perf_counter() - t0, 1)}
@@ -91,11 +99,11 @@ async def parity(model: str, layer: int, compilation: dict | None, eager: bool, 
     return out
 
 
-def one_config(name: str, model: str, layer: int, atol: float) -> dict:
+def one_config(name: str, model: str, layer: int, atol: float, method: str) -> dict:
     env, compilation, eager = CONFIGS[name]
     code = (f"import asyncio, json, sys; sys.path.insert(0, {str(HERE)!r}); import gpu_smoke; "
             f"print('RESULT ' + json.dumps(asyncio.run(gpu_smoke.parity({model!r}, {layer}, {compilation!r}, "
-            f"{eager!r}, {atol!r}))))")
+            f"{eager!r}, {atol!r}, {method!r}))))")
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
                          timeout=240)
@@ -105,19 +113,19 @@ def one_config(name: str, model: str, layer: int, atol: float) -> dict:
     return json.loads(line[7:]) | {"wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def throughput(model: str, streams: list[int], max_tokens: int) -> dict:
-    """bench/capture_overhead.py at each concurrency: plain vLLM vs the capturing engine."""
+def throughput(model: str, streams: list[int], max_tokens: int, methods: list[str]) -> dict:
+    """bench/capture_overhead.py at each concurrency: plain vLLM vs each capture method."""
     out = {}
     for n in streams:
         res = subprocess.run([sys.executable, str(HERE / "capture_overhead.py"), "--model", model, "--dtype",
-                              "bfloat16", "--requests", str(n), "--max-tokens", str(max_tokens), "--repeats", "1"],
+                              "bfloat16", "--requests", str(n), "--max-tokens", str(max_tokens), "--repeats", "1",
+                              "--methods", ",".join(methods)],
                              capture_output=True, text=True, timeout=300)
         try:
             text = res.stdout  # the JSON object starts on a line of its own (vLLM may print before it)
             start = 0 if text.startswith("{") else text.index("\n{") + 1
             doc = json.loads(text[start:text.rindex("}") + 1])
-            tps = doc["tokens_per_s"]
-            out[str(n)] = tps | {"capture_cost": round(1 - tps["on"] / tps["off"], 4)}
+            out[str(n)] = doc["tokens_per_s"] | {"capture_cost": doc["capture_cost"]}
         except (ValueError, KeyError):
             out[str(n)] = {"error": (res.stderr or res.stdout)[-800:]}
     return out
@@ -131,12 +139,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--atol", type=float, default=0.06,
                    help="max |vLLM - transformers| / max |row| in bf16 (0.039 seen on CPU, random 8-block model)")
+    p.add_argument("--methods", default="embedded,speculative", help="capture methods, comma-separated")
     p.add_argument("--cpu", action="store_true", help="check the script on CPU (eager V1 only, 1 and 8 streams)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     t0 = time.perf_counter()
     configs = ["v1-eager"] if args.cpu else args.configs.split(",")
     streams = [1, 8] if args.cpu else [int(s) for s in args.streams.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             from transformers import AutoConfig
@@ -148,8 +158,10 @@ def main() -> None:
             model = str(build_target(os.path.join(tmp, "target"), layers=8, hidden=256 if args.cpu else 1024))
             layer = 4
         result = {"device": "cpu" if args.cpu else "cuda", "model": args.model or "random Llama",
-                  "configs": {name: one_config(name, model, layer, args.atol) for name in configs},
-                  "tokens_per_s": throughput(model, streams, args.max_tokens)}
+                  "configs": {f"{name}/{m}": one_config(name, model, layer, args.atol, m)
+                              for name in configs for m in methods
+                              if m == "embedded" or name in FALLBACK_CONFIGS or args.cpu},
+                  "tokens_per_s": throughput(model, streams, args.max_tokens, methods)}
     result["ok"] = all(c.get("ok") for c in result["configs"].values())
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result, indent=2)

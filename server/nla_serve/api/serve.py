@@ -22,6 +22,9 @@ FLAGS = [
     ("--nla-av", "nla_av", str, "NLA verbalizer (AV) folder or hub id"),
     ("--nla-ar", "nla_ar", str, "NLA reconstructor (AR) folder or hub id (optional: scores explanations)"),
     ("--engine", "engine", str, "vllm | transformers"),
+    ("--capture-method", "capture_method", str, "vLLM capture of layer-K rows: auto | embedded (no draft token) | "
+                                                "speculative (vLLM's extract_hidden_states drafter); auto: embedded "
+                                                "where the architecture is supported"),
     ("--host", "host", str, "bind address"),
     ("--port", "port", int, "port"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health "

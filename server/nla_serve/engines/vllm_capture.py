@@ -1,7 +1,10 @@
 """Layer-K activations out of vLLM: the capture connector, its configuration, and the API-side reader.
 
 How activations are captured
-    vLLM v1 has no "return hidden states" request option. The engine is started with the
+    vLLM v1 has no "return hidden states" request option. Two methods store the rows; this module
+    and the connector serve both. The default for Llama/Qwen2/Qwen3 is the draft-free row store
+    (``vllm_row_store``: the target model itself writes its layer-K rows into a cache-only layer,
+    no draft token). The fallback, described here, starts the engine with the
     ``extract_hidden_states`` speculative method (``eagle_aux_hidden_state_layer_ids=[K+1]``): on
     every step the target model also emits the residual stream after decoder block K for every token
     it fed, and a cache-only "draft" layer stores those rows in a KV-cache group of their own, at the

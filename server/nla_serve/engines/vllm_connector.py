@@ -61,8 +61,10 @@ def _build_connector_class():
             # Skip the stock __init__ (thread pool, lock files, storage path); keep what its
             # inherited methods read.
             KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-            if vllm_config.speculative_config is None:
-                raise ValueError(f"{CONNECTOR_NAME} needs the 'extract_hidden_states' speculative method")
+            embedded = getattr(vllm_config.model_config.hf_config, "nla_capture_layer", None) is not None
+            if vllm_config.speculative_config is None and not embedded:
+                raise ValueError(f"{CONNECTOR_NAME} needs a capturing model (vllm_row_store) or the "
+                                 "'extract_hidden_states' speculative method")
             self._cache_kv_group_id = self._find_cache_kv_group_id(kv_cache_config)
             self._block_size = self._get_cache_block_size(vllm_config, kv_cache_config, self._cache_kv_group_id)
             self._capture_dir = self._kv_transfer_config.get_from_extra_config("capture_dir", None)

@@ -36,7 +36,7 @@ import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from nla_serve.config import EngineSettings, resolve_eager
-from nla_serve.engines import vllm_capture
+from nla_serve.engines import vllm_capture, vllm_row_store
 from nla_serve.engines.base import check_prompt
 from nla_serve.engines.vllm_capture_reader import CaptureDir
 from nla_serve.errors import (ClientError, EngineError, NLAServeError, NotFoundError, OverloadedError,
@@ -77,6 +77,7 @@ class VLLMEngine:
         self.num_layers = 0
         self.max_model_len = 0
         self.on_cpu = False
+        self.capture_method: str | None = None  # "embedded" or "speculative" once started with capture
         self._llm: Any = None  # AsyncLLM
         self.dtype: Any = None  # torch dtype the weights run in (known after start)
         self._capture: CaptureDir | None = None
@@ -109,7 +110,8 @@ class VLLMEngine:
                 f"{self.num_layers} blocks (vLLM exposes block outputs only below the last block)"
             )
         if s.capture_layer is not None:
-            check_capture_architecture(AutoConfig.from_pretrained(s.model).architectures or [], s.model)
+            architectures = AutoConfig.from_pretrained(s.model).architectures or []
+            self.capture_method = resolve_capture_method(s.capture_method, architectures, s.model)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         if s.capture_layer is not None:
             self._capture = CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
@@ -175,7 +177,14 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = s.memory_fraction
         if s.capture_layer is not None:
             assert self._capture is not None
-            kwargs["speculative_config"] = vllm_capture.speculative_config(s.capture_layer)
+            if self.capture_method == "embedded":
+                from transformers import AutoConfig
+
+                vllm_row_store.register()  # this process validates the architecture name too
+                kwargs["hf_overrides"] = vllm_row_store.hf_overrides(
+                    AutoConfig.from_pretrained(s.model).architectures or [], s.capture_layer)
+            else:
+                kwargs["speculative_config"] = vllm_capture.speculative_config(s.capture_layer)
             kwargs["kv_transfer_config"] = KVTransferConfig(**vllm_capture.kv_transfer_config(self._capture.path))
         args = AsyncEngineArgs(**kwargs)
         loggers = [self._stat_logger_factory()]
@@ -435,6 +444,21 @@ class VLLMEngine:
 # vLLM's parameter names -> the request fields our clients sent
 _PARAMS = {"max_tokens": "max_tokens", "n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
            "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
+
+
+def resolve_capture_method(method: str, architectures: list[str], model: str) -> str:
+    """The capture method an engine uses: "embedded" (no draft token) where ``vllm_row_store``
+    supports the architecture, else "speculative"; an explicit method is checked, not changed."""
+    embedded = any(vllm_row_store.supported(a) for a in architectures)
+    if method == "embedded" and not embedded:
+        raise EngineError(
+            f"{model}: --capture-method embedded supports the architectures "
+            f"{', '.join(sorted(vllm_row_store.SUPPORTED))}, not {', '.join(architectures) or '(none in config.json)'}; "
+            "use --capture-method speculative or auto")
+    if method == "speculative" or not embedded:
+        check_capture_architecture(architectures, model)
+        return "speculative"
+    return "embedded"
 
 
 def check_capture_architecture(architectures: list[str], model: str) -> None:
