@@ -73,7 +73,14 @@ def test_the_default_nla_is_shipped():
     # sits below 0 (the FVE figures themselves are in docs/training.md)
     assert report["shuffled"]["fve"]["mean"] <= 0 < report["fve"]["median"]
     assert report["fve"]["mean"] > report["shuffled"]["fve"]["mean"] + 0.3
-    assert {"chat", "kjv", "pydoc"} <= set(report["by_source"])
+    assert {"chat", "kjv", "pydoc", "genres"} <= set(report["by_source"])
+    # the split of genres and topics never trained on is evaluated apart, with its own control
+    from nla_serve.train.genres import UNSEEN_GENRES, UNSEEN_TOPICS
+
+    unseen = report["unseen"]
+    assert unseen["n"] >= 100 and unseen["shuffled"]["fve"]["mean"] <= 0 < unseen["fve"]["median"]
+    assert set(UNSEEN_GENRES) <= set(unseen["by_genre"]) and UNSEEN_TOPICS
+    assert unseen["grounding"]["quotes"] > 0
     size = sum(f.stat().st_size for f in DEFAULT_NLA_DIR.rglob("*") if f.is_file())
     assert size <= 30 * 2**20, f"the shipped NLA is {size / 2**20:.1f} MiB, over the 30 MiB budget"
 

@@ -670,3 +670,29 @@ def test_targets_written_by_an_openai_endpoint_resume_and_fail_clearly(tiny, tmp
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_vllm_text_writer_writes_and_leaves_no_engine_behind(tiny):
+    """The corpus stage's vLLM writer: answers come back per prompt, and close() stops the engine's
+    processes (they once outlived the stage, and the whole run, taking CPU from every later stage)."""
+    import psutil
+
+    from conftest import vllm_required
+    from nla_serve.model_folder import chat_ids
+    from nla_serve.train.writer import TextWriter
+
+    vllm_required()
+    tok = AutoTokenizer.from_pretrained(tiny.target)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    writer = TextWriter.open(str(tiny.target), tok, engine="vllm", seed=0)
+    assert writer.engine == "vllm"
+    prompts = [chat_ids(tok, "Tell me about foxes."), chat_ids(tok, "In the beginning")]
+    out = writer.generate(prompts, 6, 0)
+    assert len(out) == 2 and all(0 < len(ids) <= 6 for ids in out)
+    engine_procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert engine_procs, "the vLLM writer runs its engine in child processes"
+    writer.close()
+    gone, alive = psutil.wait_procs(engine_procs, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.generate(prompts, 6, 0)

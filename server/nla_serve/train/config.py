@@ -63,7 +63,7 @@ class TrainConfig:
     ar_steps: int = 500
     ar_batch: int = 16
     ar_lr: float = 1e-3
-    av_steps: int = 650
+    av_steps: int = 520
     av_batch: int = 8
     av_lr: float = 1e-3
     # reinforcement learning (GRPO-style)
@@ -76,8 +76,8 @@ class TrainConfig:
     rl_max_new_tokens: int = 96
     rl_truncation_penalty: float = 1.0
     # refit of the AR on the final AV's own greedy explanations of training rows
-    refit_rows: int = 1500  # 0 skips the refit
-    refit_steps: int = 200
+    refit_rows: int = 1200  # 0 skips the refit
+    refit_steps: int = 160
     refit_lr: float = 5e-4
     refit_gen_batch: int = 48
     refit_max_tokens: int = 128

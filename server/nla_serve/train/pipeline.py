@@ -40,6 +40,11 @@ DEFAULT_CHATS = 200
 DERIVED = {"rl.pt": ("ar.pt", "av.pt"), "refit.jsonl": ("av.pt", "rl.pt"), "refit.pt": ("ar.pt", "av.pt", "rl.pt")}
 
 
+def written_lines(path: Path) -> int:
+    """Documents already written to a resumable jsonl (0 when it does not exist)."""
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+
+
 class Pipeline:
     def __init__(self, cfg: TrainConfig):
         unknown = [s for s in cfg.stages if s not in STAGES]
@@ -202,7 +207,8 @@ class Pipeline:
             if name in n:
                 n[name] += int(arg) if arg else DEFAULT_CHATS
         writer = None
-        if n["chat"] + n["genres"]:  # one engine writes both (a vLLM engine takes ~30 s to start)
+        if written_lines(self.work / "chats.jsonl") < n["chat"] or written_lines(self.work / "genres.jsonl") < n["genres"]:
+            # one engine writes both (a vLLM engine takes ~30 s to start); none when all is written
             from nla_serve.train.writer import TextWriter
 
             writer = TextWriter.open(cfg.target, self.tokenizer, device=self.device, engine=cfg.writer_engine,
