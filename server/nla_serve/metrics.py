@@ -79,10 +79,11 @@ class Metrics:
         self.errors = Counter("nla_request_errors", "Requests refused or failed, by HTTP status", L + ["status"],
                               registry=r)
 
-        # Counters that may stay at zero for hours start at zero, so their first increase is a
-        # difference Prometheus can see (a series born at 1 has no increase() until a second scrape)
-        for counter in (self.audit_failures, self.preemptions):
-            counter.labels(model_name)
+        # Series that may stay empty for a while start at zero, so their first increase is a
+        # difference Prometheus can see (a series born at 1 has no increase() until a second scrape;
+        # a grounding histogram born with its first quoting explanation gave no quantiles)
+        for series in (self.audit_failures, self.preemptions, self.fve, self.grounding):
+            series.labels(model_name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
