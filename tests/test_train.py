@@ -689,7 +689,17 @@ def test_vllm_text_writer_writes_and_leaves_no_engine_behind(tiny):
     prompts = [chat_ids(tok, "Tell me about foxes."), chat_ids(tok, "In the beginning")]
     out = writer.generate(prompts, 6, 0)
     assert len(out) == 2 and all(0 < len(ids) <= 6 for ids in out)
-    engine_procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    def engine_processes():  # vLLM titles its processes VLLM::EngineCore, VLLM::Worker (not the resource tracker)
+        procs = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.pid not in before and "VLLM" in " ".join(p.cmdline()):
+                    procs.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return procs
+
+    engine_procs = engine_processes()
     assert engine_procs, "the vLLM writer runs its engine in child processes"
     writer.close()
     gone, alive = psutil.wait_procs(engine_procs, timeout=60)

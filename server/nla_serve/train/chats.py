@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nla_serve.train.corpus import Document
+
+if TYPE_CHECKING:
+    from nla_serve.train.writer import TextWriter
 
 GENERAL = [
     "How do I boil an egg so the yolk stays soft?", "What is the difference between weather and climate?",
@@ -75,34 +79,12 @@ def generate_chats(target: str, out: Path, n: int, *, max_new_tokens: int = 160,
                    seed: int = 0, device: str = "cpu", engine: str = "transformers", prompts: list[str] | None = None,
                    progress: bool = True, writer: "TextWriter | None" = None) -> list[Document]:
     """Append transcripts to ``out`` (jsonl) until it holds ``n``; return all ``n``."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
+    from nla_serve.train.writer import write_answers
 
-    from nla_serve.model_folder import chat_ids
-    from nla_serve.train.writer import TextWriter
+    prompts = (prompts or chat_prompts(n, seed))[:n]
 
-    done = [Document.from_json(line) for line in out.read_text().splitlines()] if out.is_file() else []
-    prompts = prompts or chat_prompts(n, seed)
-    if len(done) >= n:
-        return done[:n]
-    tok = AutoTokenizer.from_pretrained(target)
-    own = writer is None  # a writer handed in (the corpus stage shares one engine) stays open
-    if own:
-        writer = TextWriter.open(target, tok, device=device, engine=engine, seed=seed, batch_size=batch_size)
-    bar = tqdm(total=n, initial=len(done), desc="chats", disable=not progress)
-    with open(out, "a", encoding="utf-8") as f:
-        for start in range(len(done), n, writer.batch_size):
-            batch = prompts[start:min(n, start + writer.batch_size)]
-            ids = [chat_ids(tok, p) for p in batch]
-            new = writer.generate(ids, max_new_tokens, seed * 100_003 + start)
-            for r, (p, x, g) in enumerate(zip(batch, ids, new)):
-                doc = Document(id=f"chat-{start + r}", source="chat", ids=x + g, prompt_len=len(x), user=p,
-                               text=tok.decode(g, skip_special_tokens=True))
-                f.write(doc.to_json() + "\n")
-                done.append(doc)
-            f.flush()
-            bar.update(len(batch))
-    bar.close()
-    if own:
-        writer.close()
-    return done[:n]
+    def transcript(i: int, x: list[int], g: list[int], text: str) -> Document:
+        return Document(id=f"chat-{i}", source="chat", ids=x + g, prompt_len=len(x), user=prompts[i], text=text)
+
+    return write_answers(target, out, prompts, transcript, max_new_tokens=max_new_tokens, seed=seed, device=device,
+                         engine=engine, batch_size=batch_size, progress=progress, desc="chats", writer=writer)

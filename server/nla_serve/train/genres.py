@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from nla_serve.train.corpus import Document
-from nla_serve.train.writer import TextWriter
+from nla_serve.train.writer import TextWriter, write_answers
 
 # name -> (how the prompt asks for it, how an explanation names it)
 GENRES: dict[str, tuple[str, str]] = {
@@ -115,33 +115,8 @@ def generate_genres(target: str, out: Path, n: int, *, max_new_tokens: int = 160
                     device: str = "cpu", engine: str = "auto", batch_size: int = 16,
                     progress: bool = True, writer: "TextWriter | None" = None) -> list[Document]:
     """Append grid documents to ``out`` (jsonl) until it holds ``n``; return all ``n``."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    from nla_serve.model_folder import chat_ids
-
-    done = [Document.from_json(line) for line in out.read_text().splitlines()] if out.is_file() else []
-    if len(done) >= n:
-        return done[:n]
     cells = grid(n, seed)
-    tok = AutoTokenizer.from_pretrained(target)
-    own = writer is None  # a writer handed in (the corpus stage shares one engine) stays open
-    if own:
-        writer = TextWriter.open(target, tok, device=device, engine=engine, seed=seed, batch_size=batch_size)
-    step = writer.batch_size
-    bar = tqdm(total=n, initial=len(done), desc="genres", disable=not progress)
-    with open(out, "a", encoding="utf-8") as f:
-        for start in range(len(done), n, step):
-            batch = cells[start:min(n, start + step)]
-            ids = [chat_ids(tok, c["prompt"]) for c in batch]
-            new = writer.generate(ids, max_new_tokens, seed * 100_003 + start)
-            for r, (c, x, g) in enumerate(zip(batch, ids, new)):
-                doc = document(start + r, c, x, g, tok.decode(g, skip_special_tokens=True))
-                f.write(doc.to_json() + "\n")
-                done.append(doc)
-            f.flush()
-            bar.update(len(batch))
-    bar.close()
-    if own:
-        writer.close()
-    return done[:n]
+    return write_answers(target, out, [c["prompt"] for c in cells],
+                         lambda i, x, g, text: document(i, cells[i], x, g, text), max_new_tokens=max_new_tokens,
+                         seed=seed, device=device, engine=engine, batch_size=batch_size, progress=progress,
+                         desc="genres", writer=writer)

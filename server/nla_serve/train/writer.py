@@ -17,6 +17,7 @@ both sampling at temperature 0.7, top-p 0.9:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -43,6 +44,44 @@ class TextWriter:
         if handle is not None and self.engine == "vllm":
             handle.llm_engine.engine_core.shutdown()
         self.generate = _closed
+
+
+def write_answers(target: str, out: Path, prompts: list[str], make_doc: Callable, *, max_new_tokens: int,
+                  seed: int, device: str, engine: str, batch_size: int, progress: bool, desc: str,
+                  writer: TextWriter | None = None) -> list:
+    """The target answers ``prompts`` (user messages, through its chat template); each answer
+    becomes ``make_doc(i, prompt_ids, answer_ids, answer_text)`` (a ``corpus.Document``), appended
+    to ``out`` (jsonl) batch by batch, so an interrupted run resumes at the first missing one.
+    A ``writer`` handed in (the corpus stage shares one engine) stays open. -> all documents."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from nla_serve.model_folder import chat_ids
+    from nla_serve.train.corpus import Document
+
+    n = len(prompts)
+    done = [Document.from_json(line) for line in out.read_text().splitlines()] if out.is_file() else []
+    if len(done) >= n:
+        return done[:n]
+    tok = AutoTokenizer.from_pretrained(target)
+    own = writer is None
+    if own:
+        writer = TextWriter.open(target, tok, device=device, engine=engine, seed=seed, batch_size=batch_size)
+    bar = tqdm(total=n, initial=len(done), desc=desc, disable=not progress)
+    with open(out, "a", encoding="utf-8") as f:
+        for start in range(len(done), n, writer.batch_size):
+            ids = [chat_ids(tok, p) for p in prompts[start:start + writer.batch_size]]
+            new = writer.generate(ids, max_new_tokens, seed * 100_003 + start)
+            for r, (x, g) in enumerate(zip(ids, new)):
+                doc = make_doc(start + r, x, g, tok.decode(g, skip_special_tokens=True))
+                f.write(doc.to_json() + "\n")
+                done.append(doc)
+            f.flush()
+            bar.update(len(ids))
+    bar.close()
+    if own:
+        writer.close()
+    return done[:n]
 
 
 def _closed(*_args, **_kwargs):
