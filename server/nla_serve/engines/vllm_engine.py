@@ -77,6 +77,7 @@ class VLLMEngine:
         self.num_layers = 0
         self.max_model_len = 0
         self.on_cpu = False
+        self.architectures: list[str] = []  # the target's config.json, read at start
         self.capture_method: str | None = None  # "embedded" or "speculative" once started with capture
         self._llm: Any = None  # AsyncLLM
         self.dtype: Any = None  # torch dtype the weights run in (known after start)
@@ -99,7 +100,9 @@ class VLLMEngine:
         from transformers import AutoConfig, AutoTokenizer
 
         s = self.settings
-        hf = AutoConfig.from_pretrained(s.model).get_text_config()
+        config = AutoConfig.from_pretrained(s.model)
+        self.architectures = list(config.architectures or [])
+        hf = config.get_text_config()
         self.hidden_size = int(hf.hidden_size)
         self.num_layers = int(hf.num_hidden_layers)
         if s.capture_layer is not None and not 0 <= s.capture_layer < self.num_layers - 1:
@@ -110,8 +113,7 @@ class VLLMEngine:
                 f"{self.num_layers} blocks (vLLM exposes block outputs only below the last block)"
             )
         if s.capture_layer is not None:
-            architectures = AutoConfig.from_pretrained(s.model).architectures or []
-            self.capture_method = resolve_capture_method(s.capture_method, architectures, s.model)
+            self.capture_method = resolve_capture_method(s.capture_method, self.architectures, s.model)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model)
         if s.capture_layer is not None:
             self._capture = CaptureDir(vllm_capture.make_capture_dir(f"L{s.capture_layer}"))
@@ -178,11 +180,8 @@ class VLLMEngine:
         if s.capture_layer is not None:
             assert self._capture is not None
             if self.capture_method == "embedded":
-                from transformers import AutoConfig
-
                 vllm_row_store.register()  # this process validates the architecture name too
-                kwargs["hf_overrides"] = vllm_row_store.hf_overrides(
-                    AutoConfig.from_pretrained(s.model).architectures or [], s.capture_layer)
+                kwargs["hf_overrides"] = vllm_row_store.hf_overrides(self.architectures, s.capture_layer)
             else:
                 kwargs["speculative_config"] = vllm_capture.speculative_config(s.capture_layer)
             kwargs["kv_transfer_config"] = KVTransferConfig(**vllm_capture.kv_transfer_config(self._capture.path))
