@@ -452,9 +452,12 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
            "top": [[nxt, 0.7], [tok.eos_token_id, 0.1]]}
     body = explanation_body(tok, rec, max_tokens=400)  # the tiny tokenizer spends many tokens per word
     assert '"fox"' in body.split("\n\n")[-1]  # the last paragraph speaks of the final token
-    assert "quick brown fox" in body and "confident" in body and "jumps" in body
-    short = explanation_body(tok, rec, max_tokens=60)  # over budget: the quote shrinks first
-    assert len(tok.encode(short)) < len(tok.encode(body)) and '"fox"' in short
+    assert "confident" in body and "jumps" in body
+    assert "local phrase" not in body and body.count('"') == 4  # by default the only quotes: token, prediction
+    phrased = explanation_body(tok, rec, quote_words=3, max_tokens=400)
+    assert 'The local phrase is "quick brown fox".' in phrased
+    short = explanation_body(tok, rec, quote_words=3, max_tokens=60)  # over budget: the quote shrinks first
+    assert len(tok.encode(short)) < len(tok.encode(phrased)) and '"fox"' in short
     text = explanation_target(tok, rec, max_tokens=400)
     from nla_serve.nla.verbalizer import parse_explanation
 
@@ -472,7 +475,7 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     reply = tok.encode("The quick brown fox", add_special_tokens=False)
     rec3 = dict(rec, prefix_ids=ids + reply, token=reply[-1], role="assistant", user="Tell me about foxes.",
                 reply_start=len(ids))
-    body3 = explanation_body(tok, rec3, max_tokens=400)
+    body3 = explanation_body(tok, rec3, quote_words=3, max_tokens=400)
     assert 'The local phrase is "quick brown fox".' in body3  # three words at most, the reply's own
 
 

@@ -51,6 +51,8 @@ class TrainConfig:
     targets_model: str | None = None
     targets_concurrency: int = 8
     targets_max_tokens: int = 200
+    # words of the local phrase the built targets quote; 0 quotes none (see train/targets.py for why)
+    quote_words: int = 0
     # the pair
     av_template: str = AV_TEMPLATE
     ar_template: str = AR_TEMPLATE

@@ -245,8 +245,9 @@ class Pipeline:
             else:
                 rows = []
                 for i, rec in enumerate(self.acts.records):
-                    body = explanation_body(self.tokenizer, rec)
-                    rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec)})
+                    body = explanation_body(self.tokenizer, rec, quote_words=self.cfg.quote_words)
+                    rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec,
+                                                                                  quote_words=self.cfg.quote_words)})
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             tmp.replace(path)
