@@ -505,8 +505,9 @@ def test_preemption_keeps_rows_exact(tiny, hf_target, loop):
 
 
 def test_capture_architectures_are_checked_at_start():
-    """Llama and Qwen2 targets can be captured on vLLM; Gemma-3 (no auxiliary hidden states in
-    vLLM 0.32) is refused before any engine process starts, with the way out named."""
+    """The speculative method needs vLLM's auxiliary hidden states: Llama and Qwen2 have them,
+    Gemma-3 (vLLM 0.32) does not, and is refused for that method before any engine process
+    starts, with the way out named."""
     vllm_required()
     from nla_serve.engines.vllm_engine import check_capture_architecture
     from nla_serve.errors import EngineError
@@ -519,20 +520,51 @@ def test_capture_architectures_are_checked_at_start():
 
 
 def test_capture_method_is_resolved_per_architecture():
-    """auto: the draft-free row store where it is supported, the speculative method elsewhere; an
-    explicit method that cannot work is refused with a sentence, before any engine starts."""
+    """auto: the draft-free row store where it is supported (the released NLAs' families), the
+    speculative method elsewhere; an explicit method that cannot work is refused with a sentence,
+    before any engine starts."""
     vllm_required()
     from nla_serve.engines.vllm_engine import resolve_capture_method
     from nla_serve.errors import EngineError
 
-    assert resolve_capture_method("auto", ["LlamaForCausalLM"], "m") == "embedded"
-    assert resolve_capture_method("auto", ["Qwen2ForCausalLM"], "m") == "embedded"
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"):
+        assert resolve_capture_method("auto", [arch], "m") == "embedded"
     assert resolve_capture_method("auto", ["MistralForCausalLM"], "m") == "speculative"
     assert resolve_capture_method("speculative", ["LlamaForCausalLM"], "m") == "speculative"
     with pytest.raises(EngineError, match="--capture-method embedded supports"):
         resolve_capture_method("embedded", ["MistralForCausalLM"], "m")
     with pytest.raises(EngineError, match="--engine transformers"):
-        resolve_capture_method("auto", ["Gemma3ForCausalLM"], "m")
+        resolve_capture_method("speculative", ["Gemma3ForCausalLM"], "m")
+    with pytest.raises(EngineError, match="--engine transformers"):
+        resolve_capture_method("auto", ["NoSuchArchitecture"], "m")
+
+
+def test_gemma3_rows_match_transformers(tmp_path_factory, loop):
+    """Gemma-3 (no aux interface in vLLM: its decoder is swapped for one that returns the stream
+    after block K) on the embedded row store, compiled: rows and greedy tokens equal a plain
+    transformers forward, across chunked prefill and sliding-window layers."""
+    vllm_required()
+    from transformers import AutoModelForCausalLM
+
+    from nla_serve.tiny import build_target
+
+    path = build_target(tmp_path_factory.mktemp("gemma3") / "target", family="gemma3")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    layer = 2
+    engine = _start(loop, EngineSettings(
+        model=str(path), kind="vllm", dtype="float32", device="cpu", capture_layer=layer,
+        max_model_len=256, max_num_batched_tokens=BUDGET, max_num_seqs=4, kv_cache_gib=0.125,
+        enforce_eager=False))
+    try:
+        assert engine.capture_method == "embedded"
+        assert engine._llm.vllm_config.model_config.hf_config.architectures == ["NLACaptureGemma3ForCausalLM"]
+        ids = prompt_of(engine.tokenizer, BUDGET + 9, seed=3)  # two prefill chunks, past the window of 16
+        options = SamplingOptions(max_tokens=12, temperature=0.0, ignore_eos=True)
+        got = loop.run(collect(engine, Prompt(ids), options, "gemma3"))[0]
+        assert got.ids == hf_greedy(hf, ids, options.max_tokens)
+        assert_rows_match(hf, layer, ids, got)
+    finally:
+        loop.run(engine.shutdown(), timeout=120)
 
 
 def test_embedded_capture_takes_no_draft_token(target):

@@ -73,14 +73,21 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: int = 0,
-                 init_std: float = 0.08, tokenizer=None) -> Path:
-    """A random Llama folder (config, safetensors, tokenizer, generation config, chat template)."""
+                 init_std: float = 0.08, tokenizer=None, family: str = "llama") -> Path:
+    """A random Llama folder (config, safetensors, tokenizer, generation config, chat template);
+    ``family="gemma3"`` makes a Gemma-3 text model of the same size instead (sliding-window and
+    global layers alternating, as in the released Gemma-3 targets)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tok = tokenizer or build_tokenizer()
-    cfg = LlamaConfig(
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
+    extra = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)
+             + ["sliding_attention"] * (layers % 2), "query_pre_attn_scalar": 32} if family == "gemma3" else {}
+    cfg = config_class(
+        **extra,
         vocab_size=512,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -97,7 +104,7 @@ def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: i
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_class(cfg).eval()
     # Random norms around 1 and peaky logits keep greedy choices far from ties, so two correct
     # implementations agree token for token.
     with torch.no_grad():

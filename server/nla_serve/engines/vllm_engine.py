@@ -463,8 +463,8 @@ def resolve_capture_method(method: str, architectures: list[str], model: str) ->
 def check_capture_architecture(architectures: list[str], model: str) -> None:
     """Refuse at start, with the reason, a target whose vLLM class cannot output a mid-layer
     residual: the capture asks vLLM for auxiliary hidden states (the EAGLE-3 interface), which
-    vLLM 0.32 implements for Llama, Mistral, Qwen2/2.5/3 and others, but not for Gemma-2/3.
-    Without this check the engine process dies during start with vLLM's own terse error."""
+    vLLM 0.32 implements for Llama, Mistral, Qwen2/2.5/3 and others, but not for Gemma-2/3 (the
+    embedded method covers Gemma-3 its own way, see vllm_row_store). Without this check the engine process dies during start with vLLM's own terse error."""
     from vllm.model_executor.models import ModelRegistry
     from vllm.model_executor.models.interfaces import supports_eagle3
 
@@ -481,7 +481,8 @@ def check_capture_architecture(architectures: list[str], model: str) -> None:
         f"{model}: architecture {', '.join(architectures) or '(none in config.json)'} cannot be captured by the "
         f"vLLM engine: vLLM {vllm.__version__} gives mid-layer activations (auxiliary hidden states, its EAGLE-3 "
         "interface) only for some architectures (Llama, Mistral, Qwen2/2.5/3 among them; not Gemma-2/3). Serve "
-        "this model with --engine transformers, or without an NLA")
+        f"this model with --capture-method embedded if it is one of {', '.join(sorted(vllm_row_store.SUPPORTED))}, "
+        "with --engine transformers, or without an NLA")
 
 
 def map_vllm_error(e: BaseException) -> NLAServeError:

@@ -19,6 +19,14 @@ the speculative method, and the connector (``vllm_connector``) reads them by slo
 continuous batching, chunked prefill, prefix caching, preemption and n>1 stay exact for the same
 reasons. The last sampled token is never fed, so it has no row, as before.
 
+Gemma-3 has no aux-hidden-state interface in vLLM 0.32, and its decoder defers each block's
+residual add into the next block's norm: after block K the stream is ``hidden_states + residual``.
+For it the capture class builds its decoder as ``RowsGemma3Model``, a subclass whose forward is
+vLLM's own plus that sum at block K, returned the way the aux interface returns it (the decoder
+is swapped in while the model is constructed, never after: vLLM's compile wrapper binds
+``forward`` when the decoder is created, so a later swap would be silently ignored). Pipeline
+parallelism is refused for it (the rows would have to cross ranks).
+
 Selecting it: the engine passes ``hf_overrides={"architectures": [<capture name>],
 "nla_capture_layer": K + 1}``; the capture names are registered with vLLM's ``ModelRegistry`` by
 ``register()``, which vLLM runs in every process through the ``vllm.general_plugins`` entry point
@@ -35,7 +43,11 @@ SUPPORTED = {
     "LlamaForCausalLM": "vllm.model_executor.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "vllm.model_executor.models.qwen3:Qwen3ForCausalLM",
+    # no aux interface: the decoder is replaced by RowsGemma3Model (above)
+    "Gemma3ForCausalLM": "vllm.model_executor.models.gemma3:Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration": "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration",
 }
+GEMMA3 = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
 # the cache-only layer's name in vLLM's forward context; vLLM reads one integer out of every
 # attention layer's name (its index): the store takes the index after the last block, as the
 # extract_hidden_states drafter's own cache-only layer does
@@ -67,15 +79,26 @@ def capture_class(base: type) -> type:
     """A subclass of the vLLM model class ``base`` that stores layer-K rows in its own paged blocks."""
     from vllm.model_executor.models.extract_hidden_states import CacheOnlyAttentionLayer
 
+    gemma3 = base.__name__ in GEMMA3
+
     class Capturing(base):
         def __init__(self, *, vllm_config: Any, prefix: str = ""):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
             config = vllm_config.model_config.hf_config
             layer = getattr(config, "nla_capture_layer", None)
             if layer is None:
                 raise ValueError(f"{type(self).__name__} needs hf_overrides nla_capture_layer (K+1)")
+            if gemma3:
+                if vllm_config.parallel_config.pipeline_parallel_size > 1:
+                    raise ValueError(f"{type(self).__name__}: the embedded capture of Gemma-3 does not support "
+                                     "pipeline parallelism; use tensor parallelism")
+                with _gemma3_decoder(RowsGemma3Model()):
+                    super().__init__(vllm_config=vllm_config, prefix=prefix)
+                decoder = next(m for m in self.modules() if hasattr(m, "nla_capture_layer"))
+                decoder.nla_capture_layer = int(layer)
+            else:
+                super().__init__(vllm_config=vllm_config, prefix=prefix)
+                self.set_aux_hidden_state_layers((int(layer),))
             self.nla_capture_layer = int(layer)
-            self.set_aux_hidden_state_layers((self.nla_capture_layer,))
             text = config.get_text_config()
             self.nla_rows = CacheOnlyAttentionLayer(
                 num_heads=1, head_size=text.hidden_size, cache_config=vllm_config.cache_config,
@@ -92,6 +115,56 @@ def capture_class(base: type) -> type:
 
     Capturing.__name__ = Capturing.__qualname__ = capture_name(base.__name__)
     return Capturing
+
+
+_ROWS_GEMMA3: type | None = None
+
+
+def RowsGemma3Model() -> type:  # noqa: N802 - it returns a class, named like one
+    """vLLM's ``Gemma3Model`` with the residual stream after block K returned beside its output,
+    as ``(hidden_states, [rows])`` like the aux interface. Built once, on first use (needs vLLM)."""
+    global _ROWS_GEMMA3
+    if _ROWS_GEMMA3 is not None:
+        return _ROWS_GEMMA3
+    from itertools import islice
+
+    from vllm.model_executor.models.gemma3 import Gemma3Model
+
+    class Rows(Gemma3Model):
+        nla_capture_layer: int | None = None  # K+1, set by the capture class before the first forward
+
+        # vLLM 0.32's Gemma3Model.forward (single pipeline rank; refused otherwise), plus the rows
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+            rows = None
+            for index, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), self.start_layer):
+                hidden_states, residual = layer(positions, hidden_states, residual, **kwargs)
+                if index + 1 == self.nla_capture_layer:
+                    rows = hidden_states + residual  # the deferred residual add: HF hidden_states[K+1]
+            hidden_states, _ = self.norm(hidden_states, residual)
+            return hidden_states if rows is None else (hidden_states, [rows])
+
+    Rows.__name__ = Rows.__qualname__ = "RowsGemma3Model"
+    _ROWS_GEMMA3 = Rows
+    return Rows
+
+
+class _gemma3_decoder:  # noqa: N801 - a context manager, used like a function
+    """While a Gemma-3 model is constructed, its module's ``Gemma3Model`` is ``rows_class`` (both
+    the text-only class and the multimodal one build their decoder through that module name)."""
+
+    def __init__(self, rows_class: type):
+        self.rows_class = rows_class
+
+    def __enter__(self):
+        from vllm.model_executor.models import gemma3
+
+        self.module, self.saved = gemma3, gemma3.Gemma3Model
+        gemma3.Gemma3Model = self.rows_class
+
+    def __exit__(self, *exc):
+        self.module.Gemma3Model = self.saved
 
 
 def __getattr__(name: str):
