@@ -464,7 +464,8 @@ def check_capture_architecture(architectures: list[str], model: str) -> None:
     """Refuse at start, with the reason, a target whose vLLM class cannot output a mid-layer
     residual: the capture asks vLLM for auxiliary hidden states (the EAGLE-3 interface), which
     vLLM 0.32 implements for Llama, Mistral, Qwen2/2.5/3 and others, but not for Gemma-2/3 (the
-    embedded method covers Gemma-3 its own way, see vllm_row_store). Without this check the engine process dies during start with vLLM's own terse error."""
+    embedded method covers Gemma-3 its own way, see vllm_row_store). Without this check the
+    engine process dies during start with vLLM's own terse error."""
     from vllm.model_executor.models import ModelRegistry
     from vllm.model_executor.models.interfaces import supports_eagle3
 

@@ -35,6 +35,8 @@ Selecting it: the engine passes ``hf_overrides={"architectures": [<capture name>
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 PREFIX = "NLACapture"
@@ -91,10 +93,10 @@ def capture_class(base: type) -> type:
                 if vllm_config.parallel_config.pipeline_parallel_size > 1:
                     raise ValueError(f"{type(self).__name__}: the embedded capture of Gemma-3 does not support "
                                      "pipeline parallelism; use tensor parallelism")
-                with _gemma3_decoder(RowsGemma3Model()):
+                rows_model = RowsGemma3Model()
+                with _gemma3_decoder(rows_model):
                     super().__init__(vllm_config=vllm_config, prefix=prefix)
-                decoder = next(m for m in self.modules() if hasattr(m, "nla_capture_layer"))
-                decoder.nla_capture_layer = int(layer)
+                next(m for m in self.modules() if isinstance(m, rows_model)).nla_capture_layer = int(layer)
             else:
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
                 self.set_aux_hidden_state_layers((int(layer),))
@@ -117,15 +119,10 @@ def capture_class(base: type) -> type:
     return Capturing
 
 
-_ROWS_GEMMA3: type | None = None
-
-
+@functools.cache
 def RowsGemma3Model() -> type:  # noqa: N802 - it returns a class, named like one
     """vLLM's ``Gemma3Model`` with the residual stream after block K returned beside its output,
     as ``(hidden_states, [rows])`` like the aux interface. Built once, on first use (needs vLLM)."""
-    global _ROWS_GEMMA3
-    if _ROWS_GEMMA3 is not None:
-        return _ROWS_GEMMA3
     from itertools import islice
 
     from vllm.model_executor.models.gemma3 import Gemma3Model
@@ -146,25 +143,20 @@ def RowsGemma3Model() -> type:  # noqa: N802 - it returns a class, named like on
             return hidden_states if rows is None else (hidden_states, [rows])
 
     Rows.__name__ = Rows.__qualname__ = "RowsGemma3Model"
-    _ROWS_GEMMA3 = Rows
     return Rows
 
 
-class _gemma3_decoder:  # noqa: N801 - a context manager, used like a function
+@contextlib.contextmanager
+def _gemma3_decoder(rows_class: type):
     """While a Gemma-3 model is constructed, its module's ``Gemma3Model`` is ``rows_class`` (both
     the text-only class and the multimodal one build their decoder through that module name)."""
+    from vllm.model_executor.models import gemma3
 
-    def __init__(self, rows_class: type):
-        self.rows_class = rows_class
-
-    def __enter__(self):
-        from vllm.model_executor.models import gemma3
-
-        self.module, self.saved = gemma3, gemma3.Gemma3Model
-        gemma3.Gemma3Model = self.rows_class
-
-    def __exit__(self, *exc):
-        self.module.Gemma3Model = self.saved
+    saved, gemma3.Gemma3Model = gemma3.Gemma3Model, rows_class
+    try:
+        yield
+    finally:
+        gemma3.Gemma3Model = saved
 
 
 def __getattr__(name: str):

@@ -236,7 +236,7 @@ class Pipeline:
         return {"activations": len(acts), "heldout": sum(r["split"] == "heldout" for r in acts.records)}
 
     def stage_targets(self) -> dict:
-        from nla_serve.train.targets import explanation_body, explanation_target
+        from nla_serve.train.targets import explanation_body, tagged
 
         path = self.work / "targets.jsonl"
         if not path.is_file():
@@ -246,8 +246,7 @@ class Pipeline:
                 rows = []
                 for i, rec in enumerate(self.acts.records):
                     body = explanation_body(self.tokenizer, rec, quote_words=self.cfg.quote_words)
-                    rows.append({"i": i, "body": body, "text": explanation_target(self.tokenizer, rec,
-                                                                                  quote_words=self.cfg.quote_words)})
+                    rows.append({"i": i, "body": body, "text": tagged(body)})
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             tmp.replace(path)

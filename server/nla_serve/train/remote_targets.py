@@ -153,7 +153,7 @@ class TargetWriter:
 
     def write_all(self, rows: list[tuple[int, dict]], out: Path, progress: bool = True) -> int:
         """Append a target line for every row not already in ``out``; returns how many were written now."""
-        from nla_serve.train.targets import CLOSE, OPEN
+        from nla_serve.train.targets import tagged
 
         done = done_rows(out)
         todo = [(i, rec) for i, rec in rows if i not in done]
@@ -176,7 +176,7 @@ class TargetWriter:
                 for fut in as_completed(futures):
                     i = futures[fut]
                     body = fut.result()
-                    f.write(json.dumps({"i": i, "body": body, "text": f"{OPEN}\n{body}\n{CLOSE}",
+                    f.write(json.dumps({"i": i, "body": body, "text": tagged(body),
                                         "writer": self.s.model}, ensure_ascii=False) + "\n")
                     f.flush()  # a line per finished row: an interrupted run resumes after it
                     written += 1

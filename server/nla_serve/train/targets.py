@@ -167,24 +167,24 @@ def explanation_body(tokenizer, rec: dict, *, quote_words: int = 0, max_tokens: 
     words = message[-400:].split()
     chat = rec.get("role") in ("assistant", "user")
     topics = topic_words(message if chat else text, n=2)
-    near = " ".join(words[-3:])  # unquoted: only tells whether the text is inside code
+    kind = register(rec, text, " ".join(words[-3:]))  # the last words only tell whether it is code
+    if topics:
+        kind += " Its topic words include " + " and ".join(topics) + "."
     last = f"The final token is {show(piece)}." + position_note(tokenizer, rec, piece) + prediction_note(tokenizer, rec)
-    body = ""
-    for q in range(quote_words, -1, -1):  # over budget: the quote shrinks first, then goes
-        recent = " ".join(words[-q:]) if q else ""
-        p1 = register(rec, text, near)
-        if topics:
-            p1 += " Its topic words include " + " and ".join(topics) + "."
-        paragraphs = [p1]
-        if q:
-            paragraphs.append(f'The local phrase is "{recent}".' if len(words) >= 2
-                              else "The message has only just begun.")
-        body = "\n\n".join(paragraphs + [last])
-        if len(tokenizer.encode(body, add_special_tokens=False)) <= max_tokens:
-            return body
+    body = f"{kind}\n\n{last}"
+    for q in range(quote_words, 0, -1):  # over budget: the quote shrinks first, then goes
+        phrase = f'The local phrase is "{" ".join(words[-q:])}".' if len(words) >= 2 else "The message has only just begun."
+        phrased = f"{kind}\n\n{phrase}\n\n{last}"
+        if len(tokenizer.encode(phrased, add_special_tokens=False)) <= max_tokens:
+            return phrased
     return body
+
+
+def tagged(body: str) -> str:
+    """An explanation body as the AV writes it, between its tags."""
+    return f"{OPEN}\n{body}\n{CLOSE}"
 
 
 def explanation_target(tokenizer, rec: dict, **kw) -> str:
     """The whole text the AV is trained to write for this sample (tags included)."""
-    return f"{OPEN}\n{explanation_body(tokenizer, rec, **kw)}\n{CLOSE}"
+    return tagged(explanation_body(tokenizer, rec, **kw))
