@@ -465,6 +465,11 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     # only the prefix and the model's predictions shape it: other predictions, other text
     rec2 = dict(rec, top=[[tok.encode(" sleeps", add_special_tokens=False)[0], 0.3], [nxt, 0.25]])
     assert explanation_body(tok, rec2, max_tokens=400) != body
+    # unsure: by default only the best guess is quoted; quote_predictions=2 adds the runner-up
+    assert explanation_body(tok, rec2, max_tokens=400).count('"') == 4
+    two = explanation_body(tok, rec2, quote_predictions=2, max_tokens=400)
+    assert two.count('"') == 6 and "jumps" in two and "or perhaps" in two
+    assert explanation_body(tok, rec2, quote_predictions=0, max_tokens=400).count('"') == 2
     chat = explanation_body(tok, dict(rec, role="assistant", user="Write a recipe inspired by coffee.",
                                       genre="recipe", topic="coffee"), max_tokens=400)
     assert "An AI assistant's reply in a chat: a recipe, about coffee." in chat

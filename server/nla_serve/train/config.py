@@ -53,6 +53,8 @@ class TrainConfig:
     targets_max_tokens: int = 200
     # words of the local phrase the built targets quote; 0 quotes none (see train/targets.py for why)
     quote_words: int = 0
+    # the model's next-token candidates they quote; 1, its best guess (see train/targets.py for why)
+    quote_predictions: int = 1
     # the pair
     av_template: str = AV_TEMPLATE
     ar_template: str = AR_TEMPLATE

@@ -245,7 +245,8 @@ class Pipeline:
             else:
                 rows = []
                 for i, rec in enumerate(self.acts.records):
-                    body = explanation_body(self.tokenizer, rec, quote_words=self.cfg.quote_words)
+                    body = explanation_body(self.tokenizer, rec, quote_words=self.cfg.quote_words,
+                                            quote_predictions=self.cfg.quote_predictions)
                     rows.append({"i": i, "body": body, "text": tagged(body)})
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
