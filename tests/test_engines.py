@@ -353,10 +353,10 @@ def test_abort_stops_and_frees(target, hf_target, tiny, loop):
     assert_rows_match(hf_target, tiny.layer, [0, 21, 22, 23], after)
     if target.settings.kind == "vllm":
         deadline = time.monotonic() + 10
-        while target._capture.pending_files() and time.monotonic() < deadline:
+        while target._capture.pending() and time.monotonic() < deadline:
             loop.run(asyncio.sleep(0.05))
             target._capture.sweep()
-        assert target._capture.pending_files() == []
+        assert target._capture.pending() == []
         assert target._active == {}
         assert target._llm.get_num_unfinished_requests() == 0
 
@@ -405,15 +405,14 @@ def test_seeded_sampling_repeats_or_is_refused(target, loop):
 
 
 def test_request_ids_and_children():
-    from nla_serve.engines.vllm_capture import child_index, key_of, vllm_request_id
+    from nla_serve.engines.vllm_capture import choice_of, key_of, vllm_request_id
 
     key = vllm_request_id("chatcmpl-42_x/y")
     assert "_" not in key and "-" not in key and key.startswith("chatcmpl.42.x.y.")
     assert vllm_request_id("chatcmpl-42_x/y") != key
-    assert child_index(key, f"{key}-1a2b3c4d") == 0
-    assert child_index(key, f"3_{key}-1a2b3c4d") == 3
-    assert child_index(key, f"{key}x-1a2b3c4d") is None
-    assert child_index(key, f"x_{key}-1a2b3c4d") is None
+    assert choice_of(f"{key}-1a2b3c4d") == (key, 0)
+    assert choice_of(f"3_{key}-1a2b3c4d") == (key, 3)
+    assert choice_of(f"{key}x-1a2b3c4d") != (key, 0)
     assert vllm_request_id("").startswith("req.") and vllm_request_id("--").startswith("req.")
     assert key_of(f"{key}-1a2b3c4d") == key == key_of(f"12_{key}-1a2b3c4d")
 
@@ -435,26 +434,52 @@ def test_rows_and_slots():
 
 
 def test_capture_dir_reads_once_and_discards(tmp_path, loop):
-    from safetensors.torch import save_file
+    """Step files (as the connector writes them) are read once, in order, and their rows handed to
+    the choices they belong to; wrong tokens, errors and discarded requests are handled."""
+    import json
 
-    from nla_serve.engines.vllm_capture import CaptureError, capture_file
+    from nla_serve.engines.vllm_capture import ERROR_SUFFIX, CaptureError, step_file, write_step
     from nla_serve.engines.vllm_capture_reader import CaptureDir
 
     cap = CaptureDir(str(tmp_path / "cap"))
     os.makedirs(cap.path)
-    rows = torch.randn(5, 4, dtype=torch.bfloat16)
-    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "1_k.1-abcdefgh"))
-    got = loop.run(cap.wait("k.1", 1, 2, num_rows=4, token_ids=[0, 1, 2, 3]))
-    assert got.dtype == torch.float32 and torch.equal(got, rows[:4].float())
-    assert cap.pending_files() == []
-    with pytest.raises(CaptureError, match="after"):
-        loop.run(cap.wait("k.1", 0, 1, num_rows=1, timeout_s=0.05))
-    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "k.2-abcdefgh"))
+    rows = torch.randn(8, 4, dtype=torch.bfloat16)
+    # step 1: choice 1 of k.1 (n > 1) rows 0..2, and k.2 rows 0..1; step 2: k.1's rest, k.2's end
+    write_step(step_file(cap.path, 1), [("1_k.1-abcdefgh", 0, 3, False), ("k.2-abcdefgh", 0, 2, False)],
+               rows[:5], [0, 1, 2, 0, 9])
+    parts = cap.take_parts("k.1", 1, 0, lambda: [0, 1, 2, 3])  # while it runs
+    assert len(parts) == 1 and parts[0].dtype == torch.float32 and torch.equal(parts[0], rows[:3].float())
+    assert cap.take_parts("k.1", 1, 3) == [] and cap.take_parts("k.1", 0, 0) == []  # taken once; not choice 0's
+    assert cap.pending() == ["k.2#0"]  # read once: the file is gone, k.2's rows wait for it
+    write_step(step_file(cap.path, 2), [("1_k.1-abcdefgh", 3, 2, True), ("k.2-abcdefgh", 2, 0, True)],
+               rows[5:7], [3, 4])
+    # a stop string kept 5 tokens (4 rows); the engine ran a step further: row 4 is dropped
+    got = loop.run(cap.finish("k.1", 1, num_rows=4, token_ids=[0, 1, 2, 3, 4], start=3))
+    assert torch.equal(got, rows[5:6].float())
     with pytest.raises(CaptureError, match="other tokens"):
-        loop.run(cap.wait("k.2", 0, 1, num_rows=3, token_ids=[0, 9, 2]))
-    save_file({"hidden_states": rows, "token_ids": torch.arange(5)}, capture_file(cap.path, "k.3-abcdefgh"))
+        loop.run(cap.finish("k.2", 0, num_rows=2, token_ids=[0, 1, 2]))
+    # rows ahead of the tokens the choice has seen wait for them (the last token has no row yet)
+    write_step(step_file(cap.path, 6), [("k.5-abcdefgh", 0, 4, False)], rows[:4], [0, 1, 2, 3])
+    ahead = cap.take_parts("k.5", 0, 0, lambda: [0, 1, 2])
+    assert [p.shape[0] for p in ahead] == [2] and torch.equal(ahead[0], rows[:2].float())
+    rest = cap.take_parts("k.5", 0, 2, lambda: [0, 1, 2, 3, 4])
+    assert [p.shape[0] for p in rest] == [2] and torch.equal(rest[0], rows[2:4].float())
+    with pytest.raises(CaptureError, match="after"):
+        loop.run(cap.finish("k.1", 0, num_rows=1, timeout_s=0.05))
+    assert cap.pending() == []
+    # a step the connector could not write fails exactly its requests
+    with open(step_file(cap.path, 3, ERROR_SUFFIX), "w") as f:
+        json.dump({"ids": ["k.4-abcdefgh"], "finals": [True], "error": "OSError: no space"}, f)
+    with pytest.raises(CaptureError, match="no space"):
+        loop.run(cap.finish("k.4", 0, num_rows=1))
+    # an aborted request: rows already there and rows still to come are dropped
+    write_step(step_file(cap.path, 4), [("k.3-abcdefgh", 0, 2, False)], rows[:2], [0, 1])
+    cap.sweep()
     cap.discard("k.3")
-    assert cap.pending_files() == []
+    assert cap.pending() == [] and cap.discarded == 1
+    write_step(step_file(cap.path, 5), [("k.3-abcdefgh", 2, 1, True)], rows[2:3], [2])
+    cap.sweep()
+    assert cap.pending() == [] and cap.discarded == 0
     cap.close()
     assert not os.path.exists(cap.path)
 

@@ -41,7 +41,7 @@ class Metrics:
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for admission", L, registry=r)
         self.explanations = Counter("nla_explanations", "Explanations by status", L + ["status"], registry=r)
         self.queue_depth = Gauge("nla_explanation_queue_depth", "Explanation jobs queued", L, registry=r)
-        self.capture_bytes = Gauge("nla_capture_dir_bytes", "Bytes of captured activations waiting in /dev/shm",
+        self.capture_bytes = Gauge("nla_capture_dir_bytes", "Bytes of captured activations not yet taken by their request",
                                    L, registry=r)
         self.latency = Histogram("nla_explanation_latency_seconds",
                                  "From the explained token's activation being captured to its explanation ready",

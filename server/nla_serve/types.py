@@ -143,7 +143,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     num_running: int = 0
     num_waiting: int = 0
-    capture_dir_bytes: int = 0  # captured activations waiting in shared memory
+    capture_dir_bytes: int = 0  # captured activations not yet taken by their request
     queue_times: list[float] = field(default_factory=list)  # seconds queued, per finished request, not yet exported
     preemptions: int = 0  # requests preempted (KV cache full), in all
     preemptions_unexported: int = 0  # ... of which /metrics has not counted yet

@@ -13,27 +13,32 @@ How activations are captured
     writes its own slots), preemption (recomputed with the blocks) and prefix-cache hits (the cached
     blocks already hold the rows for the shared prefix; block hashes cover the tokens, so a hit means
     the same tokens at the same positions). ``NLAShmHiddenStatesConnector`` (``vllm_connector``) is
-    a KV connector that gathers a capturing request's rows from its blocks in the worker, step by
-    step (below), and writes them as safetensors files into a per-engine directory under
-    ``/dev/shm`` (written to a hidden temporary name, then renamed, so a reader never sees half a
-    file). The API process (``CaptureDir``) finds the files by request id, reads and deletes them.
-    The stock ``ExampleHiddenStatesConnector`` writes once per finished request, with pinned memory,
-    CUDA streams and a writer thread pool, which crash on CPU; this one copies synchronously
-    between engine steps (on GPU that waits for the step in flight: a sync to remove there), the
-    rows each step settled, a few KB per running request.
+    a KV connector that gathers the capturing requests' rows from their blocks in the worker, step
+    by step (below), and writes them into a per-engine directory under ``/dev/shm``: one
+    safetensors file per engine step for all capturing requests in it (written to a hidden
+    temporary name, then renamed, so a reader never sees half a file). The API process
+    (``CaptureDir``) reads each file once, files its rows under the choices they belong to, and
+    deletes it. The stock ``ExampleHiddenStatesConnector`` writes once per finished request, with
+    pinned memory, CUDA streams and a writer thread pool, which crash on CPU; this one copies
+    synchronously between engine steps (on GPU that waits for the step in flight: a sync to remove
+    there), the rows each step settled, a few KB per running request.
 
 When they arrive
     While the request runs. Each engine step, the scheduler side of the connector sends, for every
     running capturing request, the slots of the rows that earlier steps settled since the last
     send (``settled_rows``: up to the tokens computed before this step, never the last sampled
-    token); the worker copies them out of the paged blocks after the step's forward and writes
-    one ``<id>@<start>.part`` file. When the request ends, the rest (from the last part to
-    ``P+G-2``) goes to ``<id>.safetensors``, which marks the end. So rows reach the API process
-    one engine step behind the tokens, prompt rows included (the first step after prefill),
-    and because they are read out of the same blocks as before, they stay exact under chunked
-    prefill, prefix-cache hits (cached blocks hold their rows), preemption (a preempted request's
-    computed count drops and rises again; nothing is re-sent) and n>1 (each child is its own
-    request). The reader hands them on with the choice's next update.
+    token), and for every request that finished, the rest of its rows (to ``P+G-2``) marked as its
+    last piece; the worker copies them all out of the paged blocks after the step's forward with
+    one gather and writes one ``<step>.step`` file. So rows reach the API process one engine step
+    behind the tokens, prompt rows included (the first step after prefill), and because they are
+    read out of the same blocks as before, they stay exact under chunked prefill, prefix-cache hits
+    (cached blocks hold their rows), preemption (a preempted request's computed count drops and
+    rises again; nothing is re-sent) and n>1 (each child is its own request). The reader hands
+    them on with the choice's next update, only up to the tokens it has received (the engine may
+    be a step ahead). One file per step, not one per request and step: one write and one read per
+    step however many requests capture (docs/benchmarks.md). A step the worker could not write
+    leaves ``<step>.error`` naming its requests, which then fail with that reason instead of
+    waiting.
 
 What the last position gets
     Nothing: the last sampled token is never fed through the model, so it has no row (rows are
@@ -56,19 +61,19 @@ What it costs
 Request ids
     ``AsyncLLM`` makes the engine-side id ``"<id>-<8 random chars>"``, and the n>1 children
     ``"<index>_<id>-<8 chars>"``. ``vllm_request_id`` makes ``<id>`` unique and free of ``_`` and
-    ``-`` so that ``child_index`` can tell which file belongs to which choice by prefix alone.
+    ``-`` so that ``choice_of`` can tell which choice a row belongs to from its engine-side id alone.
 
 Aborts and stop strings
     The engine core cannot tell a client abort from the abort the API process sends when it sees a
     stop string (stop strings are matched on detokenized text, outside the engine core): both arrive
-    as aborts, so rows are written for every capturing request that had computed anything. The reader
-    takes the file of a stop-string finish like any other and deletes the files of real aborts as they
-    appear (``discard``); ``close`` removes the whole directory.
+    as aborts, so rows are sent for every capturing request that had computed anything. The reader
+    hands a stop-string finish its rows like any other (dropping rows past the kept tokens) and
+    drops the rows of real aborts as they arrive (``discard``); ``close`` removes the directory.
 
 Where the code lives
     This module holds what both sides agree on: the engine configuration, request ids and file
-    names (pure, no vLLM). ``vllm_capture_reader`` is the API process's end (find, read, delete the
-    files); ``vllm_connector`` is the engine processes' end (the KV connector vLLM loads by module
+    names and the step file format (no vLLM). ``vllm_capture_reader`` is the API process's end
+    (read each step file once, hand rows to their choices); ``vllm_connector`` is the engine processes' end (the KV connector vLLM loads by module
     path). Neither imports the other.
 """
 
@@ -84,9 +89,8 @@ from typing import Any
 CONNECTOR_NAME = "NLAShmHiddenStatesConnector"
 CONNECTOR_MODULE = "nla_serve.engines.vllm_connector"  # imported by vLLM's engine processes
 CAPTURE_PARAM = "nla_capture"  # key in a request's kv_transfer_params that asks for its rows
-SUFFIX = ".safetensors"  # a request's last rows: the end of its capture
-PART_SUFFIX = ".part"  # rows of a running request, one file per engine step that settled some
-ERROR_SUFFIX = ".error"
+STEP_SUFFIX = ".step"  # the rows one engine step settled, for every capturing request in it
+ERROR_SUFFIX = ".error"  # a step whose rows could not be written: which requests, and why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,19 +149,6 @@ def vllm_request_id(request_id: str) -> str:
     return f"{head}.{uuid.uuid4().hex[:12]}"
 
 
-def child_index(key: str, internal_id: str) -> int | None:
-    """Which choice an engine-side request id belongs to, or None if it is not one of ``key``'s.
-
-    ``key-xxxxxxxx`` (n == 1) is choice 0; ``3_key-xxxxxxxx`` (a child of an n > 1 request) is 3.
-    """
-    if internal_id.startswith(key + "-"):
-        return 0
-    head, sep, rest = internal_id.partition("_")
-    if sep and head.isdigit() and rest.startswith(key + "-"):
-        return int(head)
-    return None
-
-
 def key_of(internal_id: str) -> str:
     """The ``vllm_request_id`` an engine-side id was made from (inverse of the two forms above)."""
     head, sep, rest = internal_id.partition("_")
@@ -165,14 +156,41 @@ def key_of(internal_id: str) -> str:
     return base.rsplit("-", 1)[0]
 
 
-def capture_file(capture_dir: str, internal_id: str) -> str:
-    """Where the connector writes the rows of one engine-side request."""
-    return os.path.join(capture_dir, internal_id + SUFFIX)
+def step_file(capture_dir: str, seq: int, suffix: str = STEP_SUFFIX) -> str:
+    """Where the connector writes the ``seq``-th step's rows. Names sort in step order; the
+    writer's pid keeps the engines of a data-parallel group (one folder, a counter each) apart,
+    and order only matters within one of them (a request runs in one)."""
+    return os.path.join(capture_dir, f"{seq:012d}.{os.getpid()}{suffix}")
 
 
-def part_file(capture_dir: str, internal_id: str, start: int) -> str:
-    """Where the connector writes rows ``start ..`` of a running request (sorted by start)."""
-    return os.path.join(capture_dir, f"{internal_id}@{start:010d}{PART_SUFFIX}")
+def write_step(path: str, pieces: list[tuple[str, int, int, bool]], rows, token_ids: list[int]) -> None:
+    """Write one step file: ``pieces`` are (engine-side request id, first position, row count,
+    last piece?) in the order their rows (a ``[sum counts, d]`` tensor) and tokens are stacked.
+    Written under a hidden name and renamed, so a reader never sees half of it."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    tensors = {
+        "hidden_states": rows.contiguous(),
+        "token_ids": torch.tensor(token_ids, dtype=torch.long),
+        "pieces": torch.tensor([[start, count, int(final)] for _, start, count, final in pieces],
+                               dtype=torch.long).reshape(-1, 3),
+    }
+    try:
+        save_file(tensors, tmp, metadata={"ids": json.dumps([req_id for req_id, *_ in pieces])})
+        os.replace(tmp, path)
+    finally:
+        remove_file(tmp)
+
+
+def choice_of(internal_id: str) -> tuple[str, int]:
+    """(``vllm_request_id``, choice index) of an engine-side request id: ``key-xxxxxxxx`` (n == 1)
+    is choice 0 of ``key``; ``3_key-xxxxxxxx`` (a child of an n > 1 request) is choice 3."""
+    head, sep, rest = internal_id.partition("_")
+    return key_of(internal_id), (int(head) if sep and head.isdigit() and "-" in rest else 0)
 
 
 def settled_rows(num_tokens: int, num_computed_tokens: int, num_in_flight_tokens: int = 0) -> int:
@@ -196,7 +214,7 @@ def blocks_for(block_ids: list[int], block_size: int, start: int, end: int) -> l
     """The part of a request's block table that holds positions ``start .. end-1`` (what the
     scheduler sends the worker: a few blocks per step, not the whole table)."""
     if end <= start:
-        return []  # nothing to copy (a last file that only marks the end)
+        return []  # nothing to copy (a last piece that only marks the end)
     need = math.ceil(end / block_size)
     if need > len(block_ids):
         raise ValueError(f"{end} rows need {need} blocks of {block_size}; the request has {len(block_ids)}")

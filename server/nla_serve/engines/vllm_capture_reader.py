@@ -1,4 +1,5 @@
-"""The API process's end of the capture directory: find a request's rows, read them, delete the file.
+"""The API process's end of the capture directory: read each step's file once, hand its rows to the
+choices they belong to, delete the file.
 
 See ``vllm_capture`` for how rows get there and how files are named.
 """
@@ -6,118 +7,185 @@ See ``vllm_capture`` for how rows get there and how files are named.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from nla_serve.engines.vllm_capture import ERROR_SUFFIX, PART_SUFFIX, SUFFIX, CaptureError, key_of, remove_file
+from nla_serve.engines.vllm_capture import ERROR_SUFFIX, STEP_SUFFIX, CaptureError, choice_of, remove_file
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Arrived:
+    """Rows of one choice read from step files and not yet taken."""
+
+    pieces: list[tuple[int, "torch.Tensor", list[int]]] = field(default_factory=list)  # (start, rows, tokens)
+    final: bool = False  # its last piece came: nothing more will
+    error: str | None = None
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.numel() * rows.element_size() for _, rows, _ in self.pieces)
 
 
 @dataclass
 class CaptureDir:
     """The API process's end of one engine's capture directory.
 
+    The engine writes one file per step for all capturing requests in it (one write and one read
+    per step, not one per request and step).
+    Whoever asks first reads every step file that is there, in order, and keeps the rows by choice
+    until that choice takes them, so each file is read exactly once.
+
     Example::
 
         cap = CaptureDir(make_capture_dir("target"))
-        rows = await cap.wait(key, index=0, n=1, num_rows=P + G - 1, alive=lambda: not engine.errored)
+        parts = cap.take_parts(key, index=0, start=0)                    # while it runs
+        rows = await cap.finish(key, 0, num_rows=P + G - 1, start=taken)  # at its end
         cap.close()
     """
 
     path: str
     poll_s: tuple[float, float] = (0.0005, 0.005)  # first and longest wait between directory scans
     discard_after_s: float = 120.0
-    _graveyard: dict[str, list] = field(default_factory=dict)  # key -> [forget after (monotonic), files left]
+    _arrived: dict[tuple[str, int], _Arrived] = field(default_factory=dict)
+    _graveyard: dict[str, list] = field(default_factory=dict)  # key -> [forget after (monotonic), choices left]
 
-    def find(self, key: str, index: int, n: int) -> str | None:
-        """File name (in ``path``) of choice ``index`` of ``key``, if it has arrived."""
-        prefix = f"{key}-" if n == 1 else f"{index}_{key}-"
+    # -- reading step files --------------------------------------------------------------------
+
+    def ingest(self) -> None:
+        """Read every complete step file (and error note) in step order, file its rows under their
+        choices, delete it. Files being written have a hidden temporary name and are skipped."""
         try:
-            names = os.listdir(self.path)
+            names = sorted(nm for nm in os.listdir(self.path) if not nm.startswith("."))
         except FileNotFoundError:
+            return
+        for name in names:
+            full = os.path.join(self.path, name)
+            try:
+                if name.endswith(STEP_SUFFIX):
+                    self._file_step(full)
+                elif name.endswith(ERROR_SUFFIX):
+                    self._file_error(full)
+            except Exception:  # files are renamed into place whole, so only tampering gets here:
+                # its choices time out with a clear error rather than every reader failing on it
+                logger.exception("unreadable capture file %s dropped", full)
+            finally:
+                remove_file(full)
+
+    def _file_step(self, full: str) -> None:
+        from safetensors import safe_open
+
+        with safe_open(full, framework="pt") as f:
+            ids = json.loads(f.metadata()["ids"])
+            index = f.get_tensor("pieces").tolist()  # [(start, rows, final)] per request, in row order
+            rows, tokens = f.get_tensor("hidden_states"), f.get_tensor("token_ids").tolist()
+        at = 0
+        for internal_id, (start, count, final) in zip(ids, index):
+            got = self._receive(internal_id, bool(final))
+            if got is not None and count:  # a copy: a view would keep the whole mapped file alive
+                got.pieces.append((start, rows[at:at + count].clone(), tokens[at:at + count]))
+            at += count
+
+    def _file_error(self, full: str) -> None:
+        with open(full) as f:
+            note = json.load(f)
+        for internal_id, final in zip(note["ids"], note["finals"]):
+            got = self._receive(internal_id, final)
+            if got is not None:
+                got.error = note["error"]
+
+    def _receive(self, internal_id: str, final: bool) -> _Arrived | None:
+        """Where a request's rows go (None: a discarded choice's, dropped)."""
+        key, index = choice_of(internal_id)
+        entry = self._graveyard.get(key)
+        if entry is not None:
+            self._arrived.pop((key, index), None)
+            if final:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._graveyard[key]
             return None
-        for name in names:
-            if name.startswith(prefix) and (name.endswith(SUFFIX) or name.endswith(ERROR_SUFFIX)):
-                return name
-        return None
+        got = self._arrived.setdefault((key, index), _Arrived())
+        got.final = got.final or final
+        return got
 
-    def _load(self, name: str, token_ids: list[int] | None) -> tuple[int, "torch.Tensor"]:
-        """(first position, rows as float32 [k, d]) of one file, checked against the choice's
-        tokens; deletes the file."""
-        from safetensors.torch import load_file
+    # -- handing rows to a choice --------------------------------------------------------------
 
-        full = os.path.join(self.path, name)
-        try:
-            if name.endswith(ERROR_SUFFIX):
-                with open(full) as f:
-                    raise CaptureError(f"the capture connector failed: {f.read().strip()}")
-            data = load_file(full)
-        finally:
-            remove_file(full)
-        start = int(data["start"][0]) if "start" in data else 0
-        rows = data["hidden_states"]
-        if token_ids is not None:
-            saved = data["token_ids"].tolist()
-            want = list(token_ids[start:start + len(saved)])
-            if saved[: len(want)] != want:
-                raise CaptureError(f"{name}: captured rows belong to other tokens than this choice's")
-        return start, rows.float()
-
-    def read(self, name: str, num_rows: int, token_ids: list[int] | None = None, start: int = 0) -> "torch.Tensor":
-        """Rows ``start .. num_rows-1`` of a request's last file, as float32; deletes the file."""
-        first, rows = self._load(name, token_ids)
-        if start >= num_rows:  # everything needed came in parts (a stop string cut the choice short)
-            return rows[:0]
-        if first > start or first + rows.shape[0] < num_rows:
-            raise CaptureError(f"{name}: rows {first}..{first + rows.shape[0] - 1} captured, "
-                               f"{start}..{num_rows - 1} expected")
-        return rows[start - first:num_rows - first]
-
-    def take_parts(self, key: str, index: int, n: int, start: int,
+    def take_parts(self, key: str, index: int, start: int,
                    token_ids: Callable[[], list[int]] | None = None) -> list["torch.Tensor"]:
-        """The rows of a running choice that have arrived since the last call, which handed on
-        rows up to ``start``: one tensor per part file, in position order; the files are deleted.
-        ``token_ids`` (called only when a part is there) gives the choice's tokens to check against."""
-        prefix = f"{key}-" if n == 1 else f"{index}_{key}-"
-        try:
-            names = sorted(nm for nm in os.listdir(self.path) if nm.startswith(prefix) and nm.endswith(PART_SUFFIX))
-        except FileNotFoundError:
+        """The rows of a choice that have arrived since the last call, which handed on rows up to
+        ``start``: float32 tensors in position order. ``token_ids`` (called only when rows are
+        there) gives the tokens the choice has so far: rows are handed on only up to them (the
+        last has no row yet) and checked against them; rows past them stay until the choice has
+        those tokens (the engine may be a step ahead, and past a stop string they are never
+        handed on: ``finish`` drops them)."""
+        self.ingest()
+        got = self._arrived.get((key, index))
+        if got is None:
             return []
-        ids = token_ids() if names and token_ids is not None else None
-        out, at = [], start
-        for name in names:
-            first, rows = self._load(name, ids)
+        if got.error is not None:
+            self._arrived.pop((key, index))
+            raise CaptureError(f"the capture connector failed: {got.error}")
+        ids = token_ids() if got.pieces and token_ids is not None else None
+        limit = len(ids) - 1 if ids is not None else None
+        out, kept, at = [], [], start
+        for first, rows, saved in got.pieces:
+            if kept:  # an earlier piece reached the limit: this one waits too
+                kept.append((first, rows, saved))
+                continue
             if first != at:
                 raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
-            out.append(rows)
-            at += rows.shape[0]
+            count = len(saved) if limit is None else max(0, min(len(saved), limit - first))
+            if ids is not None and saved[:count] != list(ids[first:first + count]):
+                raise CaptureError(f"choice {index} of {key}: captured rows belong to other tokens than this choice's")
+            if count:
+                out.append(rows[:count].float())
+                at += count
+            if count < len(saved):
+                kept.append((first + count, rows[count:], saved[count:]))
+        got.pieces = kept
+        if not kept and not got.final:
+            del self._arrived[(key, index)]  # until more arrive (so ``since`` dates untaken rows only)
         return out
 
-    async def finish(self, key: str, index: int, n: int, num_rows: int, token_ids: list[int] | None = None, *,
+    async def finish(self, key: str, index: int, num_rows: int, token_ids: list[int] | None = None, *,
                      start: int = 0, alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0
                      ) -> "torch.Tensor | None":
-        """Rows ``start .. num_rows-1`` of a finished choice (None if there are none): the parts
-        still waiting (the engine may have run a step past the end before the abort of a stop
-        string reached it) and then its last file, which is written after every part. Rows past
-        ``num_rows`` belong to tokens a stop string removed and are dropped."""
+        """Rows ``start .. num_rows-1`` of a finished choice (None if there are none), once its last
+        piece has arrived (the engine may run a step past the end before the abort of a stop string
+        reaches it). Rows past ``num_rows`` belong to tokens a stop string removed and are dropped."""
         import torch
 
-        await self._until_found(key, index, n, alive, timeout_s)
-        pieces = self.take_parts(key, index, n, start, lambda: token_ids)
-        at = start + sum(p.shape[0] for p in pieces)
-        pieces.append(self.read(self.find(key, index, n), num_rows, token_ids, at))
-        rows = torch.cat(pieces)[:max(0, num_rows - start)]
-        return rows if rows.shape[0] else None
+        await self._until_final(key, index, alive, timeout_s)
+        try:
+            pieces = self.take_parts(key, index, start, lambda: token_ids)
+        finally:
+            self._arrived.pop((key, index), None)
+        rows = torch.cat(pieces)[:max(0, num_rows - start)] if pieces else None
+        if (rows.shape[0] if rows is not None else 0) < num_rows - start:
+            got = start + (rows.shape[0] if rows is not None else 0)
+            raise CaptureError(f"choice {index} of {key}: rows {start}..{got - 1} captured, "
+                               f"{start}..{num_rows - 1} expected")
+        return rows if rows is not None and rows.shape[0] else None
 
-    async def _until_found(self, key: str, index: int, n: int, alive: Callable[[], bool], timeout_s: float) -> None:
+    async def _until_final(self, key: str, index: int, alive: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         delay = self.poll_s[0]
-        while self.find(key, index, n) is None:
+        while True:
+            self.ingest()
+            got = self._arrived.get((key, index))
+            if got is not None and got.final:
+                return
             if not alive():
                 raise CaptureError("the engine stopped before delivering the captured rows")
             if time.monotonic() > deadline:
@@ -125,99 +193,69 @@ class CaptureDir:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.poll_s[1])
 
-    async def wait(
-        self,
-        key: str,
-        index: int,
-        n: int,
-        num_rows: int,
-        token_ids: list[int] | None = None,
-        *,
-        alive: Callable[[], bool] = lambda: True,
-        timeout_s: float = 60.0,
-        start: int = 0,
-    ) -> "torch.Tensor":
-        """Wait for the last file of choice ``index`` of ``key``, then ``read`` rows ``start ..``
-        (the ones not already taken as parts)."""
-        await self._until_found(key, index, n, alive, timeout_s)
-        return self.read(self.find(key, index, n), num_rows, token_ids, start)
+    # -- forgetting ------------------------------------------------------------------------------
 
-    def discard(self, key: str, files: int = 1) -> None:
-        """Delete ``key``'s files (at most ``files`` of them: one per aborted choice) now and as
-        they appear later. The key is forgotten once that many are gone, or after
-        ``discard_after_s`` (a choice aborted before it computed anything never writes one)."""
-        self._graveyard[key] = [time.monotonic() + self.discard_after_s, files]
+    def discard(self, key: str, choices: int = 1) -> None:
+        """Drop ``key``'s rows now and as they arrive later (``choices``: how many of its choices'
+        last pieces are still to come, one per aborted choice). The key is forgotten once those
+        have come, or after ``discard_after_s`` (a choice aborted before it computed anything never
+        sends one)."""
+        for k in [k for k in self._arrived if k[0] == key]:
+            got = self._arrived.pop(k)
+            if got.final:
+                choices -= 1
+        if choices > 0:
+            self._graveyard[key] = [time.monotonic() + self.discard_after_s, choices]
         self.sweep()
 
     def sweep(self) -> None:
-        """Remove the files of discarded keys that have arrived; forget keys that are done."""
+        """Read what has arrived (dropping discarded keys' rows); forget keys that are done."""
         now = time.monotonic()
         for key, (until, _) in list(self._graveyard.items()):
             if until < now:
                 del self._graveyard[key]
-        if not self._graveyard:
-            return
-        try:
-            names = os.listdir(self.path)
-        except FileNotFoundError:
-            return
-        # parts first: every part is written before its request's last file, so when the last
-        # file is seen (and the key forgotten), its parts are already in this listing
-        for name in sorted(names, key=lambda nm: not nm.endswith(PART_SUFFIX)):
-            if name.startswith("."):
-                continue  # still being written
-            suffix = next((sx for sx in (PART_SUFFIX, SUFFIX, ERROR_SUFFIX) if name.endswith(sx)), None)
-            if suffix is None:
-                continue
-            key = key_of(name[: -len(suffix)].rsplit("@", 1)[0])  # "<id>@<start>" for parts
-            entry = self._graveyard.get(key)
-            if entry is None:
-                continue
-            remove_file(os.path.join(self.path, name))
-            if suffix != PART_SUFFIX:  # a discarded request's parts are removed, not counted
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del self._graveyard[key]
+        self.ingest()
 
     def collect_garbage(self, max_age_s: float, max_bytes: int) -> int:
-        """Remove what nobody will read, and return the bytes left: files (and half-written
-        temporaries) older than ``max_age_s`` (a request whose reader is gone), then the oldest
-        files while the directory holds more than ``max_bytes``."""
+        """Drop what nobody will take, and return the bytes left: rows that arrived more than
+        ``max_age_s`` ago (a choice whose reader is gone), then the oldest while more than
+        ``max_bytes`` are held; half-written temporaries older than ``max_age_s`` too."""
         now = time.time()
-        entries = []
         try:
-            names = os.listdir(self.path)
+            for name in os.listdir(self.path):
+                full = os.path.join(self.path, name)
+                try:
+                    if name.startswith(".") and now - os.stat(full).st_mtime > max_age_s:
+                        remove_file(full)
+                except FileNotFoundError:
+                    continue
         except FileNotFoundError:
-            return 0
-        for name in names:
-            full = os.path.join(self.path, name)
-            try:
-                st = os.stat(full)
-            except FileNotFoundError:
-                continue
-            if now - st.st_mtime > max_age_s:
-                remove_file(full)
-            else:
-                entries.append((st.st_mtime, st.st_size, full))
-        total = sum(size for _, size, _ in entries)
-        for _, size, full in sorted(entries):
+            pass
+        oldest = time.monotonic() - max_age_s
+        for k in [k for k, got in self._arrived.items() if got.since < oldest]:
+            del self._arrived[k]
+        total = sum(got.nbytes for got in self._arrived.values())
+        for k, got in sorted(self._arrived.items(), key=lambda kv: kv[1].since):
             if total <= max_bytes:
                 break
-            remove_file(full)
-            total -= size
+            total -= got.nbytes
+            del self._arrived[k]
         return total
 
     @property
     def discarded(self) -> int:
-        """Keys whose files are still awaited for deletion."""
+        """Keys whose rows are still awaited to be dropped."""
         return len(self._graveyard)
 
-    def pending_files(self) -> list[str]:
+    def pending(self) -> list[str]:
+        """What is held: files not yet read, and ``key#index`` of choices with rows not yet taken."""
         try:
-            return sorted(os.listdir(self.path))
+            files = sorted(os.listdir(self.path))
         except FileNotFoundError:
-            return []
+            files = []
+        return files + sorted(f"{k}#{i}" for k, i in self._arrived)
 
     def close(self) -> None:
         self._graveyard.clear()
+        self._arrived.clear()
         shutil.rmtree(self.path, ignore_errors=True)

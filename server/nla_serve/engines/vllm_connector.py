@@ -1,6 +1,6 @@
-"""The engine processes' end of activation capture: a KV connector that writes each capturing
-request's layer-K rows to the capture directory as engine steps settle them, and the rest when it
-finishes (see ``vllm_capture`` for the design).
+"""The engine processes' end of activation capture: a KV connector that writes the layer-K rows
+engine steps settle, for every capturing request at once, one file per step, and each request's
+rest when it finishes (see ``vllm_capture`` for the design).
 
 vLLM's scheduler and worker processes import this module by path (``kv_connector_module_path``);
 the connector class is built on first access (module ``__getattr__``) so that importing the module
@@ -9,12 +9,13 @@ does not need vLLM.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
-from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX, PART_SUFFIX,
-                                            SUFFIX, block_slots, blocks_for, capture_file, part_file, remove_file, rows_to_save,
-                                            settled_rows)
+from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX, block_slots,
+                                            blocks_for, remove_file, rows_to_save, settled_rows, step_file,
+                                            write_step)
 
 
 @dataclass
@@ -23,7 +24,6 @@ class PendingCapture:
     ``final`` is the last piece (the request finished and its blocks wait for the copy)."""
 
     req_id: str
-    path: str
     block_ids: list[int]  # the hidden-state group's blocks holding start..end-1 (``blocks_for``)
     start: int
     end: int
@@ -40,7 +40,6 @@ def _build_connector_class():
     (only tensor-parallel rank 0 writes).
     """
     import torch
-    from safetensors.torch import save_file
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
     from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
         ExampleHiddenStatesConnector,
@@ -55,7 +54,7 @@ def _build_connector_class():
         saves: list[PendingCapture] = field(default_factory=list)
 
     class NLAShmHiddenStatesConnector(ExampleHiddenStatesConnector):
-        """Writes each finished capturing request's layer-K rows to ``capture_dir`` (see module doc)."""
+        """Writes the capturing requests' layer-K rows to ``capture_dir``, one file per step (see module doc)."""
 
         def __init__(self, vllm_config, role, kv_cache_config):
             # Skip the stock __init__ (thread pool, lock files, storage path); keep what its
@@ -76,6 +75,7 @@ def _build_connector_class():
             self._pending: dict[str, PendingCapture] = {}  # scheduler side: finished, to write
             self._live: dict[str, list] = {}  # scheduler side: running capturing request -> [request, sent]
             self._kv_cache_manager = None
+            self._seq = 0  # worker side: step files written (their names sort in step order)
 
         # -- scheduler side ----------------------------------------------------------------
 
@@ -104,8 +104,7 @@ def _build_connector_class():
                     if end <= sent:
                         continue  # nothing new (or preempted and still recomputing what was sent)
                     table = self._kv_cache_manager.get_block_ids(req_id)[self._cache_kv_group_id]
-                    saves.append(PendingCapture(req_id, part_file(self._capture_dir, req_id, sent),
-                                                blocks_for(table, self._block_size, sent, end), sent, end,
+                    saves.append(PendingCapture(req_id, blocks_for(table, self._block_size, sent, end), sent, end,
                                                 list(request.all_token_ids[sent:end]), final=False))
                     entry[1] = end
             return CaptureMetadata(saves=saves)
@@ -121,18 +120,16 @@ def _build_connector_class():
                 if sent == 0:
                     return False, None  # never ran (aborted while waiting, or preempted to zero)
                 num_rows = sent  # preempted after parts were sent: nothing more to copy
-            path = capture_file(self._capture_dir, request.request_id)
             start = min(sent, num_rows)
             self._pending[request.request_id] = PendingCapture(
                 req_id=request.request_id,
-                path=path,
                 block_ids=blocks_for(block_ids or [], self._block_size, start, num_rows),
                 start=start,
                 end=num_rows,
                 token_ids=list(request.all_token_ids[start:num_rows]),
             )
             # True: keep the blocks until the worker has copied the rows (next step).
-            return True, {CAPTURE_PARAM: path, "num_rows": num_rows}
+            return True, {CAPTURE_PARAM: True, "num_rows": num_rows}
 
         # -- worker side -------------------------------------------------------------------
 
@@ -152,43 +149,41 @@ def _build_connector_class():
             done: set[str] = set()
             if self.has_connector_metadata():
                 meta = self._get_connector_metadata()
-                if isinstance(meta, CaptureMetadata):
-                    for save in meta.saves:
-                        if self._is_tp_rank_zero:
-                            self._write(save)
-                        if save.final:
-                            done.add(save.req_id)
+                if isinstance(meta, CaptureMetadata) and meta.saves:
+                    if self._is_tp_rank_zero:
+                        self._write_step(meta.saves)
+                    done.update(save.req_id for save in meta.saves if save.final)
             # A save arrives in the same step as its request's id in finished_req_ids (both come
             # from one schedule()), and the copy is synchronous, so the blocks can go at once.
             return (done or None), None
 
-        def _write(self, save: PendingCapture) -> None:
-            tmp = os.path.join(os.path.dirname(save.path), "." + os.path.basename(save.path) + ".tmp")
+        def _write_step(self, saves: list[PendingCapture]) -> None:
+            """One file for the step: every request's rows, back to back, and which are whose."""
+            self._seq += 1
+            path = step_file(self._capture_dir, self._seq)
             try:
                 assert self._kv_cache is not None, "register_kv_caches was not called"
                 cache = self._kv_cache  # [num_blocks, num_states, block_size, d]
-                slots = torch.tensor(block_slots(save.block_ids, self._block_size, save.start, save.end),
-                                     dtype=torch.long).to(cache.device)
+                slots = [slot for save in saves
+                         for slot in block_slots(save.block_ids, self._block_size, save.start, save.end)]
+                slots = torch.tensor(slots, dtype=torch.long).to(cache.device)
                 # A synchronous device->host copy between steps (on GPU it waits for the step in
                 # flight: the GPU smoke script measures it; a non-blocking copy is the next step).
                 with gpu_sync_allowed():
-                    rows = cache[slots // self._block_size, 0, slots % self._block_size].to("cpu")  # [end-start, d]
-                tensors = {
-                    "hidden_states": rows.contiguous(),
-                    "token_ids": torch.tensor(save.token_ids, dtype=torch.long),
-                    "start": torch.tensor([save.start], dtype=torch.long),
-                }
-                save_file(tensors, tmp, metadata={"request_id": save.req_id})
-                os.replace(tmp, save.path)
-            except Exception as e:  # never take the engine down over one request's rows
-                logger.exception("capture of %s failed", save.req_id)
-                remove_file(tmp)
-                base = save.path[: -len(SUFFIX)] if save.final else save.path[: -len(PART_SUFFIX)]
+                    rows = cache[slots // self._block_size, 0, slots % self._block_size].to("cpu")  # [sum rows, d]
+                write_step(path, [(save.req_id, save.start, save.end - save.start, save.final) for save in saves],
+                           rows, [t for save in saves for t in save.token_ids])
+            except Exception as e:  # never take the engine down over captured rows: their requests fail
+                logger.exception("capture of step %d failed", self._seq)
+                note = {"ids": [save.req_id for save in saves], "finals": [save.final for save in saves],
+                        "error": f"{type(e).__name__}: {e}"}
+                tmp = os.path.join(self._capture_dir, f".{self._seq}.{os.getpid()}.error.tmp")
                 try:
-                    with open(base + ERROR_SUFFIX, "w") as f:
-                        f.write(f"{type(e).__name__}: {e}")
+                    with open(tmp, "w") as f:
+                        json.dump(note, f)
+                    os.replace(tmp, step_file(self._capture_dir, self._seq, ERROR_SUFFIX))
                 except OSError:
-                    pass
+                    remove_file(tmp)
 
     NLAShmHiddenStatesConnector.__module__ = CONNECTOR_MODULE
     CaptureMetadata.__module__ = CONNECTOR_MODULE

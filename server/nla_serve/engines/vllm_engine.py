@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 _GiB = 1 << 30
 _BUILD_LOCK = threading.Lock()
 _SHUTDOWN_GRACE_S = 20.0
-CAPTURE_MAX_AGE_S = 120.0  # a capture file nobody read for this long belongs to no live request
-CAPTURE_MAX_BYTES = 1 << 30  # shared memory is RAM: never hold more than this in captures
+CAPTURE_MAX_AGE_S = 120.0  # captured rows nobody took for this long belong to no live request
+CAPTURE_MAX_BYTES = 1 << 30  # never hold more than this in captured rows nobody has taken
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -224,9 +224,9 @@ class VLLMEngine:
         return _Collector
 
     async def _clean_captures(self) -> None:
-        """Every second: delete the files of aborted requests as they land (``discard``), orphans
-        older than ``CAPTURE_MAX_AGE_S``, and the oldest files beyond ``CAPTURE_MAX_BYTES``; export
-        what is left. Files are normally read and deleted within a step of their request's end."""
+        """Every second: read the step files that arrived (dropping aborted requests' rows,
+        ``discard``), drop rows nobody took for ``CAPTURE_MAX_AGE_S`` and the oldest beyond
+        ``CAPTURE_MAX_BYTES``; export what is held. Rows are normally taken within a step."""
         while self._capture is not None:
             cap = self._capture
             cap.sweep()
@@ -325,18 +325,17 @@ class VLLMEngine:
                     texts[c.index] += text
                     captured = None
                     if capture and self._capture is not None and reason != "abort":
-                        # rows settled by earlier engine steps (one part file per step); at the end,
-                        # late parts and the last file, up to P+G-2
+                        # rows settled by earlier engine steps; at the end, the rest, up to P+G-2
                         first = next_row[c.index]
                         if reason is None:
-                            pieces = self._capture.take_parts(key, c.index, n, first,
+                            pieces = self._capture.take_parts(key, c.index, first,
                                                               lambda: fed_prompt + outputs[c.index])
                             rows = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]) if pieces else None
                         else:
                             ids = fed_prompt + outputs[c.index]
-                            rows = await self._capture.finish(key, c.index, n, len(ids) - 1, ids, start=first,
+                            delivered.add(c.index)  # its last piece is used up here, even if it fails
+                            rows = await self._capture.finish(key, c.index, len(ids) - 1, ids, start=first,
                                                               alive=lambda: not llm.errored)
-                            delivered.add(c.index)
                         if rows is not None:
                             captured = CapturedRows(start=first, rows=rows)
                             next_row[c.index] = captured.end
