@@ -170,7 +170,7 @@ def write_step(path: str, pieces: list[tuple[str, int, int, bool]], rows, token_
     import json
 
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     tensors = {
@@ -179,8 +179,10 @@ def write_step(path: str, pieces: list[tuple[str, int, int, bool]], rows, token_
         "pieces": torch.tensor([[start, count, int(final)] for _, start, count, final in pieces],
                                dtype=torch.long).reshape(-1, 3),
     }
+    data = save(tensors, metadata={"ids": json.dumps([req_id for req_id, *_ in pieces])})
     try:
-        save_file(tensors, tmp, metadata={"ids": json.dumps([req_id for req_id, *_ in pieces])})
+        with open(tmp, "wb") as f:  # serialised first, written at once: faster than save_file here
+            f.write(data)
         os.replace(tmp, path)
     finally:
         remove_file(tmp)

