@@ -73,8 +73,8 @@ async def start_engine(model: str, layer: int | None, args, method: str = "auto"
 
 
 async def measure(configs: list[tuple[str, object, bool]], args) -> dict:
-    """Every configuration (name, its engine, capture?) takes its turn, round after round, all
-    engines started beforehand, so slow spells of the machine hit them alike (configurations run
+    """Every configuration (name, its engine, capture?) takes its turn, round after round (in an
+    order rotated by one each round), all engines started beforehand, so slow spells of the machine hit them alike (configurations run
     one after another each in its own engine differed by +-15% on this machine); the first round
     warms up; each reports the median of the others, and its best."""
     import torch
@@ -84,7 +84,8 @@ async def measure(configs: list[tuple[str, object, bool]], args) -> dict:
     for rep in range(args.repeats + 1):
         prompts = [[0] + torch.randint(10, 500, (args.prompt_len + 7 * i,), generator=g).tolist()
                    for i in range(args.requests)]
-        for name, engine, capture in configs:
+        shift = rep % len(configs)  # each round starts with another configuration: no place in the order is favoured
+        for name, engine, capture in configs[shift:] + configs[:shift]:
             tokens, wall, rows, repeats = await run_batch(engine, prompts, args.max_tokens, capture, f"{name}{rep}")
             if args.verbose:
                 print(f"round {rep} {name:>18}: {tokens / wall:8.1f} tok/s", flush=True)
