@@ -74,9 +74,10 @@ async def start_engine(model: str, layer: int | None, args, method: str = "auto"
 
 async def measure(configs: list[tuple[str, object, bool]], args) -> dict:
     """Every configuration (name, its engine, capture?) takes its turn, round after round (in an
-    order rotated by one each round), all engines started beforehand, so slow spells of the machine hit them alike (configurations run
-    one after another each in its own engine differed by +-15% on this machine); the first round
-    warms up; each reports the median of the others, and its best."""
+    order rotated by one each round), all engines started beforehand, so slow spells of the
+    machine hit them alike (configurations run one after another each in its own engine differed
+    by +-15% on this machine); the first round warms up; each reports the median of the others,
+    and its best."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -90,7 +91,8 @@ async def measure(configs: list[tuple[str, object, bool]], args) -> dict:
             if args.verbose:
                 print(f"round {rep} {name:>18}: {tokens / wall:8.1f} tok/s", flush=True)
             if rep:
-                rounds[name].append({"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+                rounds[name].append({"tokens": tokens, "wall_s": round(wall, 3),
+                                     "tokens_per_s": round(tokens / wall, 1),
                                      "rows": rows, "repeat_rate": round(repeats / tokens, 3)})
     return {name: {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1),
                    "best_tokens_per_s": max(r["tokens_per_s"] for r in rs), "rounds": rs}

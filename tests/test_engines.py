@@ -405,7 +405,7 @@ def test_seeded_sampling_repeats_or_is_refused(target, loop):
 
 
 def test_request_ids_and_children():
-    from nla_serve.engines.vllm_capture import choice_of, key_of, vllm_request_id
+    from nla_serve.engines.vllm_capture import choice_of, vllm_request_id
 
     key = vllm_request_id("chatcmpl-42_x/y")
     assert "_" not in key and "-" not in key and key.startswith("chatcmpl.42.x.y.")
@@ -414,7 +414,7 @@ def test_request_ids_and_children():
     assert choice_of(f"3_{key}-1a2b3c4d") == (key, 3)
     assert choice_of(f"{key}x-1a2b3c4d") != (key, 0)
     assert vllm_request_id("").startswith("req.") and vllm_request_id("--").startswith("req.")
-    assert key_of(f"{key}-1a2b3c4d") == key == key_of(f"12_{key}-1a2b3c4d")
+    assert choice_of(f"12_{key}-1a2b3c4d") == (key, 12)
 
 
 def test_rows_and_slots():
@@ -436,9 +436,7 @@ def test_rows_and_slots():
 def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     """Step files (as the connector writes them) are read once, in order, and their rows handed to
     the choices they belong to; wrong tokens, errors and discarded requests are handled."""
-    import json
-
-    from nla_serve.engines.vllm_capture import ERROR_SUFFIX, CaptureError, step_file, write_step
+    from nla_serve.engines.vllm_capture import ERROR_SUFFIX, CaptureError, step_file, write_error, write_step
     from nla_serve.engines.vllm_capture_reader import CaptureDir
 
     cap = CaptureDir(str(tmp_path / "cap"))
@@ -468,8 +466,7 @@ def test_capture_dir_reads_once_and_discards(tmp_path, loop):
         loop.run(cap.finish("k.1", 0, num_rows=1, timeout_s=0.05))
     assert cap.pending() == []
     # a step the connector could not write fails exactly its requests
-    with open(step_file(cap.path, 3, ERROR_SUFFIX), "w") as f:
-        json.dump({"ids": ["k.4-abcdefgh"], "finals": [True], "error": "OSError: no space"}, f)
+    write_error(step_file(cap.path, 3, ERROR_SUFFIX), [("k.4-abcdefgh", True)], "OSError: no space")
     with pytest.raises(CaptureError, match="no space"):
         loop.run(cap.finish("k.4", 0, num_rows=1))
     # an aborted request: rows already there and rows still to come are dropped

@@ -73,8 +73,8 @@ Aborts and stop strings
 Where the code lives
     This module holds what both sides agree on: the engine configuration, request ids and file
     names and the step file format (no vLLM). ``vllm_capture_reader`` is the API process's end
-    (read each step file once, hand rows to their choices); ``vllm_connector`` is the engine processes' end (the KV connector vLLM loads by module
-    path). Neither imports the other.
+    (read each step file once, hand rows to their choices); ``vllm_connector`` is the engine
+    processes' end (the KV connector vLLM loads by module path). Neither imports the other.
 """
 
 from __future__ import annotations
@@ -149,13 +149,6 @@ def vllm_request_id(request_id: str) -> str:
     return f"{head}.{uuid.uuid4().hex[:12]}"
 
 
-def key_of(internal_id: str) -> str:
-    """The ``vllm_request_id`` an engine-side id was made from (inverse of the two forms above)."""
-    head, sep, rest = internal_id.partition("_")
-    base = rest if sep and head.isdigit() else internal_id
-    return base.rsplit("-", 1)[0]
-
-
 def step_file(capture_dir: str, seq: int, suffix: str = STEP_SUFFIX) -> str:
     """Where the connector writes the ``seq``-th step's rows. Names sort in step order; the
     writer's pid keeps the engines of a data-parallel group (one folder, a counter each) apart,
@@ -165,21 +158,33 @@ def step_file(capture_dir: str, seq: int, suffix: str = STEP_SUFFIX) -> str:
 
 def write_step(path: str, pieces: list[tuple[str, int, int, bool]], rows, token_ids: list[int]) -> None:
     """Write one step file: ``pieces`` are (engine-side request id, first position, row count,
-    last piece?) in the order their rows (a ``[sum counts, d]`` tensor) and tokens are stacked.
-    Written under a hidden name and renamed, so a reader never sees half of it."""
+    last piece?) in the order their rows (a ``[sum counts, d]`` tensor) and tokens are stacked."""
     import json
 
     import torch
     from safetensors.torch import save
 
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     tensors = {
         "hidden_states": rows.contiguous(),
         "token_ids": torch.tensor(token_ids, dtype=torch.long),
         "pieces": torch.tensor([[start, count, int(final)] for _, start, count, final in pieces],
                                dtype=torch.long).reshape(-1, 3),
     }
-    data = save(tensors, metadata={"ids": json.dumps([req_id for req_id, *_ in pieces])})
+    _write_whole(path, save(tensors, metadata={"ids": json.dumps([req_id for req_id, *_ in pieces])}))
+
+
+def write_error(path: str, pieces: list[tuple[str, bool]], error: str) -> None:
+    """Write the note of a step whose rows could not be written: its requests (engine-side id,
+    last piece?) fail with ``error`` instead of waiting for rows."""
+    import json
+
+    _write_whole(path, json.dumps({"ids": [req_id for req_id, _ in pieces],
+                                   "finals": [final for _, final in pieces], "error": error}).encode())
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """``data`` to ``path`` under a hidden name, then renamed, so a reader never sees half of it."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:  # serialised first, written at once: faster than save_file here
             f.write(data)
@@ -192,7 +197,8 @@ def choice_of(internal_id: str) -> tuple[str, int]:
     """(``vllm_request_id``, choice index) of an engine-side request id: ``key-xxxxxxxx`` (n == 1)
     is choice 0 of ``key``; ``3_key-xxxxxxxx`` (a child of an n > 1 request) is choice 3."""
     head, sep, rest = internal_id.partition("_")
-    return key_of(internal_id), (int(head) if sep and head.isdigit() and "-" in rest else 0)
+    child = bool(sep) and head.isdigit() and "-" in rest
+    return (rest if child else internal_id).rsplit("-", 1)[0], (int(head) if child else 0)
 
 
 def settled_rows(num_tokens: int, num_computed_tokens: int, num_in_flight_tokens: int = 0) -> int:

@@ -175,12 +175,11 @@ class CaptureDir:
             pieces = self.take_parts(key, index, start, lambda: token_ids)
         finally:
             self._arrived.pop((key, index), None)
-        rows = torch.cat(pieces)[:max(0, num_rows - start)] if pieces else None
-        if (rows.shape[0] if rows is not None else 0) < num_rows - start:
-            got = start + (rows.shape[0] if rows is not None else 0)
+        got = start + sum(p.shape[0] for p in pieces)
+        if got < num_rows:
             raise CaptureError(f"choice {index} of {key}: rows {start}..{got - 1} captured, "
                                f"{start}..{num_rows - 1} expected")
-        return rows if rows is not None and rows.shape[0] else None
+        return torch.cat(pieces)[:num_rows - start] if pieces and num_rows > start else None
 
     async def _until_final(self, key: str, index: int, alive: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -9,12 +9,10 @@ does not need vLLM.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 from nla_serve.engines.vllm_capture import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX, block_slots,
-                                            blocks_for, remove_file, rows_to_save, settled_rows, step_file,
+                                            blocks_for, rows_to_save, settled_rows, step_file, write_error,
                                             write_step)
 
 
@@ -175,15 +173,11 @@ def _build_connector_class():
                            rows, [t for save in saves for t in save.token_ids])
             except Exception as e:  # never take the engine down over captured rows: their requests fail
                 logger.exception("capture of step %d failed", self._seq)
-                note = {"ids": [save.req_id for save in saves], "finals": [save.final for save in saves],
-                        "error": f"{type(e).__name__}: {e}"}
-                tmp = os.path.join(self._capture_dir, f".{self._seq}.{os.getpid()}.error.tmp")
                 try:
-                    with open(tmp, "w") as f:
-                        json.dump(note, f)
-                    os.replace(tmp, step_file(self._capture_dir, self._seq, ERROR_SUFFIX))
+                    write_error(step_file(self._capture_dir, self._seq, ERROR_SUFFIX),
+                                [(save.req_id, save.final) for save in saves], f"{type(e).__name__}: {e}")
                 except OSError:
-                    remove_file(tmp)
+                    pass  # no note either: those choices time out with a clear error
 
     NLAShmHiddenStatesConnector.__module__ = CONNECTOR_MODULE
     CaptureMetadata.__module__ = CONNECTOR_MODULE

@@ -177,10 +177,12 @@ def explanation_body(tokenizer, rec: dict, *, quote_words: int = 0, quote_predic
     kind = register(rec, text, " ".join(words[-3:]))  # the last words only tell whether it is code
     if topics:
         kind += " Its topic words include " + " and ".join(topics) + "."
-    last = f"The final token is {show(piece)}." + position_note(tokenizer, rec, piece) + prediction_note(tokenizer, rec, quoted=quote_predictions)
+    last = (f"The final token is {show(piece)}." + position_note(tokenizer, rec, piece)
+            + prediction_note(tokenizer, rec, quoted=quote_predictions))
     body = f"{kind}\n\n{last}"
     for q in range(quote_words, 0, -1):  # over budget: the quote shrinks first, then goes
-        phrase = f'The local phrase is "{" ".join(words[-q:])}".' if len(words) >= 2 else "The message has only just begun."
+        phrase = (f'The local phrase is "{" ".join(words[-q:])}".' if len(words) >= 2
+                  else "The message has only just begun.")
         phrased = f"{kind}\n\n{phrase}\n\n{last}"
         if len(tokenizer.encode(phrased, add_special_tokens=False)) <= max_tokens:
             return phrased
