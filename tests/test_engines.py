@@ -589,9 +589,13 @@ def test_gemma3_rows_match_transformers(tmp_path_factory, loop):
         loop.run(engine.shutdown(), timeout=120)
 
 
-def test_embedded_capture_takes_no_draft_token(target):
+def test_capture_takes_no_draft_token_and_no_extra_core(target):
     """The row store runs without a speculative config: no draft token per step, and the speculative
-    slot is free. The speculative engine keeps its drafter."""
+    slot is free. The speculative engine keeps its drafter. Either way the worker leaves the engine
+    core the CPU core a plain engine leaves it: vLLM reserves one more for any KV connector, and on
+    a 2-core machine the capturing worker's OpenMP threads would then take both."""
+    import psutil
+
     if target.settings.kind != "vllm":
         pytest.skip("a vLLM engine property")
     cfg = target._llm.vllm_config
@@ -600,3 +604,11 @@ def test_embedded_capture_takes_no_draft_token(target):
     else:
         assert target.capture_method == "embedded" and cfg.speculative_config is None
         assert cfg.model_config.hf_config.architectures == ["NLACaptureLlamaForCausalLM"]
+    workers = [p for pid in target.engine_pids() for p in psutil.Process(pid).children(recursive=True)
+               if "Worker" in p.name()]
+    assert len(workers) == 1
+    cpus = len(os.sched_getaffinity(0))
+    bound = set().union(*(os.sched_getaffinity(t.id) for t in workers[0].threads()))
+    if cpus > 1:  # vLLM binds every thread of the worker (its OpenMP threads included) to its cores
+        assert len(bound) < cpus, bound
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # set for the engine's processes only

@@ -194,7 +194,8 @@ class VLLMEngine:
         # kv_cache_gib while the config is built; hide it meanwhile.
         with _environ(VLLM_CPU_KVCACHE_SPACE=None):
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=loggers)
+        with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=_cpu_cores_to_reserve(vllm_config)):
+            return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=loggers)
 
     def _stat_logger_factory(self):
         """A vLLM stat logger (runs in this process, on AsyncLLM's output handler) that keeps
@@ -522,6 +523,27 @@ def map_vllm_error(e: BaseException) -> NLAServeError:
     if isinstance(e, (ValueError, TypeError, OverflowError)):
         return ClientError(str(e))
     return EngineError(f"vLLM failed the request ({type(e).__name__}: {e})")
+
+
+def _cpu_cores_to_reserve(vllm_config) -> str | None:
+    """The ``VLLM_CPU_NUM_OF_RESERVED_CPU`` a capturing CPU engine is started with (None: vLLM's own
+    choice, or what the operator set).
+
+    vLLM's CPU workers bind their OpenMP threads to all cores but those reserved for other
+    processes: one per worker for the engine core, and, for any KV connector, one more per worker
+    (a transfer thread of its own, as NIXL's). The capture connector has no thread: it copies rows
+    in the worker's own step. Left to vLLM, a capturing engine on a 2-core machine would run its
+    model on both cores (the plain engine on one) and its OpenMP threads would fight the engine
+    core for them: on the tiny bench model that alone cost a third of the tokens/s, and on a model
+    whose matrix products do use a second core it made capture look faster than no capture.
+    So a capturing engine reserves what the same engine without capture would."""
+    if vllm_config.kv_transfer_config is None or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    # vLLM's own rule without a connector (vllm/utils/ompmultiprocessing.py)
+    per_worker = current_platform.get_cpu_architecture() in (CpuArchEnum.X86, CpuArchEnum.ARM, CpuArchEnum.RISCV)
+    return str(vllm_config.parallel_config.local_world_size if per_worker else 1)
 
 
 @contextlib.contextmanager
