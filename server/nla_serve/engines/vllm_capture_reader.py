@@ -92,12 +92,15 @@ class CaptureDir:
         ids = json.loads(header["__metadata__"]["ids"])
         tensors = load(data)
         index = tensors["pieces"].tolist()  # [(start, rows, final)] per request, in row order
-        rows, tokens = tensors["hidden_states"], tensors["token_ids"].tolist()
+        tokens = tensors["token_ids"].tolist()
+        # views into the step's one buffer (a few KB): it lives until its last piece is taken or
+        # dropped (``collect_garbage``), and a view per request costs one call, not a copy each
+        parts = tensors["hidden_states"].split([count for _, count, _ in index])
         at = 0
-        for internal_id, (start, count, final) in zip(ids, index):
+        for internal_id, (start, count, final), rows in zip(ids, index, parts):
             got = self._receive(internal_id, bool(final))
-            if got is not None and count:  # a copy: a view would keep the whole step's buffer alive
-                got.pieces.append((start, rows[at:at + count].clone(), tokens[at:at + count]))
+            if got is not None and count:
+                got.pieces.append((start, rows, tokens[at:at + count]))
             at += count
 
     def _file_error(self, full: str) -> None:
