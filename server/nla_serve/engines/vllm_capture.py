@@ -215,8 +215,14 @@ def _write_whole(path: str, *buffers) -> None:
     never sees half of the file."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.writelines(buffers)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = sum(memoryview(b).nbytes for b in buffers)
+            written = os.writev(fd, buffers)  # one system call for all of them
+            if written != size:  # only a full /dev/shm does this: the caller's error path takes it
+                raise OSError(f"short write of {path}: {written} of {size} bytes")
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         remove_file(tmp)

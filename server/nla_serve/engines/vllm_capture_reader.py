@@ -136,14 +136,21 @@ class CaptureDir:
         last has no row yet) and checked against them; rows past them stay until the choice has
         those tokens (the engine may be a step ahead, and past a stop string they are never
         handed on: ``finish`` drops them)."""
-        self.ingest()
         got = self._arrived.get((key, index))
+        if got is None or not got.pieces:
+            # Only a choice with no rows waiting looks for new files: the first choice updated after
+            # an engine step reads that step's file for all of them (one directory scan per step,
+            # not one per choice); rows of a file that lands meanwhile go with the next update.
+            self.ingest()
+            got = self._arrived.get((key, index))
         if got is None:
             return []
         if got.error is not None:
             self._arrived.pop((key, index))
             raise CaptureError(f"the capture connector failed: {got.error}")
-        ids = token_ids() if got.pieces and token_ids is not None else None
+        import torch
+
+        ids = list(token_ids()) if got.pieces and token_ids is not None else None
         limit = len(ids) - 1 if ids is not None else None
         out, kept, at = [], [], start
         for first, rows, saved in got.pieces:
@@ -153,10 +160,11 @@ class CaptureDir:
             if first != at:
                 raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
             count = len(saved) if limit is None else max(0, min(len(saved), limit - first))
-            if ids is not None and saved[:count] != list(ids[first:first + count]):
+            if ids is not None and saved[:count] != ids[first:first + count]:
                 raise CaptureError(f"choice {index} of {key}: captured rows belong to other tokens than this choice's")
             if count:
-                out.append(rows[:count].float())
+                taken = rows if count == len(saved) else rows[:count]
+                out.append(taken if taken.dtype == torch.float32 else taken.float())
                 at += count
             if count < len(saved):
                 kept.append((first + count, rows[count:], saved[count:]))
