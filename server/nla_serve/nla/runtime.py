@@ -102,7 +102,7 @@ class NLARuntime:
         limit = read_config(ckpt.av.path).get("max_position_embeddings")
         ctx = len(ckpt.av.prompt_ids) + MAX_EXPLANATION_TOKENS
         settings = engine.model_copy(update=dict(
-            model=str(ckpt.av.path), enable_prompt_embeds=True,
+            model=str(ckpt.av.path), enable_prompt_embeds=True, warm_logprobs=False,
             max_model_len=min(ctx, limit) if isinstance(limit, int) else ctx))
         eng = make_engine(settings)
         await eng.start()
