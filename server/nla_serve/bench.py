@@ -201,12 +201,14 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
     t0 = time.monotonic()
     svc = await Service.start(plain)
     result["start_seconds_target_only"] = time.monotonic() - t0
+    await svc.fingerprinted()  # a fresh folder's hashing would land on the first measurement
     result["capture_off"] = await token_throughput(svc, args.requests, args.max_tokens, capture=False)
     await svc.stop()
 
     t0 = time.monotonic()
     svc = await Service.start(settings)
     result["start_seconds_with_nla"] = time.monotonic() - t0
+    await svc.fingerprinted()
     result["capture_on_nothing_explained"] = await token_throughput(svc, args.requests, args.max_tokens, capture=True)
     default_plan = await explained_requests(svc, svc.worker, args.requests, svc.settings.explain.max_explanations,
                                             args.max_tokens, args.verbalizer_tokens)
