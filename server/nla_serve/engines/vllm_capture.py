@@ -46,17 +46,17 @@ What the last position gets
     become float32 in the reader.
 
 What it costs
-    Each decode step carries one extra "draft" token per running request (the method occupies the
-    speculative slot, so no real speculative decoding can run beside it): twice the tokens per
-    decode step. Where decode is memory-bound (GPU) that is cheap; on CPU, where it is closer to
-    compute-bound, it is not: on a shared 2-core x86 machine, 8 concurrent streams of SmolLM2-135M
-    (bf16, eager) went from ~170 tokens/s to 60-145 tokens/s (very noisy), and a random 8-block
-    fp32 model, compiled, from 1250 to 1040 (``bench/capture_overhead.py``). When the model repeats
-    its last token the "draft" is accepted and that token comes free. KV memory grows by
-    ``d_model`` elements per token for the row store (for Qwen2.5-7B about 12% on top of its KV).
+    Both methods add ``d_model`` KV elements per token for the row store (for Qwen2.5-7B about 12%
+    on top of its KV). The speculative method also carries one extra "draft" token per running
+    request per decode step and occupies the speculative slot (no real speculative decoding beside
+    it); when the model repeats its last token the "draft" is accepted and that token comes free.
     Every request pays the compute, capturing or not; only capturing requests
     (``kv_transfer_params = {"nla_capture": True}``) pay the copies (a few KB a step) and the files.
-    An engine built without ``capture_layer`` pays nothing.
+    An engine built without ``capture_layer`` pays nothing. Measured on the 2-core CPU machine
+    (``bench/capture_overhead.py``, docs/benchmarks.md): the embedded method 1-9% of a plain
+    engine's tokens/s, the speculative one 24-34%. On CPU a capturing engine reserves the cores a
+    plain one does (``vllm_engine._cpu_cores_to_reserve``): vLLM reserves one more for any KV
+    connector, which this one does not need.
 
 Request ids
     ``AsyncLLM`` makes the engine-side id ``"<id>-<8 random chars>"``, and the n>1 children
