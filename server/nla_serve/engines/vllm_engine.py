@@ -130,7 +130,11 @@ class VLLMEngine:
         self.max_model_len = int(cfg.model_config.max_model_len)
         self.dtype = cfg.model_config.dtype
         if s.warm_logprobs:
-            await self._warm_logprobs()
+            try:
+                await asyncio.wait_for(self._warm_logprobs(), timeout=120)
+            except BaseException:  # cancelled or hung at start: leave no engine processes behind
+                await self.shutdown()
+                raise
         log.info(
             "vLLM engine up: %s dtype=%s max_model_len=%d capture_layer=%s prompt_embeds=%s",
             s.model, self.dtype, self.max_model_len, s.capture_layer, s.enable_prompt_embeds,
@@ -144,7 +148,7 @@ class VLLMEngine:
             async for _ in self.generate(Prompt([0, 0, 0, 0]), SamplingOptions(max_tokens=2, logprobs=1),
                                          "nla-warm-up", capture=False):
                 pass
-        except NLAServeError as e:  # a slow first request later beats an engine that does not start
+        except Exception as e:  # a slow first request later beats an engine that does not start
             log.warning("the logprobs warm-up request failed: %s", e)
         self.stats.queue_times.clear()
 
@@ -208,7 +212,11 @@ class VLLMEngine:
         # kv_cache_gib while the config is built; hide it meanwhile.
         with _environ(VLLM_CPU_KVCACHE_SPACE=None):
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=_cpu_cores_to_reserve(vllm_config)):
+        reserved = _reserved_cpus_env(vllm_config)
+        if vllm_config.kv_transfer_config is not None and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+            log.info("capture on CPU: reserving %s core(s) for the engine core, as without capture (vLLM "
+                     "will warn that this is below its minimum for a KV connector: intended)", reserved)
+        with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=reserved):
             return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=loggers)
 
     def _stat_logger_factory(self):
@@ -539,9 +547,10 @@ def map_vllm_error(e: BaseException) -> NLAServeError:
     return EngineError(f"vLLM failed the request ({type(e).__name__}: {e})")
 
 
-def _cpu_cores_to_reserve(vllm_config) -> str | None:
-    """The ``VLLM_CPU_NUM_OF_RESERVED_CPU`` a capturing CPU engine is started with (None: vLLM's own
-    choice, or what the operator set).
+def _reserved_cpus_env(vllm_config) -> str | None:
+    """The value of ``VLLM_CPU_NUM_OF_RESERVED_CPU`` a CPU engine's processes are started with:
+    the operator's if set, else for a capturing engine what the same engine without capture
+    reserves, else None (unset: vLLM's own choice).
 
     vLLM's CPU workers bind their OpenMP threads to all cores but those reserved for other
     processes: one per worker for the engine core, and, for any KV connector, one more per worker
