@@ -445,9 +445,9 @@ def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     # step 1: choice 1 of k.1 (n > 1) rows 0..2, and k.2 rows 0..1; step 2: k.1's rest, k.2's end
     write_step(step_file(cap.path, 1), [("1_k.1-abcdefgh", 0, 3, False), ("k.2-abcdefgh", 0, 2, False)],
                rows[:5], [0, 1, 2, 0, 9])
-    parts = cap.take_parts("k.1", 1, 0, lambda: [0, 1, 2, 3])  # while it runs
-    assert len(parts) == 1 and parts[0].dtype == torch.float32 and torch.equal(parts[0], rows[:3].float())
-    assert cap.take_parts("k.1", 1, 3) == [] and cap.take_parts("k.1", 0, 0) == []  # taken once; not choice 0's
+    got = cap.take_rows("k.1", 1, 0, [0, 1, 2, 3])  # while it runs
+    assert got.dtype == torch.float32 and torch.equal(got, rows[:3].float())
+    assert cap.take_rows("k.1", 1, 3) is None and cap.take_rows("k.1", 0, 0) is None  # taken once; not choice 0's
     assert cap.pending() == ["k.2#0"]  # read once: the file is gone, k.2's rows wait for it
     write_step(step_file(cap.path, 2), [("1_k.1-abcdefgh", 3, 2, True), ("k.2-abcdefgh", 2, 0, True)],
                rows[5:7], [3, 4])
@@ -458,10 +458,12 @@ def test_capture_dir_reads_once_and_discards(tmp_path, loop):
         loop.run(cap.finish("k.2", 0, num_rows=2, token_ids=[0, 1, 2]))
     # rows ahead of the tokens the choice has seen wait for them (the last token has no row yet)
     write_step(step_file(cap.path, 6), [("k.5-abcdefgh", 0, 4, False)], rows[:4], [0, 1, 2, 3])
-    ahead = cap.take_parts("k.5", 0, 0, lambda: [0, 1, 2])
-    assert [p.shape[0] for p in ahead] == [2] and torch.equal(ahead[0], rows[:2].float())
-    rest = cap.take_parts("k.5", 0, 2, lambda: [0, 1, 2, 3, 4])
-    assert [p.shape[0] for p in rest] == [2] and torch.equal(rest[0], rows[2:4].float())
+    assert torch.equal(cap.take_rows("k.5", 0, 0, [0, 1, 2]), rows[:2].float())
+    assert torch.equal(cap.take_rows("k.5", 0, 2, [0, 1, 2, 3, 4]), rows[2:4].float())
+    # pieces of two steps taken at once come back as one tensor, in order
+    write_step(step_file(cap.path, 8), [("k.8-abcdefgh", 0, 2, False)], rows[:2], [0, 1])
+    write_step(step_file(cap.path, 9), [("k.8-abcdefgh", 2, 1, False)], rows[2:3], [2])
+    assert torch.equal(cap.take_rows("k.8", 0, 0, [0, 1, 2, 3]), rows[:3].float())
     with pytest.raises(CaptureError, match="after"):
         loop.run(cap.finish("k.1", 0, num_rows=1, timeout_s=0.05))
     assert cap.pending() == []
@@ -486,8 +488,8 @@ def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     got = loop.run(cap.finish("k.6", 0, num_rows=1))  # no token ids to check against: taken as they are
     assert torch.equal(got, rows32[:1]) and got.untyped_storage().nbytes() == got.numel() * 4
     assert cap.collect_garbage(max_age_s=3600, max_bytes=1 << 20) == rows32.numel() * 4  # k.7 still pins it
-    taken = cap.take_parts("k.7", 0, 0, lambda: [6, 7, 8])
-    assert torch.equal(taken[0], rows32[1:]) and taken[0].untyped_storage().nbytes() == taken[0].numel() * 4
+    taken = cap.take_rows("k.7", 0, 0, [6, 7, 8])
+    assert torch.equal(taken, rows32[1:]) and taken.untyped_storage().nbytes() == taken.numel() * 4
     assert cap.collect_garbage(max_age_s=3600, max_bytes=1 << 20) == 0
     cap.close()
     assert not os.path.exists(cap.path)

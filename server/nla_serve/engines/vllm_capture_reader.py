@@ -51,7 +51,7 @@ class CaptureDir:
     Example::
 
         cap = CaptureDir(make_capture_dir("target"))
-        parts = cap.take_parts(key, index=0, start=0)                    # while it runs
+        rows = cap.take_rows(key, index=0, start=0, token_ids=ids)        # while it runs
         rows = await cap.finish(key, 0, num_rows=P + G - 1, start=taken)  # at its end
         cap.close()
     """
@@ -130,14 +130,14 @@ class CaptureDir:
 
     # -- handing rows to a choice --------------------------------------------------------------
 
-    def take_parts(self, key: str, index: int, start: int,
-                   token_ids: Callable[[], list[int]] | None = None) -> list["torch.Tensor"]:
+    def take_rows(self, key: str, index: int, start: int,
+                  token_ids: list[int] | None = None) -> "torch.Tensor | None":
         """The rows of a choice that have arrived since the last call, which handed on rows up to
-        ``start``: float32 tensors in position order. ``token_ids`` (called only when rows are
-        there) gives the tokens the choice has so far: rows are handed on only up to them (the
-        last has no row yet) and checked against them; rows past them stay until the choice has
-        those tokens (the engine may be a step ahead, and past a stop string they are never
-        handed on: ``finish`` drops them)."""
+        ``start``: one float32 tensor of its own (None if none arrived). ``token_ids`` are the
+        tokens the choice has so far: rows are handed on only up to them (the last has no row yet)
+        and checked against them; rows past them stay until the choice has those tokens (the
+        engine may be a step ahead, and past a stop string they are never handed on: ``finish``
+        drops them)."""
         got = self._arrived.get((key, index))
         if got is None or not got.pieces:
             # Only a choice with no rows waiting looks for new files: the first choice updated after
@@ -146,16 +146,12 @@ class CaptureDir:
             self.ingest()
             got = self._arrived.get((key, index))
         if got is None:
-            return []
+            return None
         if got.error is not None:
             self._arrived.pop((key, index))
             raise CaptureError(f"the capture connector failed: {got.error}")
-        import torch
-
-        ids = token_ids() if got.pieces and token_ids is not None else None
-        ids = list(ids) if ids is not None else None
-        limit = len(ids) - 1 if ids is not None else None
-        out, kept, at = [], [], start
+        limit = len(token_ids) - 1 if token_ids is not None else None
+        views, kept, at = [], [], start
         for first, rows, saved in got.pieces:
             if kept:  # an earlier piece reached the limit: this one waits too
                 kept.append((first, rows, saved))
@@ -163,20 +159,17 @@ class CaptureDir:
             if first != at:
                 raise CaptureError(f"choice {index} of {key}: rows from {first} arrived, {at} expected")
             count = len(saved) if limit is None else max(0, min(len(saved), limit - first))
-            if ids is not None and saved[:count] != ids[first:first + count]:
+            if token_ids is not None and saved[:count] != token_ids[first:first + count]:
                 raise CaptureError(f"choice {index} of {key}: captured rows belong to other tokens than this choice's")
             if count:
-                taken = rows if count == len(saved) else rows[:count]
-                # an owned copy: a view would keep the whole step's buffer (every capturing
-                # request's rows of that step, prefill chunks included) alive as long as the choice
-                out.append(taken.clone() if taken.dtype == torch.float32 else taken.float())
+                views.append(rows if count == len(saved) else rows[:count])
                 at += count
             if count < len(saved):
                 kept.append((first + count, rows[count:], saved[count:]))
         got.pieces = kept
         if not kept and not got.final:
             del self._arrived[(key, index)]  # until more arrive (so ``since`` dates untaken rows only)
-        return out
+        return _owned_float(views)
 
     async def finish(self, key: str, index: int, num_rows: int, token_ids: list[int] | None = None, *,
                      start: int = 0, alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0
@@ -184,18 +177,16 @@ class CaptureDir:
         """Rows ``start .. num_rows-1`` of a finished choice (None if there are none), once its last
         piece has arrived (the engine may run a step past the end before the abort of a stop string
         reaches it). Rows past ``num_rows`` belong to tokens a stop string removed and are dropped."""
-        import torch
-
         await self._until_final(key, index, alive, timeout_s)
         try:
-            pieces = self.take_parts(key, index, start, lambda: token_ids)
+            rows = self.take_rows(key, index, start, token_ids)
         finally:
             self._arrived.pop((key, index), None)
-        got = start + sum(p.shape[0] for p in pieces)
+        got = start + (rows.shape[0] if rows is not None else 0)
         if got < num_rows:
             raise CaptureError(f"choice {index} of {key}: rows {start}..{got - 1} captured, "
                                f"{start}..{num_rows - 1} expected")
-        return torch.cat(pieces)[:num_rows - start] if pieces and num_rows > start else None
+        return rows[:num_rows - start] if rows is not None and num_rows > start else None
 
     async def _until_final(self, key: str, index: int, alive: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -284,3 +275,16 @@ class CaptureDir:
         self._graveyard.clear()
         self._arrived.clear()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _owned_float(views: list["torch.Tensor"]) -> "torch.Tensor | None":
+    """``views`` (into step buffers) as one float32 tensor of its own, copied once: a view handed
+    on would keep a whole step's buffer (every capturing request's rows of that step, prefill
+    chunks included) alive as long as the choice."""
+    import torch
+
+    if not views:
+        return None
+    if len(views) > 1:
+        return torch.cat(views).float()  # cat copies; float() is then free for float32
+    return views[0].clone() if views[0].dtype == torch.float32 else views[0].float()

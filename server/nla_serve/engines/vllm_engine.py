@@ -212,11 +212,7 @@ class VLLMEngine:
         # kv_cache_gib while the config is built; hide it meanwhile.
         with _environ(VLLM_CPU_KVCACHE_SPACE=None):
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        reserved = _reserved_cpus_env(vllm_config)
-        if vllm_config.kv_transfer_config is not None and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
-            log.info("capture on CPU: reserving %s core(s) for the engine core, as without capture (vLLM "
-                     "will warn that this is below its minimum for a KV connector: intended)", reserved)
-        with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=reserved):
+        with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=_reserved_cpus_env(vllm_config)):
             return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=loggers)
 
     def _stat_logger_factory(self):
@@ -318,15 +314,13 @@ class VLLMEngine:
         params = self._sampling_params(options, prompt, capture)
         engine_prompt = self._engine_prompt(prompt)
         key = vllm_capture.vllm_request_id(request_id)
-        import torch
-
         n = options.n
         num_prompt = len(prompt.token_ids)
         # Token ids the rows must belong to; mixed-mode prompts hold 0 at embedded positions.
         fed_prompt = list(prompt.token_ids)
         if prompt.inject_at is not None:
             fed_prompt[prompt.inject_at] = 0
-        outputs: dict[int, list[int]] = {i: [] for i in range(n)}
+        fed: dict[int, list[int]] = {i: list(fed_prompt) for i in range(n)}  # per choice: prompt + its tokens
         texts: dict[int, str] = {i: "" for i in range(n)}
         done: set[int] = set()
         delivered: set[int] = set()  # choices whose rows were taken
@@ -340,25 +334,22 @@ class VLLMEngine:
                     if c.index in done:
                         continue
                     delta = list(c.token_ids)
-                    outputs[c.index].extend(delta)
+                    fed[c.index].extend(delta)
                     reason = None if c.finish_reason is None else _FINISH.get(c.finish_reason, "abort")
                     text = c.text
                     if reason is not None and reason != "abort":
-                        text += self._held_back_text(outputs[c.index], texts[c.index] + text)
+                        text += self._held_back_text(fed[c.index][num_prompt:], texts[c.index] + text)
                     texts[c.index] += text
                     captured = None
                     if capture and self._capture is not None and reason != "abort":
                         # rows settled by earlier engine steps; at the end, the rest, up to P+G-2
                         first = next_row[c.index]
                         if reason is None:
-                            pieces = self._capture.take_parts(key, c.index, first,
-                                                              lambda: fed_prompt + outputs[c.index])
-                            rows = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]) if pieces else None
+                            rows = self._capture.take_rows(key, c.index, first, fed[c.index])
                         else:
-                            ids = fed_prompt + outputs[c.index]
                             delivered.add(c.index)  # its last piece is used up here, even if it fails
-                            rows = await self._capture.finish(key, c.index, len(ids) - 1, ids, start=first,
-                                                              alive=lambda: not llm.errored)
+                            rows = await self._capture.finish(key, c.index, len(fed[c.index]) - 1, fed[c.index],
+                                                              start=first, alive=lambda: not llm.errored)
                         if rows is not None:
                             captured = CapturedRows(start=first, rows=rows)
                             next_row[c.index] = captured.end
@@ -566,7 +557,10 @@ def _reserved_cpus_env(vllm_config) -> str | None:
 
     # vLLM's own rule without a connector (vllm/utils/ompmultiprocessing.py)
     per_worker = current_platform.get_cpu_architecture() in (CpuArchEnum.X86, CpuArchEnum.ARM, CpuArchEnum.RISCV)
-    return str(vllm_config.parallel_config.local_world_size if per_worker else 1)
+    reserved = str(vllm_config.parallel_config.local_world_size if per_worker else 1)
+    log.info("capture on CPU: reserving %s core(s) for the engine core, as without capture (vLLM will "
+             "warn that this is below its minimum for a KV connector: intended)", reserved)
+    return reserved
 
 
 @contextlib.contextmanager
