@@ -162,17 +162,17 @@ def queries(words: list[str], rng: random.Random, n: int) -> list[dict]:
 
 
 def search_latency(where: str, n_queries: int) -> dict:
-    from nla_serve.audit.store import SearchQuery, open_store
+    from nla_serve.audit.store import SearchQuery, find_hits, open_store
 
     store = open_store(where)
     rng = random.Random(1)
     qs = queries(vocabulary(), rng, n_queries)
     for q in qs[:20]:  # warm the page cache
-        store.search(SearchQuery(**q))
+        find_hits(store, SearchQuery(**q))
     times, hits = [], []
     for q in qs:
         t0 = time.perf_counter()
-        found = store.search(SearchQuery(**q))
+        found = find_hits(store, SearchQuery(**q))
         times.append(1000 * (time.perf_counter() - t0))
         hits.append(len(found))
     texts = int(store.rows("SELECT COUNT(*) FROM texts")[0][0])

@@ -17,7 +17,7 @@ from nla_serve.audit.log import AuditLog
 from nla_serve.audit.note import Checkpoint, LogKey, NoteError, Verifier, open_checkpoint
 from nla_serve.audit.proofs import consistency_document, record_document
 from nla_serve.audit.record import canonical
-from nla_serve.audit.store import SearchQuery, open_store
+from nla_serve.audit.store import SearchQuery, find_hits, open_store
 from nla_serve.audit.verify import verify_consistency_proof, verify_log, verify_record_proof
 
 H = bytes.fromhex
@@ -208,16 +208,16 @@ def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path, where):
     entry = store.record_at(5).entry
     assert entry == canonical(json.loads(entry))  # the entry is its own canonical form
     assert json.loads(entry)["params"]["seed"] == str(2**60)  # beyond IEEE doubles: a string, not rounded
-    hits = store.search(SearchQuery(q="being tested", monitor="tested", key_id="bob", limit=200))
+    hits = find_hits(store, SearchQuery(q="being tested", monitor="tested", key_id="bob", limit=200))
     assert hits and all("being tested" in h.row.text and h.row.key_id == "bob" for h in hits)
     assert {h.row.record_id for h in hits} == {f"chatcmpl-{i:04d}" for i in range(40) if i % 6 == 0}
-    cjk = store.search(SearchQuery(q="天气", limit=200))  # two CJK characters: below a trigram
+    cjk = find_hits(store, SearchQuery(q="天气", limit=200))  # two CJK characters: below a trigram
     assert len(cjk) == len([i for i in range(40) if i % 3 == 1])
-    assert store.search(SearchQuery(q="reply 天气 13"))[0].row.record_id == "chatcmpl-0013"
-    high = store.search(SearchQuery(fve_min=0.85, source="completion", limit=200))
+    assert find_hits(store, SearchQuery(q="reply 天气 13"))[0].row.record_id == "chatcmpl-0013"
+    high = find_hits(store, SearchQuery(fve_min=0.85, source="completion", limit=200))
     assert high and all(h.row.fve >= 0.85 for h in high)
-    page1 = store.search(SearchQuery(q="answer", limit=15))
-    page2 = store.search(SearchQuery(q="answer", limit=15, cursor=page1[-1].rowid))
+    page1 = find_hits(store, SearchQuery(q="answer", limit=15))
+    page2 = find_hits(store, SearchQuery(q="answer", limit=15, cursor=page1[-1].rowid))
     assert len(page1) == 15 and page2 and not {h.rowid for h in page1} & {h.rowid for h in page2}
 
 
@@ -238,8 +238,8 @@ def test_nul_characters_are_recorded_exactly_and_searchable(tmp_path, where):
     log.close()
     store = open_store(where)
     assert json.loads(store.record_at(0).entry)["choices"][0]["text"] == "before\x00after"
-    assert [h.row.record_id for h in store.search(SearchQuery(q="quoted"))] == ["chatcmpl-0001"]
-    assert store.search(SearchQuery(q="nul\x00ins")) == store.search(SearchQuery(q="nul\ufffdins"))
+    assert [h.row.record_id for h in find_hits(store, SearchQuery(q="quoted"))] == ["chatcmpl-0001"]
+    assert find_hits(store, SearchQuery(q="nul\x00ins")) == find_hits(store, SearchQuery(q="nul\ufffdins"))
     rep = verify(key, where, tmp_path)
     assert rep.ok, rep.problems
 
@@ -368,7 +368,7 @@ def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path, where
     log.close()
     store = open_store(db)
     assert store.record_at(3) is None and store.record_at(11) is not None
-    assert not store.search(SearchQuery(request_id="chatcmpl-0003"))
+    assert not find_hits(store, SearchQuery(request_id="chatcmpl-0003"))
     ret = store.records_of_kind("retention")
     assert len(ret) == 1 and json.loads(ret[0].entry)["pruned"] == {
         "through_seq": 10, "before": json.loads(ret[0].entry)["pruned"]["before"], "count": 11}

@@ -6,6 +6,7 @@ acknowledged record. Real HTTP, the real ``openai`` SDK, the real CLI, real SQLi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ CLI = [str(Path(sys.executable).with_name("nla-serve")), "audit"]
 
 
 def tiny_settings(tiny, root: Path, **kw) -> ServerSettings:
-    return ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
+    return ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
                           engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
                           cache_dir=str(root / "cache"), api_keys=KEYS, admin_key=ADMIN, **kw)
 
@@ -181,7 +182,7 @@ def test_audit_routes_take_only_the_admin_key(audited, loop):
         assert r.status_code == 401, r.text
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).status_code == 401
     # without an admin key configured the routes are closed, not open, whatever key is sent
-    closed = svc.settings.model_copy(update={"admin_key": None})
+    closed = svc.settings.replace(admin_key=None)
     server = AppServer(loop, create_app(closed, svc)).start()
     try:
         for headers in ({}, {"Authorization": f"Bearer {KEYS['alice']}"}, {"Authorization": f"Bearer {ADMIN}"}):
@@ -193,7 +194,7 @@ def test_audit_routes_take_only_the_admin_key(audited, loop):
 
 def test_redacted_prompts_keep_only_their_hash(audited, loop, tmp_path):
     svc, _ = audited
-    settings = svc.settings.model_copy(update={"audit_redact": "prompts", "cache_dir": str(tmp_path / "cache")})
+    settings = svc.settings.replace(audit_redact="prompts", cache_dir=str(tmp_path / "cache"))
     other = Service(settings, svc.target, svc.model_name, svc.model_dir, svc.nla, None, svc.worker, svc.metrics)
     other.audit = open_audit(settings)  # a second log, sharing the module's engines
     server = AppServer(loop, create_app(settings, other)).start()
@@ -297,6 +298,7 @@ def test_a_server_records_into_postgresql_and_the_cli_verifies_it(tiny, loop, tm
         assert doc["record"]["choices"][0]["text"] == r.choices[0].message.content
         hits = admin_get(server.url, "/v1/audit/search", source="output", request_id=r.id).json()["data"]
         assert [h["request_id"] for h in hits] == [r.id]
+        assert cli_search(["--audit-db", dsn], {"source": "output", "request_id": r.id})[0] == hits
     finally:
         server.stop()
         loop.run(svc.stop())
@@ -334,3 +336,46 @@ def test_cli_search_and_export_read_the_log_directly(audited):
     verifier = Verifier.parse(docs[0]["verifier_key"])
     assert all("is in log" in verify_record_proof(d, verifier) for d in docs if d["proof"] is not None)
     assert sum(d["proof"] is not None for d in docs) >= len(docs) - 1
+
+
+def cli_search(where: list[str], params: dict) -> tuple[list[dict], str]:
+    """`nla-serve audit search --json` with the HTTP route's parameters as flags: its hits and stderr."""
+    p = dict(params)
+    flags = [str(p.pop("q"))] if "q" in p else []
+    for name, value in p.items():
+        flags += ["--" + name.replace("_", "-"), str(value)]
+    out = subprocess.run(CLI + ["search", "--json", *where, *flags], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
+
+
+def test_cli_and_http_search_give_the_same_hits(audited):
+    """`nla-serve audit search` and GET /v1/audit/search answer through one function
+    (store/search.py): for the same query, the same hits in the same order with the same snippets,
+    match positions and fields, and the same next page."""
+    svc, url = audited
+    c = client(url, "bob")
+    for i in range(3):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Describe a cat, {i}."}],
+                                  max_tokens=6, temperature=0,
+                                  extra_body={"explain": {"positions": "all", "max_explanations": 3}})
+    explained = admin_get(url, "/v1/audit/search", key_id="bob", source="completion", limit=1).json()["data"]
+    assert explained, "the explanations were recorded"
+    word = max(re.findall(r"\w{3,}", explained[0]["snippet"]) or ["the"], key=len)
+    where = ["--cache-dir", svc.settings.cache_dir]
+    for params in ({"key_id": "bob", "limit": 4}, {"q": word, "limit": 2}, {"q": "a", "source": "output", "limit": 3},
+                   {"fve_min": -10, "key_id": "bob", "since": "2000-01-01", "limit": 5}):
+        pages, cursor = [], None
+        while len(pages) < 3:
+            query = params if cursor is None else dict(params, cursor=cursor)
+            http = admin_get(url, "/v1/audit/search", **query).json()
+            hits, err = cli_search(where, query)
+            assert hits == http["data"], (query, hits, http)
+            assert (f"--cursor {http['next_cursor']}" in err) == (http["next_cursor"] is not None), err
+            pages.append(hits)
+            cursor = http["next_cursor"]
+            if cursor is None:
+                break
+        if "q" not in params:  # bob has 9 explanations and 3 outputs at least: full pages
+            assert len(pages[0]) == params["limit"], (params, pages)
+    assert len(pages) >= 2  # the last query pages: the CLI's --cursor is the route's cursor

@@ -14,13 +14,12 @@ import asyncio
 import json
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 
 from nla_serve.api.auth import require_admin
 from nla_serve.api.routes import OffLoopJSONRoute, service_of
 from nla_serve.audit.proofs import checkpoint_document, consistency_document, record_document
 from nla_serve.audit.record import iso
-from nla_serve.audit.store import SearchQuery, parse_time, snippet
+from nla_serve.audit.store import QueryError, parse_query, parse_time, search_log
 from nla_serve.errors import ClientError, NotFoundError
 
 router = APIRouter(route_class=OffLoopJSONRoute, dependencies=[Depends(require_admin)])
@@ -104,26 +103,13 @@ async def get_record(record_id: str, request: Request):
 
 @router.get("/v1/audit/search")
 async def search(request: Request):
+    """The same search as ``nla-serve audit search`` (store/search.py): same hits, order, snippets."""
     audit = audit_of(request)
     try:
-        query = SearchQuery(**dict(request.query_params))
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(map(str, err["loc"])) or None
-        raise ClientError(f"{param or 'query'}: {err['msg']}" if param else err["msg"], param=param) from None
-    hits = await asyncio.to_thread(audit.store.search, query)
-    terms = query.terms()
-    data = []
-    for h in hits:
-        t = h.row
-        text, match = snippet(t.text, terms)
-        data.append({"request_id": t.record_id, "seq": t.seq, "time": iso(t.time), "model": t.model,
-                     "key_id": t.key_id, "source": t.source, "choice_index": t.choice_index,
-                     "token_index": t.token_index, "token": t.token, "status": t.status, "fve": t.fve,
-                     "grounding": t.grounding, "monitors": [m for m in t.monitors.split(",") if m],
-                     "snippet": text, "match": match})
-    return {"object": "list", "data": data,
-            "next_cursor": hits[-1].rowid if len(hits) == query.limit else None}
+        query = parse_query(request.query_params)
+    except QueryError as e:
+        raise ClientError(str(e), param=e.param) from None
+    return await asyncio.to_thread(search_log, audit.store, query)
 
 
 def _int(raw: str | None, name: str, default, lo: int, hi: int | None):

@@ -42,7 +42,8 @@ def register(sub) -> None:
     for flag in ("fve-min", "fve-max", "grounding-min", "grounding-max"):
         s.add_argument("--" + flag, type=float, default=None)
     s.add_argument("--limit", type=int, default=20)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--cursor", type=int, default=None, help="the next page: the cursor the previous page printed")
+    s.add_argument("--json", action="store_true", help="one hit per line, as GET /v1/audit/search returns them")
     s.set_defaults(func=cmd_search)
 
     sh = where(cmds.add_parser("show", help="one record with its inclusion proof, as JSON"))
@@ -61,15 +62,15 @@ def register(sub) -> None:
 def _settings(args):
     from nla_serve.config import ServerSettings
 
-    return ServerSettings(cache_dir=args.cache_dir, audit_db=args.audit_db, audit_key=args.audit_key)
+    return ServerSettings.flat(cache_dir=args.cache_dir, audit_db=args.audit_db, audit_key=args.audit_key)
 
 
 def _store(args):
-    from nla_serve.audit.store import open_store
+    from nla_serve.audit.store import is_dsn, open_store
 
     s = _settings(args)
     loc = s.audit_location
-    if not loc.startswith(("postgresql://", "postgres://")) and not Path(loc).expanduser().exists():
+    if not is_dsn(loc) and not Path(loc).expanduser().exists():
         raise SystemExit(f"nla-serve audit: no audit database at {loc} (give --audit-db)")
     return open_store(loc)
 
@@ -147,33 +148,29 @@ def cmd_verify_proof(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from pydantic import ValidationError
-
-    from nla_serve.audit.record import iso
-    from nla_serve.audit.store import SearchQuery, snippet
+    """The same search as GET /v1/audit/search (store/search.py): the same hits, order and snippets."""
+    from nla_serve.audit.store import QueryError, parse_query, search_log
 
     fields = {k: getattr(args, k) for k in ("q", "since", "until", "model", "key_id", "status", "monitor", "source",
                                             "request_id", "fve_min", "fve_max", "grounding_min", "grounding_max",
-                                            "limit") if getattr(args, k) is not None}
+                                            "limit", "cursor") if getattr(args, k) is not None}
     try:
-        query = SearchQuery(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SystemExit(f"nla-serve audit search: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    hits = _store(args).search(query)
-    for h in hits:
-        t = h.row
-        text, _ = snippet(t.text, query.terms())
+        query = parse_query(fields)
+    except QueryError as e:
+        raise SystemExit(f"nla-serve audit search: {e}") from None
+    page = search_log(_store(args), query)
+    for hit in page["data"]:
         if args.json:
-            print(json.dumps({"request_id": t.record_id, "seq": t.seq, "time": iso(t.time), "source": t.source,
-                              "choice_index": t.choice_index, "token_index": t.token_index, "status": t.status,
-                              "fve": t.fve, "snippet": text}, ensure_ascii=False))
+            print(json.dumps(hit, ensure_ascii=False))
         else:
-            fve = "" if t.fve is None else f" fve {t.fve:.2f}"
-            where = t.source if t.token_index is None else f"{t.source} token {t.token_index}"
-            print(f"{iso(t.time)}  {t.record_id}  {where}{fve}\n    {text}")
+            fve = "" if hit["fve"] is None else f" fve {hit['fve']:.2f}"
+            where = hit["source"] if hit["token_index"] is None else f"{hit['source']} token {hit['token_index']}"
+            print(f"{hit['time']}  {hit['request_id']}  {where}{fve}\n    {hit['snippet']}")
+    more = "" if page["next_cursor"] is None else f"; the next page: --cursor {page['next_cursor']}"
     if not args.json:
-        print(f"{len(hits)} hit(s)")
+        print(f"{len(page['data'])} hit(s){more}")
+    elif more:
+        print(f"nla-serve audit search: {len(page['data'])} hit(s){more}", file=sys.stderr)
     return 0
 
 
