@@ -28,7 +28,7 @@ STATUSES = {"ok", "truncated", "skipped", "failed", "unavailable"}
 def base(request, tiny, loop):
     if request.param == "vllm":
         vllm_required()
-    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
                               nla_ar=str(tiny.ar), engine=request.param, device="cpu",  # dtype: auto
                               fve_baseline=1.5, kv_cache_gib=0.5, max_model_len=512)
     svc = loop.run(Service.start(settings))
@@ -41,14 +41,14 @@ class Variant:
 
     def __init__(self, loop, base: Service, nla: bool = True, queue_size: int | None = None, target=None,
                  **overrides):
-        settings = base.settings.model_copy(update=overrides)
+        settings = base.settings.replace(**overrides)
         self.loop = loop
         self.worker = None
         if nla:
-            self.worker = ExplanationWorker(base.nla, queue_size=queue_size or settings.explain_queue_size,
-                                            concurrency=settings.explain_concurrency,
-                                            score_batch=settings.explain_score_batch,
-                                            cache_size=settings.explain_cache_size)
+            self.worker = ExplanationWorker(base.nla, queue_size=queue_size or settings.worker.queue_size,
+                                            concurrency=settings.worker.concurrency,
+                                            score_batch=settings.worker.score_batch,
+                                            cache_size=settings.worker.cache_size)
             loop.run(self.worker.start())
         self.service = Service(settings, target or base.target, base.model_name, base.model_dir,
                                base.nla if nla else None, None if nla else "no NLA is configured on this server",
@@ -475,7 +475,7 @@ def test_metrics_present_and_moving(app):
     assert value(after, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}') > \
         value(before, 'vllm:request_success_total{finished_reason="length",model_name="tiny"}')
     assert 'nla_explanations_total{model_name="tiny",status=' in after
-    if app.service.settings.engine == "vllm":  # what vLLM reports about itself
+    if app.service.settings.target.engine == "vllm":  # what vLLM reports about itself
         assert value(after, 'vllm:request_queue_time_seconds_count{model_name="tiny"}') > \
             value(before, 'vllm:request_queue_time_seconds_count{model_name="tiny"}')
         assert 'vllm:kv_cache_usage_perc{model_name="tiny"}' in after
@@ -490,7 +490,7 @@ def test_models_and_health(app):
 
 def test_503_while_not_started():
     """Before the lifespan has started the service (or after it stopped), answers are 503."""
-    app = create_app(ServerSettings(model="unused"))
+    app = create_app(ServerSettings.flat(model="unused"))
 
     async def go():
         transport = httpx.ASGITransport(app=app)  # no lifespan: the service never starts
@@ -673,9 +673,9 @@ def test_auto_dtype_is_the_checkpoints_and_engines_agree(app, base, loop):
     'auto' would pick bfloat16), and the same NLA gives the same explanations on both."""
     card = httpx.get(app.url + "/v1/models").json()["data"][0]
     assert card["dtype"] == "float32" and card["nla"]["dtype"] == {"av": "float32", "ar": "float32"}
-    if base.settings.engine != "vllm":
+    if base.settings.target.engine != "vllm":
         return
-    other = loop.run(Service.start(base.settings.model_copy(update={"engine": "transformers"})))
+    other = loop.run(Service.start(base.settings.replace(engine="transformers")))
     server = AppServer(loop, create_app(other.settings, other)).start()
     try:
         body = {"model": MODEL, "vectors": torch_free_vectors(), "max_tokens": 24}
@@ -715,7 +715,7 @@ def test_every_vllm_exception_is_mapped():
     vllm_required()
     import vllm.exceptions
     import vllm.v1.engine.exceptions
-    from nla_serve.engines.vllm_engine import map_vllm_error
+    from nla_serve.engines.vllm import map_vllm_error
     from nla_serve.errors import NLAServeError
 
     classes = {c for mod in (vllm.exceptions, vllm.v1.engine.exceptions)

@@ -201,8 +201,8 @@ def test_server_settings_are_real_flags(folder, tmp_path, monkeypatch):
         if e["name"].startswith("NLA_SERVE_"):
             monkeypatch.setenv(e["name"], v)
     settings = settings_from(build_parser().parse_args(["serve"]))
-    assert settings.host == "0.0.0.0" and settings.port == container_port(c)
-    assert settings.api_key and settings.admin_key
+    assert settings.api.host == "0.0.0.0" and settings.api.port == container_port(c)
+    assert settings.api.api_key and settings.api.admin_key
     assert settings.cache_dir == mount_path(c, "cache")
 
 

@@ -21,7 +21,7 @@ from nla_serve.config import ServerSettings
 from nla_serve.service import Service
 
 def tiny_settings(tiny, **kw) -> ServerSettings:
-    return ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
+    return ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
                           device="cpu", fve_baseline=1.5, kv_cache_gib=0.5, max_model_len=512, **kw)
 
 

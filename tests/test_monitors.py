@@ -122,7 +122,7 @@ def monitored(tiny, loop, tmp_path_factory, receiver):
         {"name": "dead-hook", "when": {"fve_below": 100.0}, "positions": "prompt", "action": "webhook",
          "url": dead},
     ])
-    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
                               nla_ar=str(tiny.ar), engine="transformers", device="cpu", fve_baseline=1.5,
                               max_model_len=512, cache_dir=str(root / "cache"), admin_key=ADMIN, monitors=rules)
     svc = loop.run(Service.start(settings))
@@ -217,7 +217,7 @@ def test_an_abort_rule_stops_a_long_streamed_answer(tiny, loop, tmp_path, engine
         vllm_required()
     rules = parse_rules([{"name": "stop-at-once", "when": {"fve_below": 100.0}, "positions": "prompt",
                           "action": "abort"}])
-    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
                               nla_ar=str(tiny.ar), engine=engine, device="cpu", fve_baseline=1.5, max_model_len=512,
                               kv_cache_gib=0.5, cache_dir=str(tmp_path / "cache"), monitors=rules)
     svc = loop.run(Service.start(settings))

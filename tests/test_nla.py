@@ -120,6 +120,21 @@ def test_explain_and_score(runtime, tiny, loop):
     assert no_rec.fve is None and no_rec.fve_reason == "reconstruction not requested"
 
 
+def test_text_to_vector_is_the_vector_that_scoring_compares(runtime, loop):
+    """``NLARuntime.reconstruct``: the AR's vector of a text, whose cosine with the explained
+    vector is the explanation's ``cos``."""
+    from nla_serve.errors import ClientError
+
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    res = loop.run(runtime.explain_vectors(vectors, max_tokens=MAX_TOKENS))
+    pred = loop.run(runtime.reconstruct([r.text for r in res]))
+    assert pred.shape == (2, 64) and pred.dtype == torch.float32
+    for r, p, v in zip(res, pred, vectors):
+        assert torch.nn.functional.cosine_similarity(p, v, dim=0).item() == pytest.approx(r.cos, abs=1e-5)
+    with pytest.raises(ClientError, match="none of them empty"):
+        loop.run(runtime.reconstruct(["ok", "  "]))
+
+
 def test_bad_vectors_are_refused(runtime, loop):
     from nla_serve.errors import ClientError
 

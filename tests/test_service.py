@@ -32,6 +32,6 @@ def test_bad_nla_fails_at_start_not_at_generation(tiny, tmp_path):
     meta = yaml.safe_load((bad / "nla_meta.yaml").read_text())
     meta["tokens"]["injection_left_neighbor_id"] = 3
     (bad / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
-    settings = ServerSettings(model=str(tiny.target), nla_av=str(bad), engine="transformers", device="cpu")
+    settings = ServerSettings.flat(model=str(tiny.target), nla_av=str(bad), engine="transformers", device="cpu")
     with pytest.raises(CheckpointError, match="injection_left_neighbor_id"):
         asyncio.run(Service.start(settings))

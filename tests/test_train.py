@@ -136,7 +136,7 @@ def test_server_serves_the_trained_lora_folder_over_http(trained, tiny, loop, tm
     from nla_serve.config import ServerSettings
 
     cfg, _ = trained
-    settings = ServerSettings(model=str(tiny.target), served_model_name="tiny", nla_av=str(cfg.out_dir / "av"),
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name="tiny", nla_av=str(cfg.out_dir / "av"),
                               nla_ar=str(cfg.out_dir / "ar"), engine="transformers", dtype="float32", device="cpu",
                               cache_dir=str(tmp_path), max_model_len=512)
     server = AppServer(loop, create_app(settings)).start()

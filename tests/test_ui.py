@@ -47,7 +47,7 @@ def server(request, tmp_path_factory):
         yield from default_server(root, rules)
         return
     tiny, loop = request.getfixturevalue("tiny"), request.getfixturevalue("loop")
-    settings = ServerSettings(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
                               engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
                               cache_dir=str(root / "cache"), api_keys={"viewer": KEY}, admin_key=ADMIN,
                               monitors=load_rules(rules), audit_checkpoint_seconds=0.5)

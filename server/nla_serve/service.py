@@ -62,10 +62,9 @@ def open_audit(settings: ServerSettings):
     except Exception as e:  # sqlite3 / psycopg errors: say which database and why, then exit
         raise EngineError(f"the audit database {_display(settings.audit_location)} could not be opened "
                           f"({type(e).__name__}: {e}); fix it, move it (--audit-db) or run with --audit off") from None
-    audit = AuditLog(store, key, queue_size=settings.audit_queue_size,
-                     checkpoint_every=settings.audit_checkpoint_every,
-                     checkpoint_seconds=settings.audit_checkpoint_seconds,
-                     retention_days=settings.audit_retention_days,
+    a = settings.audit
+    audit = AuditLog(store, key, queue_size=a.queue_size, checkpoint_every=a.checkpoint_every,
+                     checkpoint_seconds=a.checkpoint_seconds, retention_days=a.retention_days,
                      checkpoint_file=settings.audit_checkpoint_file).open()
     log.info("audit log at %s (verifier key %s)", _display(settings.audit_location), key.verifier)
     return audit
@@ -81,7 +80,7 @@ def _display(location: str) -> str:
 class Service:
     def __init__(self, settings: ServerSettings, target: TargetEngine, model_name: str, model_dir: Path,
                  nla=None, nla_reason: str | None = None, worker: ExplanationWorker | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, audit=None):
         self.settings = settings
         self.target = target
         self.model_name = model_name
@@ -90,7 +89,7 @@ class Service:
         self.nla_reason = nla_reason  # why explanations are unavailable, when nla is None
         self.worker = worker
         self.metrics = metrics or Metrics(model_name)
-        self.admission = Admission(settings.max_concurrent_requests)
+        self.admission = Admission(settings.api.max_concurrent_requests)
         self.started_at = time.time()
         self.fingerprints: dict[str, str] = {}  # role -> SHA-256 of its folder, filled in the background
         self._fingerprinting: asyncio.Task | None = None
@@ -101,7 +100,9 @@ class Service:
         self.on_fatal: Callable[[str], None] | None = None  # the CLI exits non-zero; tests just look
         self.fatal: str | None = None
         self._enders: dict[str, Callable[[NLAServeError], None]] = {}  # request id -> ends it in-band
-        self.audit = None  # the AuditLog (audit/log.py) when --audit is on
+        self.audit = audit  # the AuditLog (audit/log.py) when --audit is on
+        if audit is not None:
+            audit.metrics = self.metrics
         from nla_serve.explain.monitors import Monitoring
         from nla_serve.explain.webhooks import WebhookSender
 
@@ -116,7 +117,7 @@ class Service:
         def replace_target(engine) -> None:
             self.target = engine
 
-        kw = dict(on_change=self._engine_changed, max_restarts=self.settings.engine_restarts)
+        kw = dict(on_change=self._engine_changed, max_restarts=self.settings.target.restarts)
         self.supervisors = [EngineSupervisor("target", lambda: self.target, replace_target, **kw)]
         if self.nla is not None:
             self.supervisors.append(EngineSupervisor("verbalizer", lambda: self.nla.engine,
@@ -194,31 +195,27 @@ class Service:
         t0 = time.monotonic()
         # The audit log first: a damaged log or a wrong key is an operator error found in a second,
         # not after minutes of loading engines.
-        audit = await asyncio.to_thread(open_audit, settings) if settings.audit else None
+        audit = await asyncio.to_thread(open_audit, settings) if settings.audit.enabled else None
         try:
-            service = await cls._start(settings, t0)
+            return await cls._start(settings, t0, audit)
         except BaseException:
             if audit is not None:
                 await asyncio.to_thread(audit.close)
             raise
-        service.audit = audit
-        if audit is not None:
-            audit.metrics = service.metrics
-        return service
 
     @classmethod
-    async def _start(cls, settings: ServerSettings, t0: float) -> "Service":
-        if settings.model is None:
+    async def _start(cls, settings: ServerSettings, t0: float, audit) -> "Service":
+        target_cfg = settings.target
+        av, ar = settings.nla.av, settings.nla.ar
+        if target_cfg.model is None:
             from nla_serve.provision import default_model_dir
 
             model_dir = default_model_dir(settings.cache_root)
-            av, ar = settings.nla_av, settings.nla_ar
             if av is None and (DEFAULT_NLA_DIR / "av").is_dir():
                 av, ar = str(DEFAULT_NLA_DIR / "av"), str(DEFAULT_NLA_DIR / "ar")
         else:
-            model_dir = resolve_folder(settings.model, "--model")
-            av, ar = settings.nla_av, settings.nla_ar
-        model_name = settings.served_model_name or (settings.model or "SmolLM2-135M-Instruct")
+            model_dir = resolve_folder(target_cfg.model, "--model")
+        model_name = target_cfg.served_model_name or (target_cfg.model or "SmolLM2-135M-Instruct")
 
         ckpt = None
         if av is not None:
@@ -234,11 +231,11 @@ class Service:
             ar_dir = lora.resolve_folder(resolve_folder(ar, "--nla-ar"), base=model_dir, cache_dir=merged) if ar else None
             ckpt = load_nla(av_dir, ar_dir,
                             target_hidden_size=cfg.get("hidden_size"), target_num_layers=cfg.get("num_hidden_layers"),
-                            target_model_type=cfg.get("model_type"), fve_baseline=settings.fve_baseline)
+                            target_model_type=cfg.get("model_type"), fve_baseline=settings.nla.fve_baseline)
         target = make_engine(settings.target_engine(model_dir, ckpt.layer if ckpt else None))
         await target.start()
         log.info("target %s loaded on the %s engine in %.1fs (%s, hidden %d, %d blocks, context %d)", model_dir,
-                 settings.engine, time.monotonic() - t0, dtype_name(target.dtype), target.hidden_size,
+                 target_cfg.engine, time.monotonic() - t0, dtype_name(target.dtype), target.hidden_size,
                  target.num_layers, target.max_model_len)
         metrics = Metrics(model_name)
         nla = worker = None
@@ -252,10 +249,9 @@ class Service:
             except BaseException:
                 await target.shutdown()
                 raise
-            worker = ExplanationWorker(nla, queue_size=settings.explain_queue_size,
-                                       concurrency=settings.explain_concurrency,
-                                       score_batch=settings.explain_score_batch,
-                                       cache_size=settings.explain_cache_size, metrics=metrics)
+            w = settings.worker
+            worker = ExplanationWorker(nla, queue_size=w.queue_size, concurrency=w.concurrency,
+                                       score_batch=w.score_batch, cache_size=w.cache_size, metrics=metrics)
             await worker.start()
             log.info("NLA loaded in %.1fs: AV %s, AR %s (%s), layer %d, FVE baseline %s (%s)", time.monotonic() - t1,
                      ckpt.av.path, ckpt.ar.path if ckpt.ar else None, nla.dtypes, ckpt.layer, ckpt.fve_baseline,
@@ -263,7 +259,7 @@ class Service:
         else:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
             log.warning("%s: responses will mark explanations 'unavailable'", reason)
-        service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics)
+        service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics, audit)
         if ckpt is not None:
             for role, part in (("av_meta", ckpt.av), ("ar_meta", ckpt.ar)):
                 if part is not None and (part.path / "nla_meta.yaml").is_file():
@@ -278,7 +274,7 @@ class Service:
         from nla_serve import __version__
 
         fp = self.fingerprints
-        return {"server_version": __version__, "engine": self.settings.engine, "model": self.model_name,
+        return {"server_version": __version__, "engine": self.settings.target.engine, "model": self.model_name,
                 "target_sha256": fp.get("target"), "av_sha256": fp.get("av"), "ar_sha256": fp.get("ar"),
                 "av_meta_sha256": self.meta_hashes.get("av_meta"), "ar_meta_sha256": self.meta_hashes.get("ar_meta"),
                 "layer": self.layer, "dtype": dtype_name(self.target.dtype),

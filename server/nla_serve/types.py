@@ -75,10 +75,29 @@ class CapturedRows:
 
     start: int
     rows: "torch.Tensor"  # [n_rows, d_model], float32, cpu
+    layer: int | None = None  # K: the block whose output these rows are (None: the engine did not say)
 
     @property
     def end(self) -> int:
         return self.start + int(self.rows.shape[0])
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A change to the residual stream at the capture layer while a request runs: each of
+    ``vectors`` ([d_model] each) times its ``strength`` is added to the output of block ``layer``
+    at ``positions`` (None: every position the engine feeds). The slot exists on every engine's
+    ``generate``; an engine that cannot apply one refuses it with a ``ClientError`` naming the
+    engine, never ignores it. Captured rows are read before the addition."""
+
+    layer: int
+    vectors: "tuple[torch.Tensor, ...]"  # each [d_model], float32
+    strengths: tuple[float, ...]
+    positions: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.vectors) != len(self.strengths):
+            raise ValueError("an intervention needs one strength per vector")
 
 
 @dataclass

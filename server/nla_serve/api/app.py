@@ -20,6 +20,7 @@ from nla_serve.api import errors as api_errors
 from nla_serve.api import openapi
 from nla_serve.api.auth import require_key
 from nla_serve.api.audit_routes import router as audit_router
+from nla_serve.api.explanations import router as explanations_router
 from nla_serve.api.routes import router
 from nla_serve.config import ServerSettings
 from nla_serve.errors import PayloadTooLargeError
@@ -85,7 +86,7 @@ def create_app(settings: ServerSettings, service: Service | None = None,
 
     # With an API key, the schema is served behind it and the browsable docs not at all (their
     # pages fetch the schema without a key); without one, everything is open as before.
-    keyed = bool(settings.key_table())
+    keyed = bool(settings.api.key_table())
     app = FastAPI(title="nla-serve", version="0.1.0", lifespan=lifespan,
                   docs_url=None if keyed else "/docs", redoc_url=None if keyed else "/redoc",
                   openapi_url=None if keyed else "/openapi.json")
@@ -100,8 +101,9 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     app.state.metrics = None
     api_errors.install(app)
     app.include_router(router)
+    app.include_router(explanations_router)
     app.include_router(audit_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")  # /ui redirects to /ui/
     app.add_middleware(api_errors.CatchAll)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes)
     return app

@@ -1,6 +1,6 @@
 """Keys: ``Authorization: Bearer <key>``.
 
-API routes take any key of ``settings.key_table()`` (every route but ``/health`` and ``/ui``
+API routes take any key of ``settings.api.key_table()`` (every route but ``/health`` and ``/ui``
 when one is set) and note its *id* on the request (``request.state.key_id``) for the audit
 record; the key itself is never stored. Audit routes take only the admin key, and are refused
 (403) when no admin key is configured: an audit log is never open to anyone by default.
@@ -33,7 +33,7 @@ def match_key(token: str, table: dict[str, str]) -> str | None:
 
 
 async def require_key(request: Request) -> None:
-    table = request.app.state.settings.key_table()
+    table = request.app.state.settings.api.key_table()
     request.state.key_id = None
     if not table:
         return
@@ -44,7 +44,7 @@ async def require_key(request: Request) -> None:
 
 
 async def require_admin(request: Request) -> None:
-    admin = request.app.state.settings.admin_key
+    admin = request.app.state.settings.api.admin_key
     if not admin:
         raise ForbiddenError("the audit routes are closed on this server: start it with --admin-key-file "
                              "(or NLA_SERVE_ADMIN_KEY) to open them to that key", code="audit_closed")

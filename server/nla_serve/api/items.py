@@ -1,5 +1,6 @@
-"""The wire format of explanation items: an ``Explanation`` (with where it belongs) -> the JSON
-object in a response's ``explanations`` list or a ``/v1/explanations`` ``data`` list.
+"""The wire format of explanation items: an ``ExplanationEvent`` -> the JSON object in a
+response's ``explanations`` list or a ``/v1/explanations`` ``data`` list. (The audit record has
+its own schema, built from the same events in ``audit/record.py``.)
 
 ``min_fve`` is applied here, as the item is written: it flags (``below_min_fve``) or drops items,
 which is a matter of presentation; the explanation itself is the same either way.
@@ -8,7 +9,7 @@ which is a matter of presentation; the explanation itself is the same either way
 from __future__ import annotations
 
 from nla_serve.explain.policy import ExplainPlan
-from nla_serve.generation import ExplanationEvent
+from nla_serve.events import ExplanationEvent
 from nla_serve.types import Explanation
 
 
@@ -32,15 +33,18 @@ def unavailable_item(reason: str) -> dict:
     return {"status": "unavailable", "reason": reason, "text": None, "fve": None, "cos": None, "mse": None}
 
 
-def event_item(ev: ExplanationEvent, *, layer: int | None, tokenizer) -> dict:
-    """An item for one explained token of a generation (or the request-wide ``unavailable``)."""
-    if ev.position is None:
+def event_item(ev: ExplanationEvent) -> dict:
+    """The item of one event: an explained token of a generation, a raw vector (numbered by
+    ``index``), or the request-wide ``unavailable``."""
+    if ev.request_wide:
         return unavailable_item(ev.explanation.reason or "explanations are unavailable")
+    if ev.vector_index is not None:
+        return explanation_item(ev.explanation, layer=ev.layer, index=ev.vector_index,
+                                monitor_events=ev.monitor_events)
     P, p = ev.num_prompt_tokens, ev.position
-    where = {"choice_index": ev.choice_index, "token_index": p, "source": "prompt" if p < P else "completion",
-             "completion_index": None if p < P else p - P,
-             "token": tokenizer.decode([ev.token_id]) if ev.token_id is not None else None, "token_id": ev.token_id}
-    return where | explanation_item(ev.explanation, layer=layer, grounding=ev.grounding,
+    where = {"choice_index": ev.choice_index, "token_index": p, "source": ev.source,
+             "completion_index": None if p < P else p - P, "token": ev.token, "token_id": ev.token_id}
+    return where | explanation_item(ev.explanation, layer=ev.layer, grounding=ev.grounding,
                                     monitor_events=ev.monitor_events)
 
 
@@ -52,19 +56,16 @@ def grounding_score(item: dict) -> float | None:
 def flag_thresholds(item: dict, plan: ExplainPlan) -> dict:
     """Mark ``below_min_fve`` / ``below_min_grounding`` where the request set those minimums and the
     item has the number (an item that quotes nothing has no grounding score and is never below)."""
-    if plan.min_fve is not None and item.get("fve") is not None:
-        item["below_min_fve"] = item["fve"] < plan.min_fve
-    score = grounding_score(item)
-    if plan.min_grounding is not None and score is not None:
-        item["below_min_grounding"] = score < plan.min_grounding
+    flags = {"below_min_fve": plan.below_min_fve(item.get("fve")),
+             "below_min_grounding": plan.below_min_grounding(grounding_score(item))}
+    item.update({k: v for k, v in flags.items() if v is not None})
     return item
 
 
 def dropped(item: dict, plan: ExplainPlan) -> bool:
     """Whether a flagged item is left out of the response (``on_low_* = "drop"``); the audit
     record keeps it."""
-    return bool((item.get("below_min_fve") and plan.on_low_fve == "drop")
-                or (item.get("below_min_grounding") and plan.on_low_grounding == "drop"))
+    return plan.drops(item.get("below_min_fve"), item.get("below_min_grounding"))
 
 
 def apply_minimums(item: dict, plan: ExplainPlan) -> dict | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from nla_serve.config import ExplainDefaults, ServerSettings
+from nla_serve.config import FLAT_NAMES, ExplainDefaults, ServerSettings
 
 FLAGS = [
     # flag, settings field, type, help
@@ -160,13 +160,25 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit("nla-serve: the admin key must differ from every API key")
     try:
         policy = ExplainDefaults(**gather(POLICY_FLAGS))
-        return ServerSettings(**values, explain=policy)
+        return ServerSettings.flat(**values, explain=policy)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(map(str, err["loc"]))
-        if not where:  # a rule across settings: its message names them
+        if not where or where in SECTIONS:  # a rule across settings: its message names them
             raise SystemExit(f"nla-serve: {err['msg'].removeprefix('Value error, ')}") from None
-        raise SystemExit(f"nla-serve: setting {where} has value {err.get('input')!r}: {err['msg']}") from None
+        raise SystemExit(f"nla-serve: {flag_of(where)} has value {err.get('input')!r}: {err['msg']}") from None
+
+
+SECTIONS = set(ServerSettings.model_fields)
+
+
+def flag_of(where: str) -> str:
+    """The flag that sets the setting at ``where`` (``api.port`` -> ``--port``), else the setting."""
+    flat = {path: name for name, path in FLAT_NAMES.items()}.get(where)
+    for flag, field, _, _ in FLAGS:
+        if field == flat:
+            return flag
+    return f"setting {where}"
 
 
 def read_key_file(path: str, flag: str) -> str:
@@ -220,11 +232,12 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_fatal=give_up)
     log = logging.getLogger("nla_serve")
-    log.info("starting nla-serve on http://%s:%d (engine %s)", settings.host, settings.port, settings.engine)
+    api = settings.api
+    log.info("starting nla-serve on http://%s:%d (engine %s)", api.host, api.port, settings.target.engine)
     # uvicorn's own graceful timeout is the backstop; ours ends requests in-band first
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10)
-    server = DrainingServer(config, app, settings.shutdown_timeout)
+    config = uvicorn.Config(app, host=api.host, port=api.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=int(api.shutdown_timeout) + 10)
+    server = DrainingServer(config, app, api.shutdown_timeout)
     try:
         server.run()
     except NLAServeError as e:

@@ -1,4 +1,5 @@
-"""What one record holds, how it is built from a request's events, and its canonical bytes.
+"""What one record holds, how it is built from a request's events (``events.py``, never the API's
+wire dicts: the record's schema is its own, versioned by ``v``), and its canonical bytes.
 
 A record is a JSON object; its *entry* (the Merkle leaf's content) is its RFC 8785 (JCS)
 canonical serialisation, so any implementation can recompute the leaf hash from the JSON alone.
@@ -22,12 +23,13 @@ import logging
 import math
 import time
 from datetime import datetime, timezone
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import rfc8785
 
 from nla_serve.audit.store import TextRow
 from nla_serve.errors import NLAServeError, UnavailableError
+from nla_serve.events import ExplanationEvent, TokenEvent, Transcript, UsageEvent
 
 log = logging.getLogger("nla_serve.audit")
 VERSION = 1
@@ -83,20 +85,47 @@ def _score(grounding) -> float | None:
     return grounding.get("score") if isinstance(grounding, dict) else grounding
 
 
+def explanation_entry(ev: ExplanationEvent, plan, redact_prompts: bool) -> dict:
+    """The record's entry for one explanation (schema ``v`` 1: the fields below, with the same
+    names and values the wire item had when this schema was made, so old records still verify
+    and new ones read alike; the wire format may change without touching this)."""
+    exp = ev.explanation
+    if ev.request_wide:  # no NLA: one request-wide status
+        entry = {"status": exp.status, "reason": exp.reason or "explanations are unavailable", "text": None,
+                 "fve": None, "cos": None, "mse": None}
+        return entry | {"grounding": None, "monitors": [], "activation_sha256": None, "activation_dtype": None}
+    entry: dict = {}
+    if ev.vector_index is not None:
+        entry["index"] = ev.vector_index
+    else:
+        prompt = ev.source == "prompt"
+        entry.update(choice_index=ev.choice_index, token_index=ev.position, source=ev.source,
+                     token=None if redact_prompts and prompt else ev.token,  # a prompt token is prompt text
+                     token_id=None if redact_prompts and prompt else ev.token_id)
+    score = ev.grounding.score if ev.grounding is not None else None
+    entry.update(layer=ev.layer, status=exp.status, reason=exp.reason, text=exp.text, truncated=exp.truncated,
+                 fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens)
+    flags = {"below_min_fve": plan.below_min_fve(exp.fve), "below_min_grounding": plan.below_min_grounding(score)}
+    entry.update({k: v for k, v in flags.items() if v is not None})
+    if exp.extra.get("cached"):
+        entry["cached"] = True
+    return entry | {"grounding": ev.grounding.as_dict() if ev.grounding is not None else None,
+                    "monitors": [m.rule for m in ev.monitor_events],
+                    "activation_sha256": ev.activation_sha256, "activation_dtype": ev.activation_dtype}
+
+
 class Recorder:
     """Builds one request's record from its events, and appends it to the log when the events end:
     awaited (durable before the caller sends the last byte) when the request completed or failed,
     queued without waiting when the client went away (nobody is waiting for that answer)."""
 
     def __init__(self, audit, *, kind: str, request_id: str, key_id: str | None, model: str, params: dict,
-                 prompt: dict, prompt_tokens: int, producer: dict, describe: Callable, redact_prompts: bool,
+                 prompt: dict, prompt_tokens: int, producer: dict, plan, redact_prompts: bool,
                  created: float | None = None):
         self.audit = audit
-        self.describe = describe  # ExplanationEvent -> the API's item dict (the wire format)
+        self.plan = plan  # the request's ExplainPlan: its minimums are flagged in the entries
         self.redact = redact_prompts
-        self.texts: dict[int, list[str]] = {}
-        self.token_ids: dict[int, list[int]] = {}
-        self.reasons: dict[int, str | None] = {}
+        self.transcript = Transcript()
         self.record = {
             "v": VERSION, "id": request_id, "kind": kind, "created": iso(created or time.time()),
             "key_id": key_id, "model": model, "params": params,
@@ -105,37 +134,20 @@ class Recorder:
             "producer": producer}
 
     def observe(self, ev) -> None:
-        from nla_serve.generation import ExplanationEvent, TokenEvent, UsageEvent
-
         if isinstance(ev, TokenEvent):
-            self.texts.setdefault(ev.index, []).append(ev.text)
-            self.token_ids.setdefault(ev.index, []).extend(ev.token_ids)
-            if ev.finish_reason is not None:
-                self.reasons[ev.index] = ev.finish_reason
+            self.transcript.add(ev)
         elif isinstance(ev, ExplanationEvent):
-            self.add_explanation(self.describe(ev), ev.activation_sha256, ev.activation_dtype)
+            self.record["explanations"].append(explanation_entry(ev, self.plan, self.redact))
             self.record["monitor_events"].extend(m.as_dict() for m in ev.monitor_events)
         elif isinstance(ev, UsageEvent):
-            self.record["usage"] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                                    "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-
-    def add_explanation(self, item: dict, digest: str | None, dtype: str | None) -> None:
-        keep = ("index", "choice_index", "token_index", "source", "token", "token_id", "layer", "status", "reason",
-                "text", "truncated", "fve", "cos", "mse", "verbalizer_tokens", "below_min_fve",
-                "below_min_grounding", "cached")
-        entry = {k: item[k] for k in keep if k in item}
-        if self.redact and entry.get("source") == "prompt":  # the token itself is prompt text
-            entry["token"] = entry["token_id"] = None
-        entry.update(grounding=item.get("grounding"), monitors=item.get("monitors") or [],
-                     activation_sha256=digest, activation_dtype=dtype)
-        self.record["explanations"].append(entry)
+            self.record["usage"] = ev.as_dict()
 
     def finish(self, status: str, error: str | None = None) -> dict:
         rec = self.record
         rec["status"] = status
         rec["error"] = error
-        rec["choices"] = [{"index": i, "text": "".join(self.texts[i]), "token_ids": self.token_ids.get(i, []),
-                           "finish_reason": self.reasons.get(i)} for i in sorted(self.texts)]
+        rec["choices"] = [{"index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                          for i, c in self.transcript.in_order()]
         rec["explanations"].sort(key=lambda e: (e.get("choice_index") or 0, e.get("token_index") or 0,
                                                 e.get("index") or 0))
         rec["monitor_events"].sort(key=lambda m: (m.get("choice_index") or 0, m.get("token_index") or 0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
 from nla_serve.config import EngineSettings
-from nla_serve.types import Completion, Prompt, SamplingOptions, StepOutput
+from nla_serve.types import Completion, Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +33,14 @@ class TargetEngine(Protocol):
         ...
 
     def generate(
-        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
+        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
+        intervention: Intervention | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Yield token deltas per choice as they come; the final update of each choice has
         ``finished=True``. When ``capture`` and the engine has a ``capture_layer``, the updates of
         each choice together carry rows for positions ``0 .. P+G-2`` (every token fed through the
-        model; the last sampled token never is)."""
+        model; the last sampled token never is), each piece saying its ``layer``.
+        ``intervention`` (steering) is applied or refused with a ``ClientError``, never ignored."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -77,6 +79,14 @@ async def generate_all(
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
+def refuse_intervention(intervention: Intervention | None, engine: str) -> None:
+    """The check of an engine that cannot steer yet: a clear 400 rather than a silent no-op."""
+    if intervention is not None:
+        from nla_serve.errors import ClientError
+
+        raise ClientError(f"the {engine} engine cannot apply a steering intervention", param="steering")
+
+
 def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -> None:
     """The checks every engine makes before generating: a prompt, and room for max_tokens."""
     from nla_serve.errors import ClientError, ContextLengthError
@@ -95,4 +105,4 @@ def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -
         )
 
 
-__all__ = ["TargetEngine", "check_prompt", "generate_all"]
+__all__ = ["TargetEngine", "check_prompt", "generate_all", "refuse_intervention"]

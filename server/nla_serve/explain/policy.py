@@ -46,6 +46,18 @@ class ExplainPlan:
     # row exists. None: spread evenly over the finished choice (non-streaming requests).
     stride: int | None = None
 
+    def below_min_fve(self, fve: float | None) -> bool | None:
+        """Whether ``fve`` is under the request's ``min_fve`` (None: no minimum or no number)."""
+        return None if self.min_fve is None or fve is None else fve < self.min_fve
+
+    def below_min_grounding(self, score: float | None) -> bool | None:
+        """Likewise for ``min_grounding`` (an explanation that quotes nothing has no score)."""
+        return None if self.min_grounding is None or score is None else score < self.min_grounding
+
+    def drops(self, below_fve: bool | None, below_grounding: bool | None) -> bool:
+        """Whether an item so flagged is left out of a response (the audit record keeps it)."""
+        return bool((below_fve and self.on_low_fve == "drop") or (below_grounding and self.on_low_grounding == "drop"))
+
     def streamed(self, max_tokens: int) -> "ExplainPlan":
         """This plan for a streamed request of at most ``max_tokens`` tokens: the generated slots
         (``max_explanations``, less one for ``auto``'s prompt position) spread over max_tokens."""

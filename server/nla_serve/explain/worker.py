@@ -18,9 +18,11 @@ running verbalizer requests step by step, and the reconstructor scores in one fo
 whatever finished while it scored the previous group (no waiting timer).
 
 Fair sharing: each request has its own lane and jobs start round-robin across lanes, so one
-request's 64 explanations cannot starve another's one. Deadlines: a job carries the time by which
-it must have started (``explain.deadline_s`` / ``--explain-deadline``, from the request's arrival);
-past it the job is answered ``skipped`` with the reason instead of holding the response.
+request's 64 explanations cannot starve another's one. Deadlines are the worker's alone: a job
+carries its request's deadline (``explain.deadline_s`` / ``--explain-deadline``, from the request's
+arrival); when it passes, every unresolved job of that request, queued or running, is answered
+``skipped`` with the reason (one timer per request), and a job submitted later is answered so at
+once. Callers never watch the clock: they await their futures, which always resolve.
 
 Results travel back on each job's own future, exceptions as ``failed`` explanations: a failing
 verbalizer never fails the generation that asked. ``cancel(request_id)`` resolves a finished or
@@ -58,7 +60,8 @@ class ExplanationJob:
     reconstruct: bool = True
     seed: int | None = None
     captured_at: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # monotonic time after which the job is not worth starting
+    deadline: float | None = None  # monotonic time after which the job is answered skipped
+    deadline_s: float | None = None  # the same, as the request gave it (for the reason)
     future: asyncio.Future | None = None
 
     @property
@@ -72,7 +75,16 @@ class ExplanationJob:
         start = time.monotonic() if arrived is None else arrived
         deadline = start + plan.deadline_s if plan.deadline_s is not None else None
         return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed,
-                   deadline=deadline)
+                   deadline=deadline, deadline_s=plan.deadline_s)
+
+    @property
+    def deadline_reason(self) -> str:
+        return deadline_reason(self.deadline_s)
+
+
+def deadline_reason(seconds: float | None) -> str:
+    return (f"the explanation deadline ({seconds or 0:g} s from the request's arrival) passed first; the server is "
+            "busy: raise explain.deadline_s or ask for fewer explanations")
 
 
 class ExplanationWorker:
@@ -96,6 +108,7 @@ class ExplanationWorker:
         self._tasks: list[asyncio.Task] = []
         self._running: dict[ExplanationJob, asyncio.Task] = {}  # jobs on the verbalizer
         self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}  # request id -> its deadline's timer
         self.unavailable_reason: str | None = None  # set while the verbalizer engine is down
         self.jobs_started = 0
         self.batches_run = 0  # reconstructor batches
@@ -130,6 +143,9 @@ class ExplanationWorker:
         """Queue a job; its future resolves with an Explanation (never raises)."""
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
+        if job.deadline is not None and loop.time() >= job.deadline:  # asyncio's clock is time.monotonic
+            self._resolve(job, Explanation(status="skipped", reason=job.deadline_reason))
+            return job.future
         cached = self.cache.get(cache_key(job.vector, *job.settings))
         if cached is not None:
             cached.extra["cached"] = True
@@ -149,6 +165,9 @@ class ExplanationWorker:
         self._lanes.setdefault(job.request_id, deque()).append(job)
         self._queued += 1
         self._pending.setdefault(job.request_id, set()).add(job)
+        if job.deadline is not None and job.request_id not in self._deadlines:
+            self._deadlines[job.request_id] = loop.call_at(job.deadline, self.cancel, job.request_id,
+                                                           job.deadline_reason)
         self._ready.set()
         return job.future
 
@@ -165,6 +184,7 @@ class ExplanationWorker:
             self._queued -= len(lane)
 
     def in_flight(self) -> dict[str, int]:
+        # a request's deadline timer lives exactly as long as its pending jobs: counted in "requests"
         return {"requests": len(self._pending), "queued_jobs": self.depth}
 
     def _forget(self, job: ExplanationJob) -> None:
@@ -173,6 +193,9 @@ class ExplanationWorker:
             jobs.discard(job)
             if not jobs:
                 del self._pending[job.request_id]
+                timer = self._deadlines.pop(job.request_id, None)  # nothing left for it to end
+                if timer is not None:
+                    timer.cancel()
 
     def _resolve(self, job: ExplanationJob, exp: Explanation, cached: bool = False) -> None:
         self._forget(job)
@@ -196,10 +219,8 @@ class ExplanationWorker:
                 del self._lanes[request_id]
             if job.future is not None and job.future.done():  # resolved while queued
                 self._forget(job)
-            elif job.deadline is not None and now > job.deadline:
-                self._resolve(job, Explanation(status="skipped", reason=(
-                    "the explanation deadline passed before the verbalizer could take it (the server is "
-                    "busy; raise explain.deadline_s or ask for fewer explanations)")))
+            elif job.deadline is not None and now > job.deadline:  # its timer is due but has not run yet
+                self._resolve(job, Explanation(status="skipped", reason=job.deadline_reason))
             else:
                 return job
         return None

@@ -160,6 +160,19 @@ class NLARuntime:
             if s.fve is None:
                 r.fve_reason = self.ckpt.baseline_source
 
+    async def reconstruct(self, texts: list[str]) -> "torch.Tensor":
+        """Text -> vector: the AR's prediction for each explanation text, [N, d] float32 on the CPU,
+        at the AR's own scale (scoring normalises both sides to norm sqrt(d) before comparing).
+        The public entry for whatever turns words into activations (steering from text, edited
+        explanations); it runs off the event loop."""
+        if self.reconstructor is None:
+            raise ClientError("this NLA has no reconstructor (AR), so text cannot be turned into a vector; "
+                              "start the server with --nla-ar")
+        texts = list(texts)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ClientError("give at least one text, none of them empty")
+        return await asyncio.to_thread(self.reconstructor.reconstruct, texts)
+
     def replace_engine(self, engine: "TargetEngine") -> None:
         """Swap in a restarted verbalizer engine (same settings; see supervisor.py)."""
         self.engine = engine

