@@ -7,8 +7,8 @@ after round (median of ``--repeats`` rounds after a warm-up). Configurations:
 
 - ``off``: an engine without ``capture_layer`` (plain vLLM);
 - ``embedded`` / ``speculative``: an engine with ``capture_layer`` by that capture method
-  (``--methods``; ``engines/vllm_row_store.py``, ``engines/vllm_capture.py``) and requests asking
-  for their rows (the target path);
+  (``--methods``; ``engines/vllm/capture/row_store.py``, ``engines/vllm/capture/protocol.py``) and
+  requests asking for their rows (the target path);
 - ``embedded-unused`` / ``speculative-unused``: the same engines, requests with ``capture=False``
   (what every request pays: the row store's write, or the extra "draft" token per step, without
   the copy and the file).
@@ -60,7 +60,7 @@ async def run_batch(engine, prompts, max_tokens: int, capture: bool, tag: str) -
 
 async def start_engine(model: str, layer: int | None, args, method: str = "auto"):
     from nla_serve.config import EngineSettings
-    from nla_serve.engines.vllm_engine import VLLMEngine
+    from nla_serve.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(EngineSettings(
         model=model, dtype=args.dtype, capture_layer=layer, capture_method=method, max_model_len=1024,

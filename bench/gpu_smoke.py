@@ -61,7 +61,7 @@ async def parity(model: str, layer: int, compilation: dict | None, eager: bool, 
     from transformers import AutoModelForCausalLM
 
     from nla_serve.config import EngineSettings
-    from nla_serve.engines.vllm_engine import VLLMEngine
+    from nla_serve.engines.vllm import VLLMEngine
     from nla_serve.types import Prompt, SamplingOptions
 
     kw = {"compilation_config": compilation} if compilation else {}

@@ -405,7 +405,7 @@ def test_seeded_sampling_repeats_or_is_refused(target, loop):
 
 
 def test_request_ids_and_children():
-    from nla_serve.engines.vllm_capture import choice_of, vllm_request_id
+    from nla_serve.engines.vllm.capture.protocol import choice_of, vllm_request_id
 
     key = vllm_request_id("chatcmpl-42_x/y")
     assert "_" not in key and "-" not in key and key.startswith("chatcmpl.42.x.y.")
@@ -418,7 +418,7 @@ def test_request_ids_and_children():
 
 
 def test_rows_and_slots():
-    from nla_serve.engines.vllm_capture import block_slots, blocks_for, rows_to_save
+    from nla_serve.engines.vllm.capture.protocol import block_slots, blocks_for, rows_to_save
 
     assert rows_to_save(num_tokens=10, num_computed_tokens=9) == 9  # P + G - 1
     assert rows_to_save(num_tokens=10, num_computed_tokens=4) == 4  # aborted mid-prefill
@@ -436,8 +436,8 @@ def test_rows_and_slots():
 def test_capture_dir_reads_once_and_discards(tmp_path, loop):
     """Step files (as the connector writes them) are read once, in order, and their rows handed to
     the choices they belong to; wrong tokens, errors and discarded requests are handled."""
-    from nla_serve.engines.vllm_capture import ERROR_SUFFIX, CaptureError, step_file, write_error, write_step
-    from nla_serve.engines.vllm_capture_reader import CaptureDir
+    from nla_serve.engines.vllm.capture.protocol import ERROR_SUFFIX, CaptureError, step_file, write_error, write_step
+    from nla_serve.engines.vllm.capture.reader import CaptureDir
 
     cap = CaptureDir(str(tmp_path / "cap"))
     os.makedirs(cap.path)
@@ -545,7 +545,7 @@ def test_capture_architectures_are_checked_at_start():
     Gemma-3 (vLLM 0.32) does not, and is refused for that method before any engine process
     starts, with the way out named."""
     vllm_required()
-    from nla_serve.engines.vllm_engine import check_capture_architecture
+    from nla_serve.engines.vllm.args import check_capture_architecture
     from nla_serve.errors import EngineError
 
     for ok in (["LlamaForCausalLM"], ["Qwen2ForCausalLM"], ["MistralForCausalLM"]):
@@ -560,7 +560,7 @@ def test_capture_method_is_resolved_per_architecture():
     speculative method elsewhere; an explicit method that cannot work is refused with a sentence,
     before any engine starts."""
     vllm_required()
-    from nla_serve.engines.vllm_engine import resolve_capture_method
+    from nla_serve.engines.vllm.args import resolve_capture_method
     from nla_serve.errors import EngineError
 
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"):

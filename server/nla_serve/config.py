@@ -20,7 +20,7 @@ from nla_serve.explain.monitors import Rule
 EngineKind = Literal["vllm", "transformers"]
 # The verbalizer may also be "remote": a fleet of stock vLLM OpenAI servers (engines/remote_verbalizer.py)
 VerbalizerKind = Literal["vllm", "transformers", "remote"]
-# how the vLLM engine captures layer-K rows (engines/vllm_row_store.py, engines/vllm_capture.py):
+# how the vLLM engine captures layer-K rows (engines/vllm/capture/row_store.py, .../protocol.py):
 # "embedded": the target model stores them itself, no draft token; "speculative": vLLM's
 # extract_hidden_states drafter (one draft token per request per step); "auto": embedded where the
 # architecture is supported, else speculative

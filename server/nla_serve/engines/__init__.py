@@ -20,7 +20,7 @@ def make_engine(settings: EngineSettings) -> TargetEngine:
 
         return TransformersEngine(settings)
     if settings.kind == "vllm":
-        from nla_serve.engines.vllm_engine import VLLMEngine
+        from nla_serve.engines.vllm import VLLMEngine
 
         return VLLMEngine(settings)
     if settings.kind == "remote":

@@ -1,7 +1,7 @@
 """The engine interface every implementation follows, and the helpers they share.
 
 ``TargetEngine`` is what the rest of nla-serve talks to; ``transformers_engine`` (the reference)
-and ``vllm_engine`` (production) implement it and import from here, never from the package.
+and ``vllm/`` (production) implement it and import from here, never from the package.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.config import EngineSettings, RemoteSettings
-from nla_serve.engines.base import check_prompt
+from nla_serve.engines.base import check_prompt, refuse_intervention
 from nla_serve.errors import ClientError, UnavailableError
-from nla_serve.types import Prompt, SamplingOptions, StepOutput
+from nla_serve.types import Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
     import httpx
@@ -252,9 +252,11 @@ class RemoteVerbalizerEngine:
         return {k: v for k, v in body.items() if v is not None}
 
     async def generate(self, prompt: Prompt, options: SamplingOptions, request_id: str,
-                       capture: bool = False) -> AsyncIterator[StepOutput]:
+                       capture: bool = False, intervention: Intervention | None = None) -> AsyncIterator[StepOutput]:
         """One finished update per job (the backend answers whole). Raises ``UnavailableError``
-        when no backend could take it and ``ClientError`` when a backend refused the job itself."""
+        when no backend could take it and ``ClientError`` when a backend refused the job itself
+        (or a steering ``intervention``, which stock vLLM servers cannot apply)."""
+        refuse_intervention(intervention, "remote verbalizer")
         if options.n != 1:
             raise ClientError("the verbalizer fleet takes one choice per job")
         check_prompt(prompt, options, self.max_model_len)

@@ -20,10 +20,11 @@ import asyncio
 from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.config import EngineSettings
-from nla_serve.engines.base import check_prompt
+from nla_serve.engines.base import check_prompt, refuse_intervention
 from nla_serve.errors import ClientError, EngineError
 from nla_serve.model_folder import eos_ids_of, resolve_device, resolve_dtype
-from nla_serve.types import CapturedRows, FinishReason, Prompt, SamplingOptions, StepOutput, TokenLogprob
+from nla_serve.types import (CapturedRows, FinishReason, Intervention, Prompt, SamplingOptions, StepOutput,
+                             TokenLogprob)
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +119,10 @@ class TransformersEngine:
             raise ClientError("this engine does not accept prompt embeddings (enable_prompt_embeds is off)")
 
     async def generate(
-        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True
+        self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
+        intervention: Intervention | None = None,
     ) -> AsyncIterator[StepOutput]:
+        refuse_intervention(intervention, "transformers")
         self._check(prompt, options)
         capture = capture and self.settings.capture_layer is not None
         self._running.add(request_id)
@@ -154,7 +157,8 @@ class TransformersEngine:
                 logits, row, past = await asyncio.to_thread(self._prefill, prompt, capture)
             else:
                 logits, row, past = await asyncio.to_thread(self._decode, next_input, past, capture)
-            captured = CapturedRows(start=feed_pos, rows=row) if row is not None else None
+            captured = (CapturedRows(start=feed_pos, rows=row, layer=self.settings.capture_layer)
+                        if row is not None else None)
             feed_pos = P if feed_pos == 0 else feed_pos + 1  # next position to be fed
             token = sample(logits, options, gen)
             lp = token_logprob(logits, token, options.logprobs) if options.logprobs is not None else None

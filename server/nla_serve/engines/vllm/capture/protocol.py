@@ -1,9 +1,11 @@
-"""Layer-K activations out of vLLM: the capture connector, its configuration, and the API-side reader.
+"""Layer-K activations out of vLLM: what the engine processes' connector and the API process's reader
+agree on (the engine configuration, request ids and file names, the step file format), and the design
+of the capture as a whole.
 
 How activations are captured
     vLLM v1 has no "return hidden states" request option. Two methods store the rows; this module
     and the connector serve both. The default for Llama/Qwen2/Qwen3 is the draft-free row store
-    (``vllm_row_store``: the target model itself writes its layer-K rows into a cache-only layer,
+    (``row_store``: the target model itself writes its layer-K rows into a cache-only layer,
     no draft token). The fallback, described here, starts the engine with the
     ``extract_hidden_states`` speculative method (``eagle_aux_hidden_state_layer_ids=[K+1]``): on
     every step the target model also emits the residual stream after decoder block K for every token
@@ -12,7 +14,7 @@ How activations are captured
     its KV, which is what keeps them right under continuous batching, chunked prefill (each chunk
     writes its own slots), preemption (recomputed with the blocks) and prefix-cache hits (the cached
     blocks already hold the rows for the shared prefix; block hashes cover the tokens, so a hit means
-    the same tokens at the same positions). ``NLAShmHiddenStatesConnector`` (``vllm_connector``) is
+    the same tokens at the same positions). ``NLAShmHiddenStatesConnector`` (``connector``) is
     a KV connector that gathers the capturing requests' rows from their blocks in the worker, step
     by step (below), and writes them into a per-engine directory under ``/dev/shm``: one
     safetensors file per engine step for all capturing requests in it (written to a hidden
@@ -52,11 +54,11 @@ What it costs
     it); when the model repeats its last token the "draft" is accepted and that token comes free.
     Every request pays the compute, capturing or not; only capturing requests
     (``kv_transfer_params = {"nla_capture": True}``) pay the copies (a few KB a step) and the files.
-    An engine built without ``capture_layer`` pays nothing. Measured on the 2-core CPU machine
-    (``bench/capture_overhead.py``, docs/benchmarks.md): the embedded method 1-9% of a plain
-    engine's tokens/s, the speculative one 24-34%. On CPU a capturing engine reserves the cores a
-    plain one does (``vllm_engine._reserved_cpus_env``): vLLM reserves one more for any KV
-    connector, which this one does not need.
+    An engine built without ``capture_layer`` pays nothing. What each method costs in tokens/s was
+    measured with ``bench/capture_overhead.py``: docs/benchmarks.md has the figures. On CPU a
+    capturing engine reserves the cores a plain one does (``engines/vllm/args.py``,
+    ``_reserved_cpus_env``): vLLM reserves one more for any KV connector, which this one does not
+    need.
 
 Request ids
     ``AsyncLLM`` makes the engine-side id ``"<id>-<8 random chars>"``, and the n>1 children
@@ -72,9 +74,10 @@ Aborts and stop strings
 
 Where the code lives
     This module holds what both sides agree on: the engine configuration, request ids and file
-    names and the step file format (no vLLM). ``vllm_capture_reader`` is the API process's end
-    (read each step file once, hand rows to their choices); ``vllm_connector`` is the engine
-    processes' end (the KV connector vLLM loads by module path). Neither imports the other.
+    names and the step file format (no vLLM). ``reader`` is the API process's end (read each step
+    file once, hand rows to their choices); ``connector`` is the engine processes' end (the KV
+    connector vLLM loads by module path). Neither imports the other. ``row_store`` (the embedded
+    method's model classes) is loaded in every vLLM process by its plugin entry point.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ import uuid
 from typing import Any
 
 CONNECTOR_NAME = "NLAShmHiddenStatesConnector"
-CONNECTOR_MODULE = "nla_serve.engines.vllm_connector"  # imported by vLLM's engine processes
+CONNECTOR_MODULE = "nla_serve.engines.vllm.capture.connector"  # imported by vLLM's engine processes
 CAPTURE_PARAM = "nla_capture"  # key in a request's kv_transfer_params that asks for its rows
 STEP_SUFFIX = ".step"  # the rows one engine step settled, for every capturing request in it
 ERROR_SUFFIX = ".error"  # a step whose rows could not be written: which requests, and why
@@ -180,10 +183,11 @@ def _safetensors_buffers(tensors: dict, metadata: dict[str, str]) -> list:
     """``tensors`` (contiguous CPU tensors) as the buffers of a safetensors file, in order: the
     8-byte little-endian header size, the JSON header, then each tensor's raw bytes.
 
-    Laid out here rather than by ``safetensors.torch.save``, which spends about four times as long
-    on a step file's few KB, inside the engine's step (the worker writes synchronously). The reader
-    (and any safetensors tool) reads the result with ``safetensors.torch.load``. The format is
-    little-endian: on a big-endian host safetensors' own writer is used (it swaps the bytes)."""
+    Laid out here rather than by ``safetensors.torch.save``, which spends several times as long on
+    a step file's few KB (docs/benchmarks.md), inside the engine's step (the worker writes
+    synchronously). The reader (and any safetensors tool) reads the result with
+    ``safetensors.torch.load``. The format is little-endian: on a big-endian host safetensors' own
+    writer is used (it swaps the bytes)."""
     import json
     import sys
 

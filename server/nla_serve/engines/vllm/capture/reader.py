@@ -1,7 +1,10 @@
 """The API process's end of the capture directory: read each step's file once, hand its rows to the
 choices they belong to, delete the file.
 
-See ``vllm_capture`` for how rows get there and how files are named.
+It owns the rows between the step file and the choice: reading a file once for every choice in it
+is what keeps one read per engine step however many requests capture. It shares only the protocol
+(``protocol``) with the engine processes' end (``connector``) and never imports it. See
+``protocol`` for how rows get there and how files are named.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from nla_serve.engines.vllm_capture import ERROR_SUFFIX, STEP_SUFFIX, CaptureError, choice_of, remove_file
+from nla_serve.engines.vllm.capture.protocol import ERROR_SUFFIX, STEP_SUFFIX, CaptureError, choice_of, remove_file
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +90,7 @@ class CaptureDir:
     def _file_step(self, full: str) -> None:
         from safetensors.torch import load
 
-        with open(full, "rb") as f:  # read whole and parsed from memory: a fifth of safe_open's time
+        with open(full, "rb") as f:  # read whole and parsed from memory: faster than safe_open (docs/benchmarks.md)
             data = f.read()
         # the safetensors layout: an 8-byte little-endian header size, then the JSON header
         header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])

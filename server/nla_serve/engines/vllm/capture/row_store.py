@@ -1,6 +1,6 @@
 """Capture without the draft token: the target model itself stores its layer-K rows in paged blocks.
 
-The speculative capture method (``vllm_capture``) borrows vLLM's ``extract_hidden_states`` drafter:
+The speculative capture method (``protocol``) borrows vLLM's ``extract_hidden_states`` drafter:
 the target emits the residual stream after block K as an "auxiliary hidden state", and a cache-only
 draft layer writes it into a KV-cache group of its own. The price is one draft token per running
 request per decode step, and the speculative slot is taken.
@@ -15,7 +15,7 @@ subclass of the target's vLLM class (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 
 The model runner sees an ordinary model (no aux output, no drafter); vLLM gives the cache-only layer
 its own ``HiddenStateCacheSpec`` group and block table, so rows live in paged blocks exactly as with
-the speculative method, and the connector (``vllm_connector``) reads them by slot the same way:
+the speculative method, and the connector (``connector``) reads them by slot the same way:
 continuous batching, chunked prefill, prefix caching, preemption and n>1 stay exact for the same
 reasons. The last sampled token is never fed, so it has no row, as before.
 
