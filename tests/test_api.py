@@ -878,9 +878,9 @@ def test_api_key_file_and_a_warning_for_the_flag(tmp_path, capsys):
     key = tmp_path / "key"
     key.write_text("from-a-file\n")
     s = settings_from(parser.parse_args(["serve", "--api-key-file", str(key)]))
-    assert s.api_key == "from-a-file"
+    assert s.api.api_key == "from-a-file"
     s = settings_from(parser.parse_args(["serve", "--api-key", "visible"]))
-    assert s.api_key == "visible" and "visible to every user" in capsys.readouterr().err
+    assert s.api.api_key == "visible" and "visible to every user" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not be read"):
         settings_from(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
 

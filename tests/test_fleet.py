@@ -184,7 +184,7 @@ def test_fleet_flags_are_checked(tiny, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "nla-serve")
     out = subprocess.run([exe, "serve", "--model", str(tiny.target), "--nla-av", str(tiny.av),
                           "--verbalizer-url", "ftp://example.org"], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "verbalizer_url" in out.stderr and "ftp://example.org" in out.stderr
+    assert out.returncode != 0 and "--verbalizer-url" in out.stderr and "ftp://example.org" in out.stderr
 
 
 def test_parallel_flags_pass_through():
@@ -203,5 +203,5 @@ def test_parallel_flags_pass_through():
     assert s.target_engine("/models/x", None).parallel == p and s.verbalizer_engine("/models/av").parallel.is_single
     with pytest.raises(SystemExit, match="needs --engine vllm"):
         settings_from(parser.parse_args(["serve", "--engine", "transformers", "--tensor-parallel-size", "2"]))
-    with pytest.raises(SystemExit, match="distributed_executor_backend"):
+    with pytest.raises(SystemExit, match="--distributed-executor-backend"):
         settings_from(parser.parse_args(["serve", "--distributed-executor-backend", "threads"]))

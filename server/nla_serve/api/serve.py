@@ -174,8 +174,8 @@ SECTIONS = set(ServerSettings.model_fields)
 
 def flag_of(where: str) -> str:
     """The flag that sets the setting at ``where`` (``api.port`` -> ``--port``), else the setting."""
-    flat = {path: name for name, path in FLAT_NAMES.items()}.get(where)
-    for flag, field, _, _ in FLAGS:
+    flat = {path: name for name, path in FLAT_NAMES.items()}.get(where, where.rsplit(".", 1)[-1])
+    for flag, field, _, _ in FLAGS + POLICY_FLAGS:
         if field == flat:
             return flag
     return f"setting {where}"
