@@ -8,7 +8,10 @@ import asyncio
 import base64
 import json
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -216,6 +219,8 @@ def test_records_are_signed_checkpointed_searchable_and_verify(tmp_path, where):
     assert find_hits(store, SearchQuery(q="reply 天气 13"))[0].row.record_id == "chatcmpl-0013"
     high = find_hits(store, SearchQuery(fve_min=0.85, source="completion", limit=200))
     assert high and all(h.row.fve >= 0.85 for h in high)
+    rows = list(store.iter_texts(batch=3))  # batches end inside a record's rows: none lost, none twice
+    assert rows == list(store.iter_texts()) and len(rows) == 80 and [r.seq for r in rows] == sorted(r.seq for r in rows)
     page1 = find_hits(store, SearchQuery(q="answer", limit=15))
     page2 = find_hits(store, SearchQuery(q="answer", limit=15, cursor=page1[-1].rowid))
     assert len(page1) == 15 and page2 and not {h.rowid for h in page1} & {h.rowid for h in page2}
@@ -353,6 +358,136 @@ def test_tampering_is_detected_and_names_the_record(tmp_path, where, case):
         assert expect in rep.problems[0] or any(expect in p for p in rep.problems[:2])
 
 
+TEXT_COLS = ("seq, record_id, time, model, key_id, source, choice_index, token_index, token, status, fve, grounding, "
+             "monitors, text")
+EXPLANATION_12 = "seq = 12 AND source = 'completion'"  # record 12's explanation row (monitor "tested", fve 0.2)
+SEARCH_TAMPERING = {
+    # case: (statements, the one problem verify must report)
+    "text": ([("UPDATE texts SET text = 'nothing to see here' WHERE seq = 12 AND source = 'output'", ())],
+             "the search row of record #12 (id chatcmpl-0012), output of choice 0, says text 'nothing to see here' "
+             "but the signed record says 'answer 12'"),
+    "missing": ([(f"DELETE FROM texts WHERE {EXPLANATION_12}", ())],
+                "the search row of record #12 (id chatcmpl-0012), completion explanation of choice 0 token 4, is "
+                "missing: search cannot find 'the assistant is being tested, item 12'"),
+    "extra": ([(f"INSERT INTO texts ({TEXT_COLS}) SELECT seq, record_id, time, model, key_id, source, choice_index, "
+                f"9, token, status, fve, grounding, monitors, 'invented' FROM texts WHERE {EXPLANATION_12}", ())],
+              "record #12 (id chatcmpl-0012) has an extra search row, completion explanation of choice 0 token 9, "
+              "saying 'invented', that its signed record does not hold"),
+    "fve": ([(f"UPDATE texts SET fve = 0.99 WHERE {EXPLANATION_12}", ())],
+            "the search row of record #12 (id chatcmpl-0012), completion explanation of choice 0 token 4, says fve "
+            "0.99 but the signed record says 0.2"),
+    "monitors": ([(f"UPDATE texts SET monitors = '' WHERE {EXPLANATION_12}", ())],  # hidden from `monitor=tested`
+                 "the search row of record #12 (id chatcmpl-0012), completion explanation of choice 0 token 4, says "
+                 "monitors '' but the signed record says ',tested,'"),
+    "filters": ([(f"UPDATE texts SET status = 'failed', key_id = 'carol' WHERE {EXPLANATION_12}", ())],
+                "the search row of record #12 (id chatcmpl-0012), completion explanation of choice 0 token 4, says "
+                "key_id 'carol' and status 'failed' but the signed record says key_id 'bob' and status 'ok'"),
+    "moved": ([("UPDATE texts SET seq = 13, record_id = 'chatcmpl-0013' WHERE seq = 12 AND source = 'output'", ())],
+              "the search row of record #12 (id chatcmpl-0012), output of choice 0, is missing: search cannot find "
+              "'answer 12'"),
+    "invented": ([(f"INSERT INTO texts ({TEXT_COLS}) VALUES (99, 'chatcmpl-fake', 0, 'tiny', 'bob', 'output', 0, "
+                   "NULL, NULL, 'completed', NULL, NULL, '', 'an answer never given')", ())],
+                 "record #99 (id chatcmpl-fake) is not in the log, but its search row output of choice 0 remains, "
+                 "saying 'an answer never given'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEARCH_TAMPERING))
+def test_a_tampered_search_row_fails_verify_naming_the_record(tmp_path, where, case):
+    """The texts table is not signed: verify derives each record's rows again from its signed entry
+    and names each row that differs from them, is missing, or belongs to no record."""
+    key, db = fill(tmp_path, where=where, n=30, checkpoint_every=8)
+    clean = verify(key, db, tmp_path)
+    assert clean.ok and clean.search_rows == 60, clean.problems  # an output and an explanation per record
+    statements, expect = SEARCH_TAMPERING[case]
+    tamper(db, *statements)
+    rep = verify(key, db, tmp_path)
+    assert not rep.ok
+    if case == "moved":  # gone from record 12's answers, and an answer record 13 does not hold
+        assert rep.problems == [expect, "record #13 (id chatcmpl-0013) has an extra search row, output of choice 0, "
+                                        "saying 'answer 12', that its signed record does not hold"]
+    else:
+        assert rep.problems == [expect]
+
+
+@pytest.mark.parametrize("column, value", [("status", "completed"), ("kind", "retention"), ("model", "other"),
+                                           ("key_id", "someone"), ("time", 1.0)])
+def test_a_tampered_records_column_fails_verify(tmp_path, where, column, value):
+    """The records row's own columns (which export, retention and listing filter on) must match
+    the signed entry; a record relabelled as a retention record is reported, not trusted."""
+    key, db = fill(tmp_path, where=where, n=10)
+    assert verify(key, db, tmp_path).ok
+    if column == "status":
+        value = "failed" if entry_of(db, 5)["status"] != "failed" else "completed"
+    tamper(db, (f"UPDATE records SET {column} = ? WHERE seq = 5", (value,)))
+    rep = verify(key, db, tmp_path)
+    assert not rep.ok
+    assert any(p.startswith("record #5 (id chatcmpl-0005) was edited: its row's " + column) for p in rep.problems), \
+        rep.problems
+
+
+def test_search_rows_keep_exact_floats_and_a_stored_nan_is_what_the_entry_signs(tmp_path, where):
+    """fve and grounding are compared exactly: the backend's float keeps every bit (SQLite REAL,
+    PostgreSQL double precision); a NaN or an infinity, signed as null, is null in the row too."""
+    key = LogKey.load_or_create(tmp_path / "log.key")
+    log = AuditLog(open_store(where), key, checkpoint_file=tmp_path / "latest-checkpoint").open()
+    recs = [record(i) for i in range(4)]
+    for rec, fve in zip(recs, (0.1 + 0.2, 1 / 3, 5e-324, float("nan"))):
+        rec["explanations"][0].update(fve=fve, grounding={"score": 2 / 3, "quotes": []})
+
+    async def go():
+        for rec in recs:
+            await log.append(rec)
+        await log.checkpoint_now()
+
+    asyncio.run(go())
+    log.close()
+    rep = verify(key, where, tmp_path)
+    assert rep.ok and rep.search_rows == 8, rep.problems
+    tamper(where, ("UPDATE texts SET grounding = ? WHERE seq = 1 AND source = 'completion'",
+                   (2 / 3 + 2**-52,)))  # one bit off
+    assert verify(key, where, tmp_path).problems == [
+        "the search row of record #1 (id chatcmpl-0001), completion explanation of choice 0 token 4, says grounding "
+        f"{2 / 3 + 2**-52!r} but the signed record says {2 / 3!r}"]
+
+
+def test_a_record_with_many_tampered_search_rows_names_five_and_counts_the_rest(tmp_path):
+    key = LogKey.load_or_create(tmp_path / "log.key")
+    log = AuditLog(open_store(str(tmp_path / "audit.db")), key, checkpoint_file=tmp_path / "latest-checkpoint").open()
+    rec = record(3)
+    rec["explanations"] = [dict(rec["explanations"][0], token_index=i, text=f"position {i}") for i in range(8)]
+
+    async def go():
+        await log.append(rec)
+        await log.checkpoint_now()
+
+    asyncio.run(go())
+    log.close()
+    tamper(str(tmp_path / "audit.db"), ("UPDATE texts SET fve = 0.5 WHERE source = 'completion'", ()))
+    problems = verify(key, str(tmp_path / "audit.db"), tmp_path).problems
+    assert problems[:5] == [f"the search row of record #0 (id chatcmpl-0003), completion explanation of choice 0 "
+                            f"token {i}, says fve 0.5 but the signed record says 0.3" for i in range(5)]
+    assert problems[5:] == ["record #0 (id chatcmpl-0003): 3 more problems with its search rows (not listed)"]
+
+
+def test_the_cli_verify_fails_on_a_tampered_search_row(tmp_path, where):
+    key, db = fill(tmp_path, where=where, n=10, checkpoint_every=4)
+    cli = [str(Path(sys.executable).with_name("nla-serve")), "audit", "verify", "--audit-db", db, "--public-key",
+           str(key.verifier), "--checkpoint", str(tmp_path / "latest-checkpoint"), "--cache-dir", str(tmp_path)]
+    res = subprocess.run(cli, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith("OK: 10 records (10 present, 0 deleted by retention), 3 "
+                                                          "checkpoint(s) and 20 search row(s) checked")
+    tamper(db, ("UPDATE texts SET text = 'a kinder answer' WHERE seq = 6 AND source = 'output'", ()))
+    res = subprocess.run(cli, capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stdout.splitlines()[0] == ("FAIL: the search row of record #6 (id chatcmpl-0006), output of choice 0, "
+                                          "says text 'a kinder answer' but the signed record says 'answer 6'")
+    assert res.stdout.strip().splitlines()[-1].startswith("FAILED: 10 records")
+    res = subprocess.run(cli + ["--json"], capture_output=True, text=True)
+    assert res.returncode == 1 and json.loads(res.stdout)["problems"][0].startswith("the search row of record #6")
+
+
 def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path, where):
     key, db = fill(tmp_path, where=where, n=25, checkpoint_every=5)
     store = open_store(db)
@@ -375,9 +510,22 @@ def test_retention_deletes_whole_records_and_verify_still_passes(tmp_path, where
     rep = verify(key, db, tmp_path)
     assert rep.ok, rep.problems
     assert rep.pruned == 11 and rep.size == 27
+    assert rep.search_rows == 2 * 15  # the retention record (#25) has none; #11..#24 and #26 have two each
+    # a search row left behind for a pruned record is extra
+    tamper(db, (f"INSERT INTO texts ({TEXT_COLS}) VALUES (3, 'chatcmpl-0003', 0, 'tiny', 'alice', 'output', 0, NULL, "
+                "NULL, 'completed', NULL, NULL, '', 'answer 3')", ()))
+    assert verify(key, db, tmp_path).problems == [
+        "record #3 (id chatcmpl-0003) was deleted by retention, but its search row output of choice 0 remains, "
+        "saying 'answer 3'"]
+    tamper(db, ("DELETE FROM texts WHERE seq = 3", ()))
     # a deletion that no retention record covers is still caught
     tamper(db, ("DELETE FROM records WHERE seq = 15", ()))
-    assert any("record #15 was deleted" in p for p in verify(key, db, tmp_path).problems)
+    problems = verify(key, db, tmp_path).problems
+    assert problems[0] == "record #15 was deleted (its leaf hash is still in the tree; no retention record covers it)"
+    assert problems[1:] == [f"record #15 (id chatcmpl-0015) was deleted, but its search row {part} remains, saying "
+                            f"{text}" for part, text in (("completion explanation of choice 0 token 4",
+                                                          "'the assistant is being tested, item 15'"),
+                                                         ("output of choice 0", "'answer 15'"))]
 
 
 def test_a_damaged_unsigned_tail_stops_the_server_from_extending_the_log(tmp_path, where):

@@ -83,6 +83,7 @@ def check_whole_log(store) -> None:
     assert rep.ok, rep.problems
     assert (rep.size, rep.records, rep.pruned) == (FIXTURE["size"], FIXTURE["records_present"], FIXTURE["pruned"])
     assert rep.checkpoints >= 4
+    assert rep.search_rows == store.rows("SELECT COUNT(*) FROM texts")[0][0] == 12  # every row, each as signed
 
 
 def test_a_log_of_the_previous_release_opens_migrated_verifies_and_searches(old_log):
@@ -103,6 +104,23 @@ def test_a_log_of_the_previous_release_opens_migrated_verifies_and_searches(old_
     reopened = open_store(old_log)  # a migrated log opens as it is
     check_whole_log(reopened)
     reopened.close()
+
+
+def test_a_previous_release_log_with_edited_search_rows_fails_verify(old_log):
+    """Its search rows are derived again from its signed records, as the writer of that release stored them."""
+    store = open_store(old_log)
+    store.execute("UPDATE texts SET monitors = '', text = 'the assistant answers' "
+                  "WHERE seq = 6 AND source = 'completion'")
+    store.execute("DELETE FROM texts WHERE seq = 3 AND source = 'output' AND choice_index = 1")
+    store.conn.commit()
+    rep = verify_log(store, Verifier.parse(FIXTURE["verifier_key"]), [FIXTURE["latest_checkpoint"]])
+    assert rep.problems == [
+        "the search row of record #3 (id cmpl-fixture-2), output of choice 1, is missing: search cannot find "
+        "'four five'",
+        "the search row of record #6 (id chatcmpl-fixture-5), completion explanation of choice 0 token 2, says "
+        "monitors '' and text 'the assistant answers' but the signed record says monitors ',tested,' and text "
+        "'the assistant is being tested again'"]
+    store.close()
 
 
 def structure(where: str) -> list:

@@ -22,7 +22,7 @@ def register(sub) -> None:
         q.add_argument("--audit-key", default=None, help="the log's private key file (default: the server's)")
         return q
 
-    v = where(cmds.add_parser("verify", help="recompute the tree and check every record and checkpoint"))
+    v = where(cmds.add_parser("verify", help="recompute the tree and check every record, checkpoint and search row"))
     v.add_argument("--public-key", default=None,
                    help="the verifier key (name+id+key, or a file holding it); default: from the key file")
     v.add_argument("--checkpoint", action="append", default=[],
@@ -119,7 +119,8 @@ def cmd_verify(args) -> int:
         for n in report.notes:
             print("note:", n)
         print(("OK: " if report.ok else "FAILED: ") + f"{report.size} records ({report.records} present, "
-              f"{report.pruned} deleted by retention), {report.checkpoints} checkpoint(s) checked, log "
+              f"{report.pruned} deleted by retention), {report.checkpoints} checkpoint(s) and "
+              f"{report.search_rows} search row(s) checked, log "
               f"{verifier.name}")
     return 0 if report.ok else 1
 

@@ -5,18 +5,22 @@ record's proof offline (``verify_record_proof``, ``verify_consistency_proof``).
 edited (its content no longer matches its signed leaf hash), inserted or forged (no valid
 signature by the log key), moved (its entry says another position), deleted (missing and not
 covered by a retention record), and each checkpoint whose root the stored records no longer
-produce, or that is larger than the log (the log was rolled back to an older copy).
+produce, or that is larger than the log (the log was rolled back to an older copy). Alongside, the
+search rows are checked against the records they were derived from (verify_texts.py): search
+cannot be made to hide or misquote a record without ``verify`` saying so.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from dataclasses import dataclass, field
 
 from nla_serve.audit import merkle
 from nla_serve.audit.note import NoteError, Verifier, open_checkpoint, record_statement
 from nla_serve.audit.store import RecordRow, Store
+from nla_serve.audit.verify_texts import TextsCheck, iso_or_none
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Report:
     pruned: int = 0
     checkpoints: int = 0
     size: int = 0
+    search_rows: int = 0  # stored search rows compared with their signed record
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -34,7 +39,8 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "size": self.size, "records": self.records, "pruned": self.pruned,
-                "checkpoints_checked": self.checkpoints, "problems": self.problems, "notes": self.notes}
+                "checkpoints_checked": self.checkpoints,
+                "search_rows_checked": self.search_rows, "problems": self.problems, "notes": self.notes}
 
 
 def _name(row: RecordRow) -> str:
@@ -61,6 +67,18 @@ def check_record(row: RecordRow, verifier: Verifier, stored_leaf: bytes | None) 
         return f"{_name(row)} is not signed by this log's key: it was inserted or forged"
     if stored_leaf is not None and stored_leaf != leaf:
         return f"{_name(row)}: its tree leaf was altered"
+    return check_columns(row, entry)
+
+
+def check_columns(row: RecordRow, entry: dict) -> str | None:
+    """The records row's own columns against its signed entry: export, retention and the records
+    listing filter on them, so an edited column would hide or move a record there."""
+    stored = {"kind": row.kind, "status": row.status, "model": row.model, "key_id": row.key_id}
+    wrong = [f"{k} {v!r} (signed: {entry.get(k)!r})" for k, v in stored.items() if v != entry.get(k)]
+    if iso_or_none(row.time) != entry.get("time"):
+        wrong.append(f"time {row.time!r} (signed: {entry.get('time')!r})")
+    if wrong:
+        return f"{_name(row)} was edited: its row's " + ", ".join(wrong) + " differ from its signed entry"
     return None
 
 
@@ -69,7 +87,7 @@ def verify_log(store: Store, verifier: Verifier, extra_checkpoints: list[str] = 
     # Which deletions were lawful: the retention records (each signed) say up to where.
     pruned_through = -1
     for row in store.records_of_kind("retention"):
-        if check_record(row, verifier, None) is None:
+        if check_record(row, verifier, None) is None:  # signed, and its kind column is the entry's
             pruned_through = max(pruned_through, int(json.loads(row.entry)["pruned"]["through_seq"]))
     # Checkpoints: each must be ours; then the tree at its size must have its root.
     wanted: dict[int, list[tuple[str, bytes]]] = {}
@@ -79,6 +97,7 @@ def verify_log(store: Store, verifier: Verifier, extra_checkpoints: list[str] = 
         _take_checkpoint(note, verifier, f"checkpoint {i + 1} given to verify", wanted, rep)
 
     tree = merkle.Frontier()
+    texts = TextsCheck(store, rep.problems)
     records = store.iter_records()
     leaves = store.iter_leaves()
     row = next(records, None)
@@ -93,6 +112,7 @@ def verify_log(store: Store, verifier: Verifier, extra_checkpoints: list[str] = 
             problem = check_record(row, verifier, stored_leaf)
             if problem:
                 rep.problems.append(problem)
+            texts.record(row, trusted=problem is None)
             leaf = merkle.leaf_hash(row.entry)
             rep.records += 1
             row = next(records, None)
@@ -103,11 +123,14 @@ def verify_log(store: Store, verifier: Verifier, extra_checkpoints: list[str] = 
             else:
                 rep.problems.append(f"record #{seq} was deleted (its leaf hash is still in the tree; no retention "
                                     "record covers it)")
+            texts.gone(seq, pruned=seq <= pruned_through)
         else:
             nxt = min(x for x in (row.seq if row else None, leaf_row[0] if leaf_row else None) if x is not None)
             rep.problems.append(f"records #{seq}..#{nxt - 1} were deleted together with their tree leaves")
             # the tree can no longer be recomputed past the hole: every later checkpoint is unverifiable
             rep.size = seq
+            for later in itertools.chain([row] if row else [], records):  # their search rows can still be checked
+                texts.record(later, trusted=check_record(later, verifier, None) is None)
             break
         if stored_leaf is not None:
             leaf_row = next(leaves, None)
@@ -124,6 +147,8 @@ def verify_log(store: Store, verifier: Verifier, extra_checkpoints: list[str] = 
         for origin, _ in wanted[size]:
             rep.problems.append(f"the {origin} covers {size} records but the log holds {rep.size}: records "
                                 f"#{rep.size}..#{size - 1} are missing (the log was rolled back or truncated)")
+    texts.finish(rep.size)
+    rep.search_rows = texts.checked
     unsigned = rep.size - max((s for s in wanted if s <= rep.size), default=0)
     if unsigned and rep.ok:
         rep.notes.append(f"{unsigned} record(s) after the last checkpoint are covered by their own signatures only")

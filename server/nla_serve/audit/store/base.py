@@ -197,6 +197,25 @@ class Store:
                 yield int(idx), bytes(h)
             last = int(chunk[-1][0])
 
+    _TEXT_COLS = ("seq, record_id, time, model, key_id, source, choice_index, token_index, token, status, fve, "
+                  "grounding, monitors, text")
+
+    def iter_texts(self, batch: int = 5000) -> Iterator[TextRow]:
+        """Every search row in (seq, key) order, as stored, a batch at a time (verification compares
+        them, record by record, with the rows the signed records give)."""
+        key = self.text_key
+        where, args = "1 = 1", ()
+        while True:
+            chunk = self.rows(f"SELECT {key}, {self._TEXT_COLS} FROM texts WHERE {where} "
+                              f"ORDER BY seq, {key} LIMIT ?", (*args, batch))
+            if not chunk:
+                return
+            for r in chunk:
+                yield TextRow(int(r[1]), *r[2:])  # as stored: a tampered value keeps its type
+            last_key, last_seq = chunk[-1][0], chunk[-1][1]
+            # the next rows after (seq, key): ``seq >= ?`` keeps the seq index usable on both backends
+            where, args = f"seq >= ? AND (seq > ? OR {key} > ?)", (last_seq, last_seq, last_key)
+
     def records_of_kind(self, kind: str) -> list[RecordRow]:
         return [self._record(x) for x in
                 self.rows(f"SELECT {self._RECORD_COLS} FROM records WHERE kind = ? ORDER BY seq", (kind,))]
