@@ -1026,9 +1026,10 @@ def test_grounding_checks_quotes_against_context_and_predictions(base, loop):
         assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content)
         items = {i["token_index"]: i for i in explanations_of(r)}
         early, late = items[1]["grounding"], items[P]["grounding"]
-        # position 1 saw only the template's first tokens: nothing it quotes is there
-        assert early["quotes"] == 3 and early["found"] == [] and early["score"] == 0.0
-        assert not early["checked_predictions"]  # a prompt position before the last: no predictions
+        # position 1 saw only the template's first tokens: nothing it quotes is there, and its own
+        # predictions (the prompt's logprobs: a prompt position before the last) are checked too
+        assert early["quotes"] == 3 and early["found"] == [] and invented in early["unfound"]
+        assert early["checked_predictions"] and "quick brown" in early["unfound"]
         # position P saw the whole prompt; the model's next token is among its predictions
         assert late["found"][0] == "quick brown" and late["unfound"] == [invented] and late["checked_predictions"]
         assert next_token.strip() and next_token in late["found"] + late["predicted"]

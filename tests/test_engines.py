@@ -261,6 +261,32 @@ def test_logprobs_are_raw_model_logprobs(target, hf_target, loop):
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+def test_prompt_logprobs_match_a_plain_forward(target, hf_target, loop):
+    """With ``prompt_logprobs``, the first update of every choice carries, for each prompt position
+    p before the last, the distribution at p: prompt token p+1's logprob and the top k (what
+    grounding checks prompt-position explanations against), as a plain forward gives them."""
+    ids = prompt_of(target.tokenizer, 24, seed=5)
+    firsts = []
+
+    async def keep(out):
+        if out.prompt_logprobs is not None:
+            firsts.append((out.index, out.prompt_logprobs))
+
+    options = SamplingOptions(max_tokens=3, temperature=1.0, n=2, ignore_eos=True, prompt_logprobs=3)
+    loop.run(collect(target, Prompt(ids), options, "prompt-logprobs", on_update=keep))
+    assert sorted(i for i, _ in firsts) == [0, 1], "each choice gets them once"
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_target(torch.tensor([ids])).logits[0, :-1], dim=-1)  # [P-1, vocab]
+    got = firsts[0][1]
+    assert len(got) == len(ids) - 1
+    for p, (lp, row) in enumerate(zip(got, ref)):
+        assert lp.token_id == ids[p + 1]
+        assert lp.logprob == pytest.approx(float(row[ids[p + 1]]), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
 def test_n_choices_each_get_their_own_rows(target, hf_target, tiny, loop):
     ids = prompt_of(target.tokenizer, 40, seed=9)
     options = SamplingOptions(max_tokens=6, temperature=1.5, n=3, ignore_eos=True)

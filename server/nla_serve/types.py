@@ -37,6 +37,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: off; k >= 1: the top k at every prompt position
 
     @property
     def greedy(self) -> bool:
@@ -126,6 +127,9 @@ class StepOutput:
     captured: CapturedRows | None = None
     num_prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    # With ``prompt_logprobs``, on a choice's first update: entry p (0 .. P-2) is the distribution at
+    # prompt position p, which predicts token p+1 (``token_id`` is that prompt token, ``top`` the top k)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

@@ -84,9 +84,13 @@ class ScriptedEngine:
                 if options.logprobs is not None:
                     top = [(tok, -0.1)] + [(900 + k, -1.0 - k) for k in range(options.logprobs)]
                     lp = [TokenLogprob(tok, -0.1, top[:options.logprobs])]
+                prompt_lps = None
+                if options.prompt_logprobs and g == 0:  # the top at prompt position p: id 500 + p
+                    prompt_lps = [TokenLogprob(prompt.token_ids[p + 1], -2.0,
+                                               [(500 + p, -0.1)][:options.prompt_logprobs]) for p in range(P - 1)]
                 yield StepOutput(index, [tok], f"<{tok}>", finished=last,
                                  finish_reason=("abort" if stopped else "length") if last else None,
-                                 captured=captured, num_prompt_tokens=P, logprobs=lp)
+                                 captured=captured, num_prompt_tokens=P, logprobs=lp, prompt_logprobs=prompt_lps)
                 if last:
                     break
 

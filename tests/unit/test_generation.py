@@ -202,3 +202,25 @@ def test_a_job_submitted_after_the_deadline_is_skipped_at_once():
     exp, worker = run(main())
     assert exp.status == "skipped" and "deadline (3 s" in exp.reason
     assert worker.in_flight()["requests"] == 0 and not worker._deadlines
+
+
+def test_prompt_positions_are_grounded_against_the_prompts_own_predictions():
+    """Explaining a prompt position before the last asks the engine for the prompt's logprobs, and
+    the quote of the model's top prediction there counts as predicted (checked, not unknown)."""
+    engine = ScriptedEngine([10, 11, 12])
+    runtime = ScriptedRuntime(text='expects "<500>" next')  # the scripted top prediction at position 0
+    events, _ = run(drive(engine, plan_of(positions=[0, 2]), runtime=runtime))
+    (_, options, _), = engine.requests
+    assert options.prompt_logprobs == PREDICTIONS_K
+    by_position = {e.position: e for e in explained(events)}
+    g0 = by_position[0].grounding
+    assert g0.checked_predictions and g0.score == 1.0, g0
+    assert by_position[2].grounding.checked_predictions  # the last prompt token: from the first generated one
+
+
+def test_the_default_plan_does_not_ask_for_prompt_logprobs():
+    engine = ScriptedEngine([10, 11])
+    run(drive(engine, plan_of()))
+    (_, options, _), = engine.requests
+    assert options.prompt_logprobs is None
+

@@ -61,6 +61,19 @@ def token_logprob(logits: "torch.Tensor", token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logp[token]), pairs)
 
 
+def prompt_logprobs(logits: "torch.Tensor", token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """logits: [P, V] of a prefill -> for p in 0 .. P-2, the distribution at p (which predicts
+    token p+1): that token's raw logprob and the top k, as vLLM's ``prompt_logprobs`` reports them."""
+    import torch
+
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [P-1, V]
+    nxt = torch.tensor(token_ids[1:], device=logp.device)  # [P-1]
+    actual = logp.gather(1, nxt[:, None])[:, 0].tolist()
+    top = torch.topk(logp, k, dim=-1)
+    return [TokenLogprob(int(t), float(a), [(int(i), float(v)) for v, i in zip(vals, ids)])
+            for t, a, vals, ids in zip(nxt.tolist(), actual, top.values.tolist(), top.indices.tolist())]
+
+
 class TransformersEngine:
     """Reference ``TargetEngine`` over a Hugging Face causal LM."""
 
@@ -153,8 +166,10 @@ class TransformersEngine:
             if request_id in self._aborted:
                 yield StepOutput(index, [], "", True, "abort", num_prompt_tokens=P)
                 return
+            prompt_lps = None
             if past is None:
-                logits, row, past = await asyncio.to_thread(self._prefill, prompt, capture)
+                logits, row, past, prompt_lps = await asyncio.to_thread(self._prefill, prompt, capture,
+                                                                        options.prompt_logprobs)
             else:
                 logits, row, past = await asyncio.to_thread(self._decode, next_input, past, capture)
             captured = (CapturedRows(start=feed_pos, rows=row, layer=self.settings.capture_layer)
@@ -169,7 +184,7 @@ class TransformersEngine:
             else:
                 delta, sent_text = text[len(sent_text):], text
             yield StepOutput(index, [token], delta, reason is not None, reason, captured, P,
-                             [lp] if lp is not None else None)
+                             [lp] if lp is not None else None, prompt_lps)
             if reason is not None:
                 return
             next_input = token
@@ -190,6 +205,7 @@ class TransformersEngine:
         return None, text
 
     def _forward(self, past, capture, **inputs):
+        """(logits at the last position [V], rows [T, d] or None, the cache, logits at every position [T, V])."""
         import torch
 
         with torch.inference_mode():  # grad mode is per thread: set it in the thread that runs the forward
@@ -198,22 +214,25 @@ class TransformersEngine:
         if capture:
             # hidden_states[K+1]: [1, T, d] -> [T, d]
             row = out.hidden_states[self.settings.capture_layer + 1][0].float().cpu()
-        return out.logits[0, -1].float(), row, out.past_key_values
+        return out.logits[0, -1].float(), row, out.past_key_values, out.logits[0]
 
-    def _prefill(self, prompt: Prompt, capture: bool):
+    def _prefill(self, prompt: Prompt, capture: bool, prompt_k: int | None):
         import torch
 
         ids = torch.tensor([prompt.token_ids], device=self.device)  # [1, P]
         if prompt.inject_row is None:
-            return self._forward(None, capture, input_ids=ids)
-        with torch.inference_mode():
-            embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
-        embeds = embeds.clone()
-        embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
-        return self._forward(None, capture, inputs_embeds=embeds)
+            logits, row, past, every = self._forward(None, capture, input_ids=ids)
+        else:
+            with torch.inference_mode():
+                embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
+            embeds = embeds.clone()
+            embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
+            logits, row, past, every = self._forward(None, capture, inputs_embeds=embeds)
+        prompt_lps = prompt_logprobs(every, prompt.token_ids, prompt_k) if prompt_k else None
+        return logits, row, past, prompt_lps
 
     def _decode(self, token: int, past, capture: bool):
         import torch
 
         ids = torch.tensor([[token]], device=self.device)
-        return self._forward(past, capture, input_ids=ids)
+        return self._forward(past, capture, input_ids=ids)[:3]

@@ -19,9 +19,10 @@ whitespace, the kind of quote or apostrophe, and punctuation or an ellipsis at t
 parts that must each be found, in order.
 
 What it cannot check: paraphrase (claims that are not quoted, such as a topic or "the user asked
-about cooking"), whether a quote sits where the explanation says it does, and predictions for
-prompt positions other than the last (a prefill samples nothing there, so only the context is
-checked). This module is pure (no torch, no tokenizer): callers pass decoded text.
+about cooking"), and whether a quote sits where the explanation says it does. Predictions are
+passed in by the caller (None when unknown: the result says ``checked_predictions: false``); the
+server has them at every explained position (docs/design.md). This module is pure (no torch, no
+tokenizer): callers pass decoded text.
 """
 
 from __future__ import annotations

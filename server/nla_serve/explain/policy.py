@@ -58,6 +58,14 @@ class ExplainPlan:
         """Whether an item so flagged is left out of a response (the audit record keeps it)."""
         return bool((below_fve and self.on_low_fve == "drop") or (below_grounding and self.on_low_grounding == "drop"))
 
+    def explains_inner_prompt(self, P: int) -> bool:
+        """Whether this plan may pick a prompt position before the last, where no generated token
+        tells what the model predicted (the engine must then report the prompt's logprobs)."""
+        pos = self.positions
+        if isinstance(pos, tuple):
+            return any(p < P - 1 for p in pos)
+        return isinstance(pos, int) or pos in ("all", "prompt")
+
     def streamed(self, max_tokens: int) -> "ExplainPlan":
         """This plan for a streamed request of at most ``max_tokens`` tokens: the generated slots
         (``max_explanations``, less one for ``auto``'s prompt position) spread over max_tokens."""

@@ -17,6 +17,7 @@ class ChoiceState:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob | None] = []  # one per token: the engine's view at the step
         self.rows: list[CapturedRows] = []  # contiguous pieces, in order
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # the distribution at each prompt position
         self.finished = False
 
     def add(self, step: StepOutput) -> None:
@@ -25,6 +26,8 @@ class ChoiceState:
         self.logprobs.extend(lps[i] if i < len(lps) else None for i in range(len(step.token_ids)))
         if step.captured is not None:
             self.rows.append(step.captured)
+        if step.prompt_logprobs is not None:
+            self.prompt_logprobs = step.prompt_logprobs
         self.finished = self.finished or step.finished
 
     @property
@@ -48,8 +51,14 @@ class ChoiceState:
         return ids[p] if p < len(ids) else None
 
     def predictions_at(self, p: int) -> list[int] | None:
-        """Token ids the model ranked top at position ``p`` (the sampled one included): known for
-        the last prompt position and generated ones, from the next token's logprobs."""
+        """Token ids the model ranked top at position ``p``: at the last prompt position and generated
+        ones from the next token's logprobs (the sampled one included), at earlier prompt positions
+        from the prompt's logprobs when the engine reported them (the top only: the prompt's next
+        token was not the model's choice)."""
+        if p < len(self.prompt_ids) - 1:
+            if self.prompt_logprobs is None or p >= len(self.prompt_logprobs):
+                return None
+            return list(dict.fromkeys(tid for tid, _ in self.prompt_logprobs[p].top))
         j = p + 1 - len(self.prompt_ids)  # the completion token sampled from the distribution at p
         if j < 0 or j >= len(self.logprobs) or self.logprobs[j] is None:
             return None

@@ -42,6 +42,11 @@ log = logging.getLogger("nla_serve.request")
 # "the model expects next" can be checked (explain/grounding.py); clients see only the logprobs
 # they asked for.
 PREDICTIONS_K = 5
+# Prompt positions before the last have no generated token to tell the model's predictions, so the
+# engine is asked for the prompt's logprobs when the plan may explain them; both engines compute a
+# full distribution per prompt token for that, so beyond this many prompt tokens they are not asked
+# and those explanations say their predictions were not checked.
+PROMPT_PREDICTIONS_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -119,7 +124,11 @@ class Generation:
         self.engine_done = False
         self.options = req.options
         if pipeline is not None:  # predictions to ground explanations with; the client gets what it asked for
-            self.options = dataclasses.replace(req.options, logprobs=max(req.options.logprobs or 0, PREDICTIONS_K))
+            prompt_k = None
+            if req.plan.explains_inner_prompt(self.P) and self.P <= PROMPT_PREDICTIONS_MAX_TOKENS:
+                prompt_k = PREDICTIONS_K
+            self.options = dataclasses.replace(req.options, logprobs=max(req.options.logprobs or 0, PREDICTIONS_K),
+                                               prompt_logprobs=prompt_k)
             pipeline.on_abort = self._stop_for_monitor
         # positions explained as soon as their rows exist (computed once: used every step)
         self.stable = req.plan.stable_positions(self.P) if pipeline is not None else None

@@ -235,12 +235,17 @@ class VLLMEngine:
         texts: dict[int, str] = {i: "" for i in range(n)}
         done: set[int] = set()
         delivered: set[int] = set()  # choices whose rows were taken
+        prompt_lps: list | None = None  # the prompt's logprobs: vLLM sends them once, with n > 1 too
+        prompt_lps_sent: set[int] = set()  # choices handed them (with their first update after they came)
         next_row: dict[int, int] = {i: 0 for i in range(n)}  # rows handed on so far, per choice
         self._active.setdefault(request_id, set()).add(key)
         stream = llm.generate(engine_prompt, params, key)
         outs = translate_errors(stream)
         try:
             async for out in outs:
+                if options.prompt_logprobs and out.prompt_logprobs and prompt_lps is None:
+                    prompt_lps = translate.prompt_logprobs(prompt.token_ids, out.prompt_logprobs,
+                                                           options.prompt_logprobs)
                 for c in out.outputs:
                     if c.index in done:
                         continue
@@ -262,6 +267,10 @@ class VLLMEngine:
                             next_row[c.index] = captured.end
                     if reason is not None:
                         done.add(c.index)
+                    first_prompt_lps = None
+                    if prompt_lps is not None and c.index not in prompt_lps_sent:
+                        prompt_lps_sent.add(c.index)
+                        first_prompt_lps = prompt_lps
                     yield StepOutput(
                         index=c.index,
                         token_ids=delta,
@@ -271,6 +280,7 @@ class VLLMEngine:
                         captured=captured,
                         num_prompt_tokens=num_prompt,
                         logprobs=translate.logprobs(delta, c.logprobs, options.logprobs),
+                        prompt_logprobs=first_prompt_lps,
                     )
         except protocol.CaptureError as e:
             raise EngineError(f"request {request_id}: {e}") from e

@@ -51,6 +51,7 @@ def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_mo
             ignore_eos=o.ignore_eos,
             include_stop_str_in_output=o.include_stop_str_in_output,
             logprobs=o.logprobs,
+            prompt_logprobs=o.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=protocol.capture_extra_args() if capture else None,
         )
@@ -110,3 +111,12 @@ def logprobs(token_ids: list[int], positions, k: int | None) -> list[TokenLogpro
         out.append(TokenLogprob(token, float(chosen.logprob) if chosen else float("nan"),
                                 [(int(tid), float(lp.logprob)) for tid, lp in top]))
     return out
+
+
+def prompt_logprobs(prompt_ids: list[int], positions, k: int | None) -> list[TokenLogprob] | None:
+    """vLLM's ``prompt_logprobs`` (entry i: prompt token i under the distribution at i-1, None for
+    i = 0) -> ours (entry p: the distribution at p, predicting token p+1), the top k by rank."""
+    if not k or positions is None:
+        return None
+    return logprobs(prompt_ids[1:], list(positions)[1:], k)
+
