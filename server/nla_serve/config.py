@@ -311,31 +311,18 @@ class ServerSettings(BaseModel):
     @classmethod
     def flat(cls, **values) -> "ServerSettings":
         """Settings from flat names (``FLAT_NAMES``: what each flag sets), placed in their sub-models."""
-        nested: dict[str, dict] = {}
-        top: dict = {}
-        for name, value in values.items():
-            if name not in FLAT_NAMES:
-                raise ValueError(f"unknown setting {name!r}")
-            section, _, field = FLAT_NAMES[name].partition(".")
-            if field:
-                nested.setdefault(section, {})[field] = value
-            else:
-                top[section] = value
-        return cls(**top, **nested)
+        return cls.model_validate(_placed(values))
 
     def replace(self, **values) -> "ServerSettings":
-        """A copy with some settings changed, by their flat names (tests and benchmarks vary one
-        setting of a running configuration)."""
-        update: dict = {}
-        for name, value in values.items():
-            if name not in FLAT_NAMES:
-                raise ValueError(f"unknown setting {name!r}")
-            section, _, field = FLAT_NAMES[name].partition(".")
-            if field:
-                update[section] = update.get(section, getattr(self, section)).model_copy(update={field: value})
+        """A copy with some settings changed by their flat names, validated like the original (tests
+        and benchmarks vary one setting of a running configuration)."""
+        data = self.model_dump()
+        for key, value in _placed(values).items():
+            if isinstance(data.get(key), dict) and isinstance(value, dict):
+                data[key].update(value)
             else:
-                update[section] = value
-        return self.model_copy(update=update)
+                data[key] = value
+        return type(self).model_validate(data)
 
     @property
     def cache_root(self) -> Path:
@@ -384,6 +371,20 @@ class ServerSettings(BaseModel):
 
     def reconstructor(self) -> ReconstructorSettings:
         return ReconstructorSettings(device=self.target.device, dtype=self.nla_dtype)
+
+
+def _placed(values: dict) -> dict:
+    """Flat names -> ``{section: {field: value}}`` (or ``{name: value}`` for the top-level ones)."""
+    out: dict = {}
+    for name, value in values.items():
+        if name not in FLAT_NAMES:
+            raise ValueError(f"unknown setting {name!r}")
+        section, _, field = FLAT_NAMES[name].partition(".")
+        if field:
+            out.setdefault(section, {})[field] = value
+        else:
+            out[section] = value
+    return out
 
 
 # Flat setting name (what a flag sets: ``--audit-db`` -> ``audit_db``) -> where it lives.

@@ -51,3 +51,5 @@ def test_replace_changes_one_setting_and_keeps_the_rest():
     t = s.replace(max_concurrent_requests=1, explain_cache_size=0)
     assert (t.api.max_concurrent_requests, t.api.api_key, t.worker.cache_size, t.target.model) == (1, "k", 0, "/m")
     assert s.api.max_concurrent_requests == 64
+    with pytest.raises(ValidationError, match="port"):
+        s.replace(port=-1)
