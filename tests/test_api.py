@@ -996,6 +996,28 @@ def test_oversized_prompts_are_refused_before_tokenizing(app, messages, needle):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+def test_claims_come_only_when_asked(base, loop):
+    v = Variant(loop, base, explain_cache_size=0)
+    try:
+        c = v.client()
+        plain = explanations_of(chat(c, extra_body={"explain": {"positions": [2], "max_tokens": 8}}))
+        assert plain and all("claims" not in item for item in plain)
+        asked = explanations_of(chat(c, extra_body={"explain": {"positions": [2], "max_tokens": 8, "claims": True}}))
+        [item] = asked
+        assert item["status"] in ("ok", "truncated") and item["claims"], item
+        for claim in item["claims"]:
+            assert set(claim) == {"text", "support", "verdict"} and claim["text"] in item["text"]
+            assert isinstance(claim["support"], float) and claim["verdict"] is None
+        metrics = httpx.get(v.url + "/metrics").text
+        counted = [line for line in metrics.splitlines() if line.startswith("nla_claim_support_count")]
+        assert counted and float(counted[0].split()[-1]) == len(item["claims"])
+        bad = httpx.post(v.url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "explain": {"claims": "yes"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "explain.claims"
+    finally:
+        v.close()
+
+
 def test_grounding_checks_quotes_against_context_and_predictions(base, loop):
     """A scripted verbalizer (the real runtime's interface: no real AV can be made to quote on
     cue) quotes a prompt phrase, the model's next token, and an invented phrase; the server says

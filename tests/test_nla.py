@@ -120,6 +120,28 @@ def test_explain_and_score(runtime, tiny, loop):
     assert no_rec.fve is None and no_rec.fve_reason == "reconstruction not requested"
 
 
+def test_claim_support_is_the_fve_each_claim_adds(runtime, loop):
+    """``score(..., claims=[...])``: in the same pass as FVE, each claim's support is FVE(whole)
+    minus FVE(the explanation without it), read by the same AR; other results get no claims."""
+    from nla_serve.explain.claims import split_claims, without
+    from nla_serve.types import Explanation
+
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(21))
+    text = 'The final token is "fox". The model expects "jumps" next.\nA user asks about animals.'
+    results = [Explanation(status="ok", text=text), Explanation(status="ok", text=text)]
+    loop.run(runtime.score(results, vectors, True, claims=[True, False]))
+    with_claims, plain = results
+    assert plain.claims is None
+    claims = split_claims(text)
+    assert [c["text"] for c in with_claims.claims] == [c.text for c in claims]
+    rec = runtime.reconstructor
+    for c, got in zip(claims, with_claims.claims):
+        [whole, rest] = rec.score([text, without(text, c)], vectors[[0, 0]], runtime.ckpt.fve_baseline)
+        assert got["support"] == pytest.approx(whole.fve - rest.fve, abs=1e-5) and got["verdict"] is None
+    [alone] = rec.score([text], vectors[[0]], runtime.ckpt.fve_baseline)
+    assert with_claims.fve == pytest.approx(alone.fve, abs=1e-6), "claims change nothing of the score itself"
+
+
 def test_text_to_vector_is_the_vector_that_scoring_compares(runtime, loop):
     """``NLARuntime.reconstruct``: the AR's vector of a text, whose cosine with the explained
     vector is the explanation's ``cos``."""

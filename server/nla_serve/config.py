@@ -174,6 +174,7 @@ class ExplainDefaults(BaseModel):
     max_tokens: int = Field(default=200, ge=1, le=MAX_EXPLANATION_TOKENS)
     reconstruct: bool = True
     deadline_s: float | None = Field(default=60.0, gt=0)  # from the request's arrival; None: no deadline
+    claims: bool = False  # claim support (explain/claims.py): off unless asked, it multiplies the AR's work
 
 
 class TargetSettings(BaseModel):

@@ -13,6 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 GROUNDING_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
+SUPPORT_BUCKETS = (-0.5, -0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.5)  # FVE units, around 0
 FVE_BUCKETS = (-1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -53,6 +54,9 @@ class Metrics:
         self.grounding = Histogram("nla_explanation_grounding", "Share of an explanation's quotes found in the "
                                    "context or the next-token predictions (explanations with quotes)", L,
                                    buckets=GROUNDING_BUCKETS, registry=r)
+        self.claim_support = Histogram("nla_claim_support", "Support of each claim of explanations that asked "
+                                       "for claims: the FVE it adds (nla/support.py)", L,
+                                       buckets=SUPPORT_BUCKETS, registry=r)
         self.ungrounded = Counter("nla_explanation_quotes_unchecked", "Explanations that quote nothing (no "
                                   "grounding score)", L, registry=r)
         self.batch_size = Histogram("nla_explanation_batch_size", "Explanations per reconstructor pass", L,
@@ -82,7 +86,7 @@ class Metrics:
         # Series that may stay empty for a while start at zero, so their first increase is a
         # difference Prometheus can see (a series born at 1 has no increase() until a second scrape;
         # a grounding histogram born with its first quoting explanation gave no quantiles)
-        for series in (self.audit_failures, self.preemptions, self.fve, self.grounding):
+        for series in (self.audit_failures, self.preemptions, self.fve, self.grounding, self.claim_support):
             series.labels(model_name)
 
     def render(self) -> bytes:
@@ -114,6 +118,11 @@ class Metrics:
             self.latency.labels(self.model_name).observe(latency)
         if cached:
             self.cache_hits.labels(self.model_name).inc()
+
+    def record_claims(self, claims: list[dict]) -> None:
+        for claim in claims:
+            if claim.get("support") is not None:
+                self.claim_support.labels(self.model_name).observe(claim["support"])
 
     def record_grounding(self, score: float | None) -> None:
         if score is None:

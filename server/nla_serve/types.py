@@ -156,6 +156,7 @@ class Explanation:
     fve: float | None = None
     fve_reason: str | None = None  # why fve is null when mse is known
     raw: str | None = None  # the verbalizer's full output, tags included
+    claims: list[dict] | None = None  # [{text, support, verdict}] when asked (explain/claims.py)
     extra: dict = field(default_factory=dict)
 
 

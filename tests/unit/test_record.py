@@ -88,3 +88,11 @@ def test_the_recorder_builds_choices_from_token_events_and_commits_after_the_las
     assert record["choices"] == [{"index": 0, "text": "hello", "token_ids": [5, 6], "finish_reason": "stop"}]
     assert record["explanations"][0]["token_index"] == 4
     canonical(record)  # serialisable as JCS
+
+
+def test_claims_are_kept_when_the_request_asked_for_them():
+    ev = token_event()
+    assert "claims" not in explanation_entry(ev, PLAN, redact_prompts=False)
+    ev.explanation.claims = [{"text": 'says "Paris"', "support": 0.12, "verdict": None}]
+    assert explanation_entry(ev, PLAN, redact_prompts=False)["claims"] == ev.explanation.claims
+

@@ -24,6 +24,8 @@ def explanation_item(exp: Explanation, *, layer: int | None, index: int | None =
                 monitors=[m.rule for m in monitor_events])
     if exp.fve is None and exp.fve_reason:
         item["fve_reason"] = exp.fve_reason
+    if exp.claims is not None:
+        item["claims"] = exp.claims
     if exp.extra.get("cached"):
         item["cached"] = True
     return item

@@ -109,6 +109,8 @@ def explanation_entry(ev: ExplanationEvent, plan, redact_prompts: bool) -> dict:
     entry.update({k: v for k, v in flags.items() if v is not None})
     if exp.extra.get("cached"):
         entry["cached"] = True
+    if exp.claims is not None:  # absent unless the request asked for claim support
+        entry["claims"] = [{"text": c["text"], "support": c["support"], "verdict": c["verdict"]} for c in exp.claims]
     return entry | {"grounding": ev.grounding.as_dict() if ev.grounding is not None else None,
                     "monitors": [m.rule for m in ev.monitor_events],
                     "activation_sha256": ev.activation_sha256, "activation_dtype": ev.activation_dtype}

@@ -18,14 +18,15 @@ if TYPE_CHECKING:
 
 
 def cache_key(vector: "torch.Tensor", temperature: float, max_tokens: int, reconstruct: bool,
-              seed: int | None) -> str | None:
+              seed: int | None, claims: bool = False) -> str | None:
     if temperature > 0 and seed is None:
         return None
     import torch
 
     data = vector.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
     h = hashlib.blake2b(data, digest_size=16)
-    h.update(f"|{temperature}|{max_tokens}|{reconstruct}|{seed}".encode())
+    # claims: off keeps the key explanations had before claim support existed
+    h.update(f"|{temperature}|{max_tokens}|{reconstruct}|{seed}{'|claims' if claims else ''}".encode())
     return h.hexdigest()
 
 

@@ -43,3 +43,4 @@ class ExplainOptions(BaseModel):
     on_low_grounding: Literal["flag", "drop"] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     deadline_s: Number | None = Field(default=None, gt=0, le=3600)
+    claims: StrictBool | None = None  # split into claims, each with its support (one AR sequence more a claim)

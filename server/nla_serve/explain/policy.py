@@ -40,6 +40,7 @@ class ExplainPlan:
     on_low_grounding: str = "flag"  # "flag" | "drop"
     seed: int | None = None
     deadline_s: float | None = None  # from the request's arrival
+    claims: bool = False  # each explanation's claims scored for support by the AR
     explicit: bool = False  # the request asked for explanations (vs. the server default)
     # Streaming: ``auto`` and ``generated`` place generated positions every ``stride`` tokens from
     # the first (G is unknown while tokens stream), so a position's job can start as soon as its
@@ -166,7 +167,8 @@ def make_plan(explain: bool | ExplainOptions | None, defaults: ExplainDefaults, 
 
     base = dict(positions=defaults.positions,
                 max_explanations=defaults.max_explanations, reconstruct=defaults.reconstruct,
-                temperature=defaults.temperature, max_tokens=defaults.max_tokens, deadline_s=defaults.deadline_s)
+                temperature=defaults.temperature, max_tokens=defaults.max_tokens, deadline_s=defaults.deadline_s,
+                claims=defaults.claims)
     if explain is None:
         return ExplainPlan(enabled=defaults.enabled, **base)
     if isinstance(explain, bool):

@@ -59,6 +59,7 @@ class ExplanationJob:
     max_tokens: int = 200
     reconstruct: bool = True
     seed: int | None = None
+    claims: bool = False  # score each claim's support too
     captured_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic time after which the job is answered skipped
     deadline_s: float | None = None  # the same, as the request gave it (for the reason)
@@ -66,7 +67,7 @@ class ExplanationJob:
 
     @property
     def settings(self) -> tuple:
-        return (self.temperature, self.max_tokens, self.reconstruct, self.seed)
+        return (self.temperature, self.max_tokens, self.reconstruct, self.seed, self.claims)
 
     @classmethod
     def for_plan(cls, plan, request_id: str, vector: "torch.Tensor", arrived: float | None = None) -> "ExplanationJob":
@@ -75,7 +76,7 @@ class ExplanationJob:
         start = time.monotonic() if arrived is None else arrived
         deadline = start + plan.deadline_s if plan.deadline_s is not None else None
         return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed,
-                   deadline=deadline, deadline_s=plan.deadline_s)
+                   plan.claims, deadline=deadline, deadline_s=plan.deadline_s)
 
     @property
     def deadline_reason(self) -> str:
@@ -205,6 +206,8 @@ class ExplanationWorker:
         if self.metrics is not None:
             latency = time.monotonic() - job.captured_at if exp.status in ("ok", "truncated") else None
             self.metrics.record_explanation(exp.status, exp.tokens, exp.fve, latency, cached=cached)
+            if exp.claims and not cached:
+                self.metrics.record_claims(exp.claims)
 
     def _next_job(self) -> ExplanationJob | None:
         """The next live job, round-robin over requests: the lane served goes to the back."""
@@ -279,8 +282,10 @@ class ExplanationWorker:
         import torch
 
         results = [exp for _, exp in group]
+        wanted = [job.claims for job, _ in group]
+        extra = {"claims": wanted} if any(wanted) else {}  # runtimes without claim support still score
         try:
-            await self.runtime.score(results, torch.stack([job.vector for job, _ in group]), reconstruct)
+            await self.runtime.score(results, torch.stack([job.vector for job, _ in group]), reconstruct, **extra)
         except asyncio.CancelledError:
             raise
         except Exception as e:

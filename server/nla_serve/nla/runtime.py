@@ -20,6 +20,7 @@ from nla_serve.errors import ClientError
 from nla_serve.nla.checkpoint import NLACheckpoint, read_config
 from nla_serve.model_folder import dtype_name
 from nla_serve.nla.reconstructor import Reconstructor
+from nla_serve.nla.support import score_with_claims
 from nla_serve.nla.verbalizer import Verbalization, Verbalizer
 from nla_serve.types import Explanation
 
@@ -141,8 +142,10 @@ class NLARuntime:
                                                 request_id=request_id)
         return [to_explanation(vb) for vb in verbs]
 
-    async def score(self, results: list[Explanation], vectors: "torch.Tensor", reconstruct: bool = True) -> None:
-        """Fill mse/cos/fve in place for every result that has text."""
+    async def score(self, results: list[Explanation], vectors: "torch.Tensor", reconstruct: bool = True,
+                    claims: list[bool] | None = None) -> None:
+        """Fill mse/cos/fve in place for every result that has text, and ``claims`` (their support,
+        nla/support.py) where ``claims`` asks, in the same reconstructor pass."""
         vectors = check_vectors(vectors, self.d_model)
         todo = [i for i, r in enumerate(results) if r.text is not None]
         if not todo:
@@ -152,11 +155,13 @@ class NLARuntime:
             for i in todo:
                 results[i].fve_reason = why
             return
-        scores = await asyncio.to_thread(self.reconstructor.score, [results[i].text for i in todo],
-                                         vectors[todo], self.ckpt.fve_baseline)
-        for i, s in zip(todo, scores):
+        wants = [bool(claims and claims[i]) for i in todo]
+        scores, supports = await asyncio.to_thread(score_with_claims, self.reconstructor,
+                                                   [results[i].text for i in todo], vectors[todo],
+                                                   self.ckpt.fve_baseline, wants)
+        for i, s, support in zip(todo, scores, supports):
             r = results[i]
-            r.mse, r.cos, r.fve = s.mse, s.cos, s.fve
+            r.mse, r.cos, r.fve, r.claims = s.mse, s.cos, s.fve, support
             if s.fve is None:
                 r.fve_reason = self.ckpt.baseline_source
 

@@ -1,0 +1,60 @@
+"""An explanation as claims, and the explanation without each one: what claim support is measured
+on (``NLARuntime.score``: support = FVE of the whole explanation minus FVE without the claim, both
+from one reconstructor pass).
+
+Claims are lines, and within a line sentences: released NLAs write paragraphs, others one claim a
+line. A sentence ends at ``.``, ``!`` or ``?`` (with any closing quotes or brackets after it)
+followed by whitespace, but never inside a double-quoted span, so ``The final token is ".".`` is one
+claim. Pure: no torch, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_CLAIMS = 12  # each claim costs one more reconstructor sequence; the rest stay in the last claim
+_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s)")
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    start: int  # its span in the explanation
+    end: int
+
+
+def split_claims(text: str) -> list[Claim]:
+    """The claims of ``text`` in order, each stripped of surrounding whitespace (none when the text
+    has no words)."""
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        start = offset
+        for m in _END.finditer(line):
+            if line.count('"', 0, m.start()) % 2 or line.count("“", 0, m.start()) > line.count("”", 0, m.start()):
+                continue  # inside a quote
+            spans.append((start, offset + m.end()))
+            start = offset + m.end()
+        spans.append((start, offset + len(line)))
+        offset += len(line)
+    claims = []
+    for a, b in spans:
+        piece = text[a:b]
+        lead = len(piece) - len(piece.lstrip())
+        body = piece.strip()
+        if any(ch.isalnum() for ch in body):
+            claims.append(Claim(body, a + lead, a + lead + len(body)))
+    if len(claims) > MAX_CLAIMS:  # one last claim holds the tail
+        tail = claims[MAX_CLAIMS - 1]
+        claims = claims[:MAX_CLAIMS - 1] + [Claim(text[tail.start:claims[-1].end], tail.start, claims[-1].end)]
+    return claims
+
+
+def without(text: str, claim: Claim) -> str:
+    """``text`` with ``claim`` taken out and the whitespace around it closed up."""
+    before, after = text[:claim.start].rstrip(), text[claim.end:].lstrip()
+    if not before or not after:
+        return before + after
+    sep = "\n" if "\n" in text[len(before):claim.start] + text[claim.end:len(text) - len(after)] else " "
+    return before + sep + after
