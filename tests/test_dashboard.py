@@ -246,6 +246,10 @@ def test_every_panel_has_data_on_a_real_prometheus(tiny, tmp_path):
         drive(url)
         prom.scraped_after(time.time())
         drive(url)  # every counter grows while Prometheus watches: rates and quantiles are numbers
+        # a webhook fails only after its retries (3.5 s of backoff), which fast traffic can outrun: wait
+        # for the first failure, so that the two scrapes below both hold its series
+        assert until(lambda: metric_value(url, "nla_monitor_webhook_failures_total") >= 1, 60), \
+            "no webhook failure was counted"
 
         # the audit log's database goes away: the next answer is refused (503), its commit counted as failed
         pg.stop()
