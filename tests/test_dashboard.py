@@ -250,6 +250,8 @@ def test_every_panel_has_data_on_a_real_prometheus(tiny, tmp_path):
         # for the first failure, so that the two scrapes below both hold its series
         assert until(lambda: metric_value(url, "nla_monitor_webhook_failures_total") >= 1, 60), \
             "no webhook failure was counted"
+        prom.scraped_after(time.time())
+        prom.scraped_after(time.time())  # two samples of every series before the database goes away
 
         # the audit log's database goes away: the next answer is refused (503), its commit counted as failed
         pg.stop()
@@ -284,6 +286,9 @@ def test_every_panel_has_data_on_a_real_prometheus(tiny, tmp_path):
                 failures.append(f"{title!r} [{ref}]: no data\n    {expr}")
             elif not any(math.isfinite(v) for v in values):
                 failures.append(f"{title!r} [{ref}]: only NaN/Inf ({values})\n    {expr}")
+        if failures:  # what Prometheus holds, for whoever reads a failure
+            print("webhook failures held:", prom.query("nla_monitor_webhook_failures_total[5m]"),
+                  "\nscrapes:", prom.query("up[5m]"), "\nnow:", time.time())
         assert not failures, "panels without data:\n" + "\n".join(failures)
     finally:
         if prom is not None:
