@@ -56,9 +56,10 @@ async def explain_vectors(svc: Service, request: Request, body: ExplanationsRequ
                                    metrics=svc.metrics, plan=plan, request_id=rid, model_name=svc.model_name,
                                    arrived=None, layer=svc.layer)
     with svc.admission.admit():
-        events = vector_events(pipeline, vectors)
-        digests = [{"sha256": sha, "dtype": dtype} for sha, dtype in map(row_digest, vectors)]
-        recorder = recorder_for(svc, request, "explanations", rid, body, {"vectors": digests}, 0, plan)
+        digests = [row_digest(v) for v in vectors]  # once: the record's prompt and each event carry them
+        events = vector_events(pipeline, vectors, digests)
+        prompt = {"vectors": [{"sha256": sha, "dtype": dtype} for sha, dtype in digests]}
+        recorder = recorder_for(svc, request, "explanations", rid, body, prompt, 0, plan)
         if recorder is not None:  # the record keeps the items a minimum drops from the response
             events = recorder.tap(events)
         resolved = await until_disconnected(request, _gather(events))
@@ -67,9 +68,10 @@ async def explain_vectors(svc: Service, request: Request, body: ExplanationsRequ
             "monitor_events": [m.as_dict() for ev in resolved for m in ev.monitor_events]}
 
 
-async def vector_events(pipeline: ExplanationPipeline, vectors) -> AsyncIterator[ExplanationEvent]:
+async def vector_events(pipeline: ExplanationPipeline, vectors, digests) -> AsyncIterator[ExplanationEvent]:
     """Every vector's event, in the vectors' order (all are submitted at once and batch together)."""
-    tasks = [asyncio.ensure_future(pipeline.explain_vector(i, v)) for i, v in enumerate(vectors)]
+    tasks = [asyncio.ensure_future(pipeline.explain_vector(i, v, d))
+             for i, (v, d) in enumerate(zip(vectors, digests))]
     try:
         for task in tasks:
             yield await task

@@ -118,9 +118,11 @@ class ExplanationPipeline:
 
     # -- raw vectors -------------------------------------------------------------------------
 
-    async def explain_vector(self, index: int, vector: "torch.Tensor") -> ExplanationEvent:
-        """The event of one raw vector (no context: nothing to ground its quotes against)."""
-        digest = row_digest(vector)
+    async def explain_vector(self, index: int, vector: "torch.Tensor",
+                             digest: tuple[str, str] | None = None) -> ExplanationEvent:
+        """The event of one raw vector (no context: nothing to ground its quotes against);
+        ``digest``: its ``row_digest`` when the caller has it already."""
+        digest = digest or row_digest(vector)
         exp = await self.worker.submit(ExplanationJob.for_plan(self.plan, self.request_id, vector, self.arrived))
         matched = self.monitoring.check(text=exp.text, fve=exp.fve, grounding=None, source="vector",
                                         token_index=index, request={"id": self.request_id, "model": self.model_name})

@@ -18,7 +18,6 @@ class ChoiceState:
         self.logprobs: list[TokenLogprob | None] = []  # one per token: the engine's view at the step
         self.rows: list[CapturedRows] = []  # contiguous pieces, in order
         self.prompt_logprobs: list[TokenLogprob] | None = None  # the distribution at each prompt position
-        self.finished = False
 
     def add(self, step: StepOutput) -> None:
         self.token_ids.extend(step.token_ids)
@@ -28,7 +27,6 @@ class ChoiceState:
             self.rows.append(step.captured)
         if step.prompt_logprobs is not None:
             self.prompt_logprobs = step.prompt_logprobs
-        self.finished = self.finished or step.finished
 
     @property
     def ids(self) -> list[int]:
