@@ -379,3 +379,33 @@ def test_cli_and_http_search_give_the_same_hits(audited):
         if "q" not in params:  # bob has 9 explanations and 3 outputs at least: full pages
             assert len(pages[0]) == params["limit"], (params, pages)
     assert len(pages) >= 2  # the last query pages: the CLI's --cursor is the route's cursor
+
+
+def test_search_by_claim_verdict_over_http_and_the_cli(audited):
+    """Explanations asked with claims are found by their claims' verdicts (null: ``unknown``), the
+    words inside one claim, and each hit lists the claims that made it one; the CLI says the same."""
+    svc, url = audited
+    r = client(url, "alice").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a dog."}], max_tokens=6, temperature=0,
+        extra_body={"explain": {"positions": "generated", "max_explanations": 3, "max_tokens": 16, "claims": True}})
+    items = [i for i in r.model_extra["explanations"] if i.get("claims")]
+    assert items, r.model_extra["explanations"]
+    where = ["--cache-dir", svc.settings.cache_dir]
+    for verdict in {c["verdict"] or "unknown" for i in items for c in i["claims"]}:
+        def ours(c):
+            return (c["verdict"] or "unknown") == verdict
+
+        body = admin_get(url, "/v1/audit/search", verdict=verdict, request_id=r.id).json()
+        assert sorted(h["token_index"] for h in body["data"]) == sorted(
+            i["token_index"] for i in items if any(ours(c) for c in i["claims"]))
+        for h in body["data"]:
+            item = next(i for i in items if i["token_index"] == h["token_index"])
+            assert h["claims"] == [c for c in item["claims"] if ours(c)]
+        assert cli_search(where, {"verdict": verdict, "request_id": r.id})[0] == body["data"]
+        # words are searched inside the claims of that verdict: each hit lists a claim holding them
+        word = re.search(r'[^\s"]{1,4}', body["data"][0]["claims"][0]["text"]).group(0)  # tiny NLAs write junk
+        found = admin_get(url, "/v1/audit/search", q=word, verdict=verdict, request_id=r.id).json()["data"]
+        assert body["data"][0]["token_index"] in [h["token_index"] for h in found]
+        assert all(any(word.lower() in c["text"].lower() for c in h["claims"]) for h in found)
+    bad = admin_get(url, "/v1/audit/search", verdict="yes")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "verdict"

@@ -135,15 +135,29 @@ def structure(where: str) -> list:
             raw(where, "SELECT type, name, sql FROM sqlite_master ORDER BY type, name")]
 
 
-def test_migration_1_is_the_previous_release_schema_exactly(old_log, tmp_path, request):
+def fresh_database(old_log: str, tmp_path: Path, request, name: str) -> str:
     if old_log.startswith("postgresql://"):
-        fresh = request.getfixturevalue("postgres").new_database()
-    else:
-        fresh = str(tmp_path / "fresh.db")
-    open_store(fresh).close()
+        return request.getfixturevalue("postgres").new_database()
+    return str(tmp_path / f"{name}.db")
+
+
+def test_migration_1_is_the_previous_release_schema_exactly(old_log, tmp_path, request, monkeypatch):
+    fresh = fresh_database(old_log, tmp_path, request, "fresh")
+    with monkeypatch.context() as m:
+        m.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:1])
+        open_store(fresh).close()
     assert version(fresh) == "1" == version(old_log)
     assert structure(fresh) == structure(old_log)
     assert len(structure(fresh)) > 10
+
+
+def test_a_migrated_old_log_has_the_schema_of_a_new_one(old_log, tmp_path, request):
+    fresh = fresh_database(old_log, tmp_path, request, "fresh")
+    open_store(fresh).close()
+    open_store(old_log).close()
+    assert version(fresh) == version(old_log) == str(store_schema.newest())
+    assert structure(fresh) == structure(old_log)
+    assert any("claims" in str(x) for x in structure(fresh))
 
 
 def counting(calls: list, name: str, then=None):
@@ -160,17 +174,18 @@ def add_kind_index(store):
 
 def test_a_new_migration_runs_exactly_once_on_an_old_log(old_log, monkeypatch):
     calls: list[str] = []
+    n = store_schema.newest() + 1
     monkeypatch.setattr(store_schema, "MIGRATIONS", [
-        *store_schema.MIGRATIONS, store_schema.Migration(2, "test: an index on kind", counting(calls, "v2",
+        *store_schema.MIGRATIONS, store_schema.Migration(n, "test: an index on kind", counting(calls, "next",
                                                                                                 add_kind_index))])
     store = open_store(old_log)
-    assert calls == ["v2"] and version(old_log) == "2"
+    assert calls == ["next"] and version(old_log) == str(n)
     check_whole_log(store)
     assert [h.row.record_id for h in find_hits(store, SearchQuery(q="oceans"))] == ["expl-fixture-3"]
     store.close()
     for _ in range(2):
         open_store(old_log).close()
-    assert calls == ["v2"] and version(old_log) == "2"  # not again
+    assert calls == ["next"] and version(old_log) == str(n)  # not again
     if old_log.startswith("postgresql://"):
         assert raw(old_log, "SELECT 1 FROM pg_indexes WHERE indexname = 'records_kind'")
     else:
@@ -180,23 +195,24 @@ def test_a_new_migration_runs_exactly_once_on_an_old_log(old_log, monkeypatch):
 def test_a_failed_migration_changes_nothing(old_log, monkeypatch):
     def half_then_fail(store):
         store.execute("CREATE TABLE half_done (x INTEGER)")
-        raise RuntimeError("migration 2 failed")
+        raise RuntimeError("the last migration failed")
 
     good = list(store_schema.MIGRATIONS)
-    monkeypatch.setattr(store_schema, "MIGRATIONS", [*good, store_schema.Migration(2, "fails", half_then_fail)])
-    with pytest.raises(RuntimeError, match="migration 2 failed"):
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*good, store_schema.Migration(store_schema.newest() + 1, "fails",
+                                                                                    half_then_fail)])
+    with pytest.raises(RuntimeError, match="the last migration failed"):
         open_store(old_log)
     assert version(old_log) == "1"
     tables = "SELECT tablename FROM pg_tables" if old_log.startswith("postgresql://") else \
         "SELECT name FROM sqlite_master"
-    assert "half_done" not in {r[0] for r in raw(old_log, tables)}  # the transaction rolled back
+    assert not {"half_done", "claims"} & {r[0] for r in raw(old_log, tables)}  # the transaction rolled back, whole
     monkeypatch.setattr(store_schema, "MIGRATIONS", good)
     check_whole_log(open_store(old_log))
 
 
 def test_a_log_without_its_version_row_is_recognised_by_its_tables(old_log, monkeypatch):
     """A log that never wrote ``schema`` (its tables are the first release's) is version 1:
-    migration 1 is not run again, migration 2 is."""
+    migration 1 is not run again, the later ones are."""
     if old_log.startswith("postgresql://"):
         with psycopg.connect(old_log) as c:
             c.execute("DELETE FROM meta WHERE k = 'schema'")
@@ -206,24 +222,23 @@ def test_a_log_without_its_version_row_is_recognised_by_its_tables(old_log, monk
         con.commit()
         con.close()
     calls: list[str] = []
-    v1 = store_schema.MIGRATIONS[0]
     monkeypatch.setattr(store_schema, "MIGRATIONS", [
-        store_schema.Migration(1, v1.summary, counting(calls, "v1", v1.apply)),
-        store_schema.Migration(2, "test", counting(calls, "v2"))])
+        store_schema.Migration(m.version, m.summary, counting(calls, f"v{m.version}", m.apply))
+        for m in store_schema.MIGRATIONS])
     check_whole_log(open_store(old_log))
-    assert calls == ["v2"] and version(old_log) == "2"
+    assert calls == [f"v{m.version}" for m in store_schema.MIGRATIONS[1:]] and calls
+    assert version(old_log) == str(store_schema.newest())
 
 
 def test_a_fresh_database_gets_every_migration_once(tmp_path, monkeypatch):
     calls: list[str] = []
-    v1 = store_schema.MIGRATIONS[0]
     monkeypatch.setattr(store_schema, "MIGRATIONS", [
-        store_schema.Migration(1, v1.summary, counting(calls, "v1", v1.apply)),
-        store_schema.Migration(2, "test", counting(calls, "v2"))])
+        store_schema.Migration(m.version, m.summary, counting(calls, f"v{m.version}", m.apply))
+        for m in store_schema.MIGRATIONS])
     db = str(tmp_path / "new.db")
     open_store(db).close()
     open_store(db).close()
-    assert calls == ["v1", "v2"] and version(db) == "2"
+    assert calls == [f"v{m.version}" for m in store_schema.MIGRATIONS] and version(db) == str(store_schema.newest())
 
 
 def test_a_newer_or_half_made_schema_is_refused(tmp_path):

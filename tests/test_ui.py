@@ -326,3 +326,68 @@ def test_search_finds_the_request_and_its_record_opens_verified(server, browser,
         assert not [e for e in w.errors if "400" not in e], w.errors
     finally:
         w.close()
+
+
+RENDER_CLAIMS = """async () => {
+  const m = await import('/ui/explanation.js');
+  const claims = [["The text is about whales.", 0.12, "supported"], ["It is a test.", -0.03, "unsupported"],
+                  ["The answer is French.", -0.2, "contradicted"], ["Nothing else.", null, null]]
+    .map(([text, support, verdict]) => ({text, support, verdict}));
+  m.renderPanel(document.getElementById('panel'), {token: ' x', tokenIndex: 5, completionIndex: 1, origin: 'generation',
+    item: {status: 'ok', text: claims.map((c) => c.text).join(' '), fve: 0.4, claims}}, {scroll: false});
+}"""
+
+
+def test_claims_are_marked_with_their_support_and_verdict(server, browser):
+    """With "claims" ticked, an explained token's panel lists each claim with its support and a mark
+    for its verdict (tiny NLAs have no thresholds: unknown), with a legend saying what support is;
+    every verdict has its own mark; and the records search filters on verdict, listing the claims."""
+    w = Watched(browser, server, "desktop")
+    page = w.page
+    try:
+        connect(page)
+        page.check("#claims")
+        expect(page.locator("#explain-preview")).to_contain_text('"claims":true')
+        ask(page, "Name a bird.")
+        expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
+        rid = re.search(r"chatcmpl-[0-9a-f]+", page.locator(".turn-status").inner_text()).group(0)
+        record = admin(server, f"/v1/audit/records/{rid}")["record"]
+        P = record["prompt_tokens"]
+        item = next(e for e in record["explanations"] if e["source"] == "completion" and e.get("claims"))
+        chip = page.locator(f".answer .chip[data-completion-index='{item['token_index'] - P}']")
+        expect(chip).to_have_class(re.compile(r"\bhas-claims\b"))
+        chip.click()
+        panel = page.locator("#panel")
+        claims = panel.locator(".claims li.claim")
+        expect(claims).to_have_count(len(item["claims"]))
+        for i, c in enumerate(item["claims"]):
+            verdict = c["verdict"] or "unknown"
+            expect(claims.nth(i)).to_have_attribute("data-verdict", verdict)
+            expect(claims.nth(i).locator(".verdict")).to_contain_text(verdict)
+            support = "—" if c["support"] is None else f"{'+' if c['support'] >= 0 else '−'}{abs(c['support']):.3f}"
+            expect(claims.nth(i).locator(".support")).to_have_text(f"support {support}")
+            assert claims.nth(i).locator(".claim-text").text_content() == c["text"]
+        assert "FVE of the whole explanation minus" in claims.first.locator(".support").get_attribute("title")
+        panel.locator(".legend summary").click()
+        expect(panel.locator(".legend")).to_contain_text("Support is the FVE a claim adds")
+        # each verdict has its own mark (drawn by the viewer's own module, as for a server with thresholds)
+        page.evaluate(RENDER_CLAIMS)
+        for verdict, mark, support in (("supported", "✓ supported", "+0.120"), ("unsupported", "○ unsupported", "−0.030"),
+                                       ("contradicted", "✗ contradicted", "−0.200"), ("unknown", "? unknown", "—")):
+            row = panel.locator(f".claim[data-verdict='{verdict}']")
+            expect(row.locator(".verdict")).to_have_text(mark)
+            expect(row.locator(".support")).to_have_text(f"support {support}")
+        # the records search by verdict lists the claims that matched
+        verdict = item["claims"][0]["verdict"] or "unknown"
+        page.get_by_role("tab", name="Records").click()
+        page.locator("#search summary").click()
+        page.select_option("#search select[name=verdict]", verdict)
+        page.fill("#search input[name=request_id]", rid)
+        page.get_by_role("button", name="Search", exact=True).click()
+        expect(page.locator("#results .hit-claims li").first).to_contain_text(verdict)
+        hits = admin(server, "/v1/audit/search", verdict=verdict, request_id=rid)["data"]
+        expect(page.locator("#results .hit-claims li")).to_have_count(sum(len(h["claims"]) for h in hits))
+        w.no_horizontal_scroll()
+        assert not w.errors, w.errors
+    finally:
+        w.close()

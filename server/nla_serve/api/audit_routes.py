@@ -5,7 +5,8 @@
     GET /v1/audit/consistency?from=&to=    a consistency proof between two signed checkpoints
     GET /v1/audit/records                  records by time, paged (since, until, cursor, limit)
     GET /v1/audit/records/{id}             one record with its inclusion proof
-    GET /v1/audit/search?q=...             explanations and outputs, filtered, newest first, paged
+    GET /v1/audit/search?q=...             explanations and outputs, filtered (verdict= for claims), newest
+                                           first, paged
 """
 
 from __future__ import annotations

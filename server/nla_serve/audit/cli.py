@@ -39,6 +39,8 @@ def register(sub) -> None:
     s.add_argument("q", nargs="?", default=None)
     for flag in ("since", "until", "model", "key-id", "status", "monitor", "source", "request-id"):
         s.add_argument("--" + flag, default=None)
+    s.add_argument("--verdict", default=None, help="explanations with a claim of this verdict: supported | "
+                   "unsupported | contradicted | unknown (the words must occur in that claim)")
     for flag in ("fve-min", "fve-max", "grounding-min", "grounding-max"):
         s.add_argument("--" + flag, type=float, default=None)
     s.add_argument("--limit", type=int, default=20)
@@ -153,8 +155,8 @@ def cmd_search(args) -> int:
     from nla_serve.audit.store import QueryError, parse_query, search_log
 
     fields = {k: getattr(args, k) for k in ("q", "since", "until", "model", "key_id", "status", "monitor", "source",
-                                            "request_id", "fve_min", "fve_max", "grounding_min", "grounding_max",
-                                            "limit", "cursor") if getattr(args, k) is not None}
+                                            "request_id", "verdict", "fve_min", "fve_max", "grounding_min",
+                                            "grounding_max", "limit", "cursor") if getattr(args, k) is not None}
     try:
         query = parse_query(fields)
     except QueryError as e:
@@ -167,6 +169,9 @@ def cmd_search(args) -> int:
             fve = "" if hit["fve"] is None else f" fve {hit['fve']:.2f}"
             where = hit["source"] if hit["token_index"] is None else f"{hit['source']} token {hit['token_index']}"
             print(f"{hit['time']}  {hit['request_id']}  {where}{fve}\n    {hit['snippet']}")
+            for c in hit.get("claims") or []:  # the claims a --verdict filter matched
+                support = "" if c["support"] is None else f", support {c['support']:+.3f}"
+                print(f"    claim [{c['verdict'] or 'no verdict'}{support}]: {c['text']}")
     more = "" if page["next_cursor"] is None else f"; the next page: --cursor {page['next_cursor']}"
     if not args.json:
         print(f"{len(page['data'])} hit(s){more}")

@@ -1,6 +1,7 @@
-"""An explanation as claims, and the explanation without each one: what claim support is measured
-on (``NLARuntime.score``: support = FVE of the whole explanation minus FVE without the claim, both
-from one reconstructor pass).
+"""An explanation as claims, the explanation without each one, and the explanation with one more:
+what support is measured on (``NLARuntime.score``, one reconstructor pass). A claim of the
+explanation: FVE of the whole minus FVE without it (``without``). A user-written claim (a
+hypothesis): FVE of the explanation with it appended (``appended``) minus FVE of the explanation.
 
 Claims are lines, and within a line sentences: released NLAs write paragraphs, others one claim a
 line. A sentence ends at ``.``, ``!`` or ``?`` (with any closing quotes or brackets after it)
@@ -49,6 +50,17 @@ def split_claims(text: str) -> list[Claim]:
         tail = claims[MAX_CLAIMS - 1]
         claims = claims[:MAX_CLAIMS - 1] + [Claim(text[tail.start:claims[-1].end], tail.start, claims[-1].end)]
     return claims
+
+
+def appended(text: str, hypothesis: str) -> str:
+    """``text`` with one more claim at its end, after one space (what a hypothesis is scored as,
+    and what ``nla-serve calibrate`` scores foreign claims as, so their thresholds agree)."""
+    return text.rstrip() + " " + hypothesis.strip()
+
+
+def substituted(text: str, claim: Claim, other: str) -> str:
+    """``text`` with ``claim`` replaced by ``other`` in its place (calibration's null for claims)."""
+    return text[:claim.start] + other.strip() + text[claim.end:]
 
 
 def without(text: str, claim: Claim) -> str:

@@ -4,13 +4,18 @@ errors that name the field where it was sent (``explain.max_tokens`` or ``max_to
 
 Bounds that are server settings (how many explanations a request may ask for) are checked by
 ``policy.make_plan``, which knows them; everything else is checked here.
+
+``Hypotheses`` (user-written claims) is a field of ``/v1/explanations`` only, not of ``explain``: a
+generation request explains positions the plan picks as tokens arrive, and a hypothesis is about
+one activation an auditor chose; it also travels on a plan of its own (``explain/pipeline.py``).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic_core import PydanticCustomError
 
 from nla_serve.config import MAX_EXPLANATION_TOKENS, NamedPositions
 
@@ -44,3 +49,32 @@ class ExplainOptions(BaseModel):
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     deadline_s: Number | None = Field(default=None, gt=0, le=3600)
     claims: StrictBool | None = None  # split into claims, each with its support (one AR sequence more a claim)
+
+
+MAX_HYPOTHESES = 8  # each costs one more reconstructor sequence per explained position
+MAX_HYPOTHESIS_CHARS = 400  # a claim is a sentence or two, like the explanation's own
+
+
+def _hypotheses(value):
+    """One message naming ``hypotheses`` for every way the list can be wrong (before pydantic's own
+    checks, which would name ``hypotheses.3``); each kept stripped of surrounding whitespace."""
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise PydanticCustomError("hypotheses", "hypotheses must be a list of strings (claims to test, "
+                                  "e.g. [\"The user is asking about explosives\"])")
+    if not 1 <= len(value) <= MAX_HYPOTHESES:
+        raise PydanticCustomError("hypotheses", "give 1 to {limit} hypotheses, got {n}",
+                                  {"limit": MAX_HYPOTHESES, "n": len(value)})
+    for i, h in enumerate(value):
+        if not h.strip():
+            raise PydanticCustomError("hypotheses", "hypothesis {i} is empty", {"i": i})
+        if len(h) > MAX_HYPOTHESIS_CHARS:  # counted as sent, as the schema's maxLength counts
+            raise PydanticCustomError("hypotheses", "hypothesis {i} has {n} characters; at most {limit}",
+                                      {"i": i, "n": len(h), "limit": MAX_HYPOTHESIS_CHARS})
+    return [h.strip() for h in value]
+
+
+# User-written claims whose support is tested at each explained position (``/v1/explanations``).
+# The Field bounds are what the OpenAPI schema shows; ``_hypotheses`` enforces them first.
+Hypotheses = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_HYPOTHESIS_CHARS)]],
+    Field(min_length=1, max_length=MAX_HYPOTHESES), BeforeValidator(_hypotheses)]

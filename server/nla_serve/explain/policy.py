@@ -177,6 +177,8 @@ def make_plan(explain: bool | ExplainOptions | None, defaults: ExplainDefaults, 
     if "positions" in given:
         given["positions"] = _positions(explain.positions)
     opts = base | given
+    if defaults.claims_required:  # a monitor rule reads claims: a request cannot turn them off
+        opts["claims"] = True
     limit = defaults.max_explanations_limit
     if opts["max_explanations"] > limit:
         raise ClientError(f"{param('max_explanations')} is {opts['max_explanations']}; the server's limit is {limit}",

@@ -33,6 +33,7 @@ requests. The per-request structures (pending jobs by request, running jobs) are
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
@@ -60,6 +61,7 @@ class ExplanationJob:
     reconstruct: bool = True
     seed: int | None = None
     claims: bool = False  # score each claim's support too
+    hypotheses: tuple[str, ...] = ()  # user-written claims scored against this vector (not part of the cache key)
     captured_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic time after which the job is answered skipped
     deadline_s: float | None = None  # the same, as the request gave it (for the reason)
@@ -75,8 +77,11 @@ class ExplanationJob:
         from ``arrived``, the request's arrival, default now)."""
         start = time.monotonic() if arrived is None else arrived
         deadline = start + plan.deadline_s if plan.deadline_s is not None else None
+        # Only /v1/explanations plans carry hypotheses (pipeline.PlanWithHypotheses); read by name,
+        # since the pipeline imports this module and not the other way round.
         return cls(request_id, vector, plan.temperature, plan.max_tokens, plan.reconstruct, plan.seed,
-                   plan.claims, deadline=deadline, deadline_s=plan.deadline_s)
+                   plan.claims, tuple(getattr(plan, "hypotheses", ())), deadline=deadline,
+                   deadline_s=plan.deadline_s)
 
     @property
     def deadline_reason(self) -> str:
@@ -150,12 +155,17 @@ class ExplanationWorker:
         cached = self.cache.get(cache_key(job.vector, *job.settings))
         if cached is not None:
             cached.extra["cached"] = True
-            self._resolve(job, cached, cached=True)
+            if job.hypotheses and cached.text is not None and job.reconstruct and self._alive():
+                self._track(job, loop)  # the AV's text is cached; the hypotheses are this request's,
+                self._scored.append((job, cached))  # so the reconstructor alone scores them
+                self._score_ready.set()
+            else:
+                self._resolve(job, cached, cached=True)
             return job.future
         if self.unavailable_reason is not None:
             self._resolve(job, Explanation(status="skipped", reason=self.unavailable_reason))
             return job.future
-        if not self._tasks or any(t.done() for t in self._tasks):
+        if not self._alive():
             self._resolve(job, Explanation(status="failed", reason="the explanation worker is not running"))
             return job.future
         if self._queued >= self.queue_size:
@@ -165,12 +175,19 @@ class ExplanationWorker:
             return job.future
         self._lanes.setdefault(job.request_id, deque()).append(job)
         self._queued += 1
+        self._track(job, loop)
+        self._ready.set()
+        return job.future
+
+    def _alive(self) -> bool:
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    def _track(self, job: ExplanationJob, loop: asyncio.AbstractEventLoop) -> None:
+        """Count ``job`` as its request's unresolved work, under the request's deadline timer."""
         self._pending.setdefault(job.request_id, set()).add(job)
         if job.deadline is not None and job.request_id not in self._deadlines:
             self._deadlines[job.request_id] = loop.call_at(job.deadline, self.cancel, job.request_id,
                                                            job.deadline_reason)
-        self._ready.set()
-        return job.future
 
     def cancel(self, request_id: str, reason: str = "the request was cancelled") -> None:
         """Resolve the request's pending jobs as skipped (its client went away, it ended, or its
@@ -283,7 +300,10 @@ class ExplanationWorker:
 
         results = [exp for _, exp in group]
         wanted = [job.claims for job, _ in group]
+        hypotheses = [job.hypotheses for job, _ in group]
         extra = {"claims": wanted} if any(wanted) else {}  # runtimes without claim support still score
+        if any(hypotheses):
+            extra["hypotheses"] = hypotheses
         try:
             await self.runtime.score(results, torch.stack([job.vector for job, _ in group]), reconstruct, **extra)
         except asyncio.CancelledError:
@@ -295,5 +315,13 @@ class ExplanationWorker:
                                                reason=f"the reconstructor failed: {type(e).__name__}: {e}"))
             return
         for job, exp in group:
-            self.cache.put(cache_key(job.vector, *job.settings), exp)
-            self._resolve(job, exp)
+            self.cache.put(cache_key(job.vector, *job.settings), cacheable(exp))
+            self._resolve(job, exp, cached=bool(exp.extra.get("cached")))
+
+
+def cacheable(exp: Explanation) -> Explanation:
+    """What the cache keeps of a result: the explanation and its scores, not a request's
+    hypotheses (the key does not hold them; a cached text is rescored for each request's own)."""
+    if "hypotheses" not in exp.extra and "cached" not in exp.extra:
+        return exp
+    return dataclasses.replace(exp, extra={k: v for k, v in exp.extra.items() if k not in ("hypotheses", "cached")})

@@ -10,6 +10,10 @@ and name the file, the field and what was expected.
 The FVE baseline is not part of the released sidecars: it is read from our own field
 ``nla_serve.fve_baseline`` (written by ``nla-serve calibrate``), else taken from the configuration,
 else from the published values of the released pairs, else left unknown (``fve`` is then null).
+
+The thresholds that turn a claim's support into a verdict (``nla_serve.claim_thresholds``, and
+``nla_serve.hypothesis_thresholds`` for user-written claims, both written by ``nla-serve calibrate``;
+see ``train/calibrate_claims.py``) are read here too. Without them a pair gives no verdicts.
 """
 
 from __future__ import annotations
@@ -71,11 +75,23 @@ class ARCheckpoint:
 
 
 @dataclass(frozen=True)
+class SupportThresholds:
+    """Where support (FVE units) turns into a verdict: ``supported`` at or above ``supported``,
+    ``contradicted`` at or below ``contradicted``, else ``unsupported`` (``nla/support.py``)."""
+
+    supported: float
+    contradicted: float
+    source: str  # the sidecar it came from and what it was measured on
+
+
+@dataclass(frozen=True)
 class NLACheckpoint:
     av: AVCheckpoint
     ar: ARCheckpoint | None
     fve_baseline: float | None
     baseline_source: str  # where the baseline came from, or why there is none
+    claim_thresholds: SupportThresholds | None = None  # None: claims get no verdict
+    hypothesis_thresholds: SupportThresholds | None = None  # the same for user-written claims
 
     @property
     def layer(self) -> int:
@@ -342,6 +358,54 @@ def resolve_baseline(av: AVCheckpoint, ar: ARCheckpoint | None, configured: floa
     return None, "no FVE baseline known for this NLA; run `nla-serve calibrate` or configure one"
 
 
+THRESHOLD_KEYS = ("claim_thresholds", "hypothesis_thresholds")
+
+
+def _number(value: Any, file: Path, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(str(file), key, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def read_thresholds(ck: AVCheckpoint | ARCheckpoint, name: str, baseline: float | None) -> SupportThresholds | None:
+    """``nla_serve.<name>`` of one sidecar, checked, or None when absent. Support is a difference of
+    mse divided by the FVE baseline, so thresholds measured under another baseline (their own
+    ``fve_baseline``) are rescaled to the one in use: the same mse differences, the same verdicts."""
+    file, key = ck.path / META, f"nla_serve.{name}"
+    block = _get(ck.meta, key)
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise CheckpointError(str(file), key, f"expected a mapping with supported and contradicted, got {block!r}")
+    supported = _number(block.get("supported"), file, f"{key}.supported")
+    contradicted = _number(block.get("contradicted"), file, f"{key}.contradicted")
+    if not contradicted < supported:
+        raise CheckpointError(str(file), f"{key}.contradicted",
+                              f"is {contradicted}; it must be below {key}.supported ({supported})")
+    measured_with = block.get("fve_baseline")
+    source = f"{file}: {block.get('measured_on') or 'measured_on not given'}"
+    if measured_with is not None:
+        measured_with = _number(measured_with, file, f"{key}.fve_baseline")
+        if measured_with <= 0:
+            raise CheckpointError(str(file), f"{key}.fve_baseline", f"expected a positive number, got {measured_with}")
+        if baseline is not None and abs(measured_with - baseline) > 1e-9:
+            scale = measured_with / baseline
+            supported, contradicted = supported * scale, contradicted * scale
+            source += f" (rescaled from FVE baseline {measured_with:g} to {baseline:g})"
+    return SupportThresholds(supported=supported, contradicted=contradicted, source=source)
+
+
+def resolve_thresholds(av: AVCheckpoint, ar: ARCheckpoint | None, name: str,
+                       baseline: float | None) -> SupportThresholds | None:
+    """The AR's sidecar first, as for the baseline: support is the AR's reading."""
+    for ck in (ar, av):
+        if ck is not None:
+            found = read_thresholds(ck, name, baseline)
+            if found is not None:
+                return found
+    return None
+
+
 def load_nla(av_dir: str | Path, ar_dir: str | Path | None = None, *, target_hidden_size: int | None = None,
              target_num_layers: int | None = None, target_model_type: str | None = None,
              fve_baseline: float | None = None) -> NLACheckpoint:
@@ -366,4 +430,6 @@ def load_nla(av_dir: str | Path, ar_dir: str | Path | None = None, *, target_hid
             raise CheckpointError(str(ar_file), "extraction_layer_index",
                                   f"is {ar.layer} but the AV was trained on layer {av.layer}")
     baseline, source = resolve_baseline(av, ar, fve_baseline)
-    return NLACheckpoint(av=av, ar=ar, fve_baseline=baseline, baseline_source=source)
+    claim_t, hypothesis_t = (resolve_thresholds(av, ar, name, baseline) for name in THRESHOLD_KEYS)
+    return NLACheckpoint(av=av, ar=ar, fve_baseline=baseline, baseline_source=source,
+                         claim_thresholds=claim_t, hypothesis_thresholds=hypothesis_t)

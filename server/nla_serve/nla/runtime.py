@@ -20,7 +20,7 @@ from nla_serve.errors import ClientError
 from nla_serve.nla.checkpoint import NLACheckpoint, read_config
 from nla_serve.model_folder import dtype_name
 from nla_serve.nla.reconstructor import Reconstructor
-from nla_serve.nla.support import score_with_claims
+from nla_serve.nla.support import score_explanations
 from nla_serve.nla.verbalizer import Verbalization, Verbalizer
 from nla_serve.types import Explanation
 
@@ -143,9 +143,11 @@ class NLARuntime:
         return [to_explanation(vb) for vb in verbs]
 
     async def score(self, results: list[Explanation], vectors: "torch.Tensor", reconstruct: bool = True,
-                    claims: list[bool] | None = None) -> None:
-        """Fill mse/cos/fve in place for every result that has text, and ``claims`` (their support,
-        nla/support.py) where ``claims`` asks, in the same reconstructor pass."""
+                    claims: list[bool] | None = None, hypotheses: "list[tuple[str, ...]] | None" = None) -> None:
+        """Fill mse/cos/fve in place for every result that has text; ``claims`` (their support and
+        verdict, nla/support.py) where ``claims`` asks, and ``extra["hypotheses"]`` where
+        ``hypotheses`` gives some (user-written claims, each with the FVE it adds), all in the same
+        reconstructor pass."""
         vectors = check_vectors(vectors, self.d_model)
         todo = [i for i, r in enumerate(results) if r.text is not None]
         if not todo:
@@ -155,15 +157,19 @@ class NLARuntime:
             for i in todo:
                 results[i].fve_reason = why
             return
-        wants = [bool(claims and claims[i]) for i in todo]
-        scores, supports = await asyncio.to_thread(score_with_claims, self.reconstructor,
-                                                   [results[i].text for i in todo], vectors[todo],
-                                                   self.ckpt.fve_baseline, wants)
-        for i, s, support in zip(todo, scores, supports):
-            r = results[i]
-            r.mse, r.cos, r.fve, r.claims = s.mse, s.cos, s.fve, support
+        ck = self.ckpt
+        scored = await asyncio.to_thread(
+            score_explanations, self.reconstructor, [results[i].text for i in todo], vectors[todo], ck.fve_baseline,
+            claims=[bool(claims and claims[i]) for i in todo],
+            hypotheses=[tuple(hypotheses[i]) if hypotheses else () for i in todo],
+            claim_thresholds=ck.claim_thresholds, hypothesis_thresholds=ck.hypothesis_thresholds)
+        for n, i in enumerate(todo):
+            r, s = results[i], scored.scores[n]
+            r.mse, r.cos, r.fve, r.claims = s.mse, s.cos, s.fve, scored.claims[n]
+            if scored.hypotheses[n] is not None:
+                r.extra["hypotheses"] = scored.hypotheses[n]
             if s.fve is None:
-                r.fve_reason = self.ckpt.baseline_source
+                r.fve_reason = ck.baseline_source
 
     async def reconstruct(self, texts: list[str]) -> "torch.Tensor":
         """Text -> vector: the AR's prediction for each explanation text, [N, d] float32 on the CPU,

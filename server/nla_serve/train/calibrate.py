@@ -7,7 +7,8 @@ sqrt(d)-normalised activations around their mean, averaged over dimensions,
 It is measured on held-out text and written as ``nla_serve: {fve_baseline: x}`` (plus how it was
 measured) into the ``nla_meta.yaml`` of both folders, where ``checkpoint.resolve_baseline``
 reads it. Works for any NLA folder, released ones included, and for LoRA folders (the sidecar
-lives in the adapter folder).
+lives in the adapter folder). The thresholds that turn claim support into verdicts are calibrated
+beside it (``calibrate_claims.py``; ``nla-serve calibrate`` runs both).
 
 Note what the baseline does *not* promise: an AR that always predicts one direction ``c`` cannot
 output the mean itself (its prediction is normalised to norm sqrt(d)); its best FVE is
@@ -36,7 +37,8 @@ def fve_baseline(vectors: "torch.Tensor") -> float:
     return float(((x - x.mean(dim=0)) ** 2).mean())
 
 
-def write_baseline(folders: list[Path], baseline: float, *, n: int, measured_on: str) -> None:
+def update_sidecars(folders: list[Path], updates: dict) -> None:
+    """Set keys of the ``nla_serve`` block of each folder's ``nla_meta.yaml``, the rest kept as it is."""
     import yaml
 
     from nla_serve.nla.sidecar import write_meta
@@ -44,10 +46,13 @@ def write_baseline(folders: list[Path], baseline: float, *, n: int, measured_on:
     for folder in folders:
         path = Path(folder) / "nla_meta.yaml"
         meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-        block = meta.get("nla_serve") or {}
-        block.update({"fve_baseline": round(baseline, 6), "fve_baseline_n": n, "fve_baseline_measured_on": measured_on})
-        meta["nla_serve"] = block
+        meta["nla_serve"] = (meta.get("nla_serve") or {}) | updates
         write_meta(path, meta)
+
+
+def write_baseline(folders: list[Path], baseline: float, *, n: int, measured_on: str) -> None:
+    update_sidecars(folders, {"fve_baseline": round(baseline, 6), "fve_baseline_n": n,
+                              "fve_baseline_measured_on": measured_on})
 
 
 def calibrate(av: Path | None, ar: Path | None, vectors: "torch.Tensor", *, measured_on: str) -> float:

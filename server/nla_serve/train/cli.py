@@ -58,6 +58,7 @@ HELP = {
     "eval_n": "held-out activations evaluated after training", "eval_max_tokens": "AV token limit in eval",
     "calibrate_n": "held-out activations used for the FVE baseline",
 }
+HELDOUT_FRACTION = TrainConfig.heldout_fraction  # the trainer's default split
 POSITIONAL = {"target", "layer", "work", "out", "stages", "sources", "progress"}
 
 
@@ -111,7 +112,7 @@ def run_train(args) -> int:
 def _activations(args, layer: int):
     """Held-out activations: from a training work dir, or collected now from text sources."""
     from nla_serve.train.activations import collect, load_activations
-    from nla_serve.train.corpus import text_sources_documents
+    from nla_serve.train.corpus import is_heldout, text_sources_documents
     from nla_serve.model_folder import resolve_device
 
     if args.work:
@@ -119,9 +120,12 @@ def _activations(args, layer: int):
     if not args.target:
         sys.exit("give --work (a training work dir) or --target with --source (text to measure on)")
     cache = Path(args.activations_dir or Path(args.out_json or ".").resolve().parent / ".nla-activations")
-    docs = text_sources_documents(args.sources or ["kjv", "pydoc"], args.docs_per_source)
+    # Only held-out documents are used, so only they are read (a tenth of the work); the split is by a
+    # hash of each document, the trainer's own rule at its default fraction, so none was trained on.
+    docs = (d for d in text_sources_documents(args.sources or ["kjv", "pydoc"], args.docs_per_source)
+            if is_heldout(d.source, d.id, HELDOUT_FRACTION))
     return collect(args.target, docs, layer, cache, device=resolve_device(args.device),
-                   progress=not args.no_progress).split("heldout")
+                   heldout_fraction=HELDOUT_FRACTION, progress=not args.no_progress).split("heldout")
 
 
 def add_common(p) -> None:
@@ -178,20 +182,50 @@ def run_eval(args) -> int:
 
 
 def add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure the FVE baseline on held-out text and store it in the sidecars")
+    p = sub.add_parser("calibrate", help="measure the FVE baseline and the claim-support thresholds on held-out "
+                                         "activations and store them in the sidecars")
     add_common(p)
-    p.add_argument("--n", type=int, default=4000, help="held-out activations to use (default 4000)")
+    p.add_argument("--n", type=int, default=4000, help="held-out activations for the FVE baseline (default 4000)")
+    p.add_argument("--only", choices=["baseline", "thresholds"],
+                   help="calibrate only this (thresholds: keep the sidecar's baseline, measured on other activations)")
+    p.add_argument("--claims-n", type=int, default=300,
+                   help="held-out activations the pair explains for the support thresholds, drawn evenly across "
+                        "sources (default 300; 0 skips the thresholds)")
+    p.add_argument("--claims-quantile", type=float, default=0.95,
+                   help="supported at this quantile of the foreign claims' support, contradicted at 1 minus it "
+                        "(default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=200, help="AV token limit for those explanations (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the activations drawn and of the foreign pairing")
     p.set_defaults(func=run_calibrate, out_json=None)
 
 
 def run_calibrate(args) -> int:
-    from nla_serve.train.calibrate import calibrate
+    from nla_serve.train.calibrate import calibrate, fve_baseline
+    from nla_serve.train.calibrate_claims import calibrate_thresholds
+    from nla_serve.train.evaluate import stratified
+    from nla_serve.model_folder import resolve_device
 
     acts = _activations(args, _layer(args.av))
-    vecs = acts.vectors[: args.n]
     where = f"work dir {args.work}" if args.work else f"text {','.join(args.sources or ['kjv', 'pydoc'])}"
-    baseline = calibrate(args.av, args.ar, vecs, measured_on=f"{len(vecs)} held-out activations of {where}")
-    print(json.dumps({"fve_baseline": baseline, "n": len(vecs)}))
+    out: dict = {}
+    vecs = acts.vectors[: args.n]
+    if len(vecs) < 2:
+        sys.exit(f"need at least 2 held-out activations, got {len(vecs)}")
+    # The baseline is written after the thresholds: a LoRA pair is merged under a key that hashes its
+    # sidecar, so writing it first would cost one more merge of the whole model.
+    baseline = fve_baseline(vecs) if args.only != "thresholds" else None
+    if args.only != "baseline" and args.claims_n > 0:
+        rows = stratified(acts.records, args.claims_n, args.seed)
+        blocks = calibrate_thresholds(
+            args.av, args.ar, acts.vectors[rows], baseline=baseline, quantile_q=args.claims_quantile,
+            max_tokens=args.max_tokens, seed=args.seed, device=resolve_device(args.device), base=args.target,
+            cache_dir=args.cache_dir, measured_on=f"{len(rows)} held-out activations of {where} (seed {args.seed})")
+        out |= {name: {k: b[k] for k in ("supported", "contradicted", "null_quantiles", "n")}
+                for name, b in blocks.items()}
+    if baseline is not None:
+        baseline = calibrate(args.av, args.ar, vecs, measured_on=f"{len(vecs)} held-out activations of {where}")
+        out = {"fve_baseline": baseline, "n": len(vecs)} | out
+    print(json.dumps(out))
     return 0
 
 

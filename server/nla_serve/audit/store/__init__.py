@@ -1,7 +1,8 @@
 """The audit log's database: SQLite (embedded, the default) or PostgreSQL (several replicas).
 
-    rows.py      the rows read and written (RecordRow, TextRow, Batch)
+    rows.py      the rows read and written (RecordRow, TextRow, ClaimRow, Batch)
     schema.py    the tables, described once, and the numbered migrations; the version in ``meta``
+    claims.py    the claims of explanations as rows, derived from signed entries (search by verdict)
     base.py      Store: connections, the write path and every read, in portable SQL
     sqlite.py    SQLiteStore: WAL, BEGIN IMMEDIATE, FTS5 trigram search
     postgres.py  PostgresStore: advisory locks, pg_trgm search
@@ -16,16 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from nla_serve.audit.store.base import Store
+from nla_serve.audit.store.claims import VERDICTS, Claimed, entry_claims, explanation_claims
 from nla_serve.audit.store.postgres import PostgresStore
-from nla_serve.audit.store.rows import Batch, RecordRow, TextRow
+from nla_serve.audit.store.rows import Batch, ClaimRow, RecordRow, TextRow
 from nla_serve.audit.store.schema import MIGRATIONS, Migration, SchemaError, newest
 from nla_serve.audit.store.search import (Hit, QueryError, SearchQuery, find_hits, like_escape, parse_query,
                                           parse_time, search_log, searchable, snippet)
 from nla_serve.audit.store.sqlite import SQLiteStore
 
-__all__ = ["Batch", "Hit", "MIGRATIONS", "Migration", "PostgresStore", "QueryError", "RecordRow", "SQLiteStore",
-           "SchemaError", "SearchQuery", "Store", "TextRow", "find_hits", "is_dsn", "like_escape", "newest",
-           "open_store", "parse_query", "parse_time", "search_log", "searchable", "snippet"]
+__all__ = ["Batch", "ClaimRow", "Claimed", "Hit", "MIGRATIONS", "Migration", "PostgresStore", "QueryError",
+           "RecordRow", "SQLiteStore", "SchemaError", "SearchQuery", "Store", "TextRow", "VERDICTS", "entry_claims",
+           "explanation_claims", "find_hits", "is_dsn", "like_escape", "newest", "open_store", "parse_query",
+           "parse_time", "search_log", "searchable", "snippet"]
 
 
 def is_dsn(where: str) -> bool:

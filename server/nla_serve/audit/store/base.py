@@ -4,7 +4,7 @@ A backend subclass (sqlite.py, postgres.py) says how it differs, and the code he
 one it is: ``connect``, ``sql`` (its placeholder style), ``executemany``, ``end_reads`` (end a read's
 transaction at once), ``table_names``, ``begin_schema`` and ``begin_append`` (its locks),
 ``match_terms`` (how search terms match), and the attributes ``dialect`` (which SQL the schema's
-migrations write) and ``text_key`` (the texts table's key).
+migrations write), ``text_key`` (the texts table's key) and ``like`` (its case-insensitive LIKE).
 
 Writers go through ``begin_append`` / ``write`` / ``commit`` only: ``begin_append`` takes the log's
 write lock (``BEGIN IMMEDIATE`` / an advisory lock), so that several processes can share one log,
@@ -16,8 +16,10 @@ from __future__ import annotations
 import threading
 from typing import Iterator, Sequence
 
+from nla_serve.audit.store.claims import INSERT as INSERT_CLAIM
+from nla_serve.audit.store.claims import entry_claims, values_of
+from nla_serve.audit.store.rows import Batch, ClaimRow, RecordRow, TextRow
 from nla_serve.audit.store.schema import upgrade
-from nla_serve.audit.store.rows import Batch, RecordRow, TextRow
 from nla_serve.audit.store.search import searchable
 
 
@@ -27,6 +29,7 @@ class Store:
     dialect: str = ""  # the schema's name for the backend's SQL ("sqlite", "postgresql")
     text_key: str = ""  # the texts table's key column: orders search hits, and is the search cursor
     end_reads: bool = False  # commit after each read outside a write (no snapshot held while idle)
+    like: str = "LIKE"  # how search matches words inside a claim (search.py): any case, as the backend can
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -118,6 +121,7 @@ class Store:
     def write(self, batch: Batch) -> None:
         """Inside ``begin_append``'s transaction; the caller commits."""
         if batch.prune_through is not None:
+            self.execute("DELETE FROM claims WHERE seq <= ?", (batch.prune_through,))
             self.execute("DELETE FROM texts WHERE seq <= ?", (batch.prune_through,))
             # retention records stay: they are what tells ``verify`` which deletions were lawful
             self.execute("DELETE FROM records WHERE seq <= ? AND kind != 'retention'", (batch.prune_through,))
@@ -129,18 +133,39 @@ class Store:
         if batch.nodes:
             self.executemany("INSERT INTO tree (level, idx, hash) VALUES (?, ?, ?)", batch.nodes)
         if batch.texts:
-            self.insert_texts(batch.texts)
+            self.insert_texts(batch.texts, batch.records)
         if batch.checkpoint is not None:
             # another replica may have signed this very size already: both notes say the same
             self.execute("INSERT INTO checkpoints (size, time, note) VALUES (?, ?, ?) ON CONFLICT (size) DO NOTHING",
                          batch.checkpoint)
 
-    def insert_texts(self, texts: list[TextRow]) -> None:
-        self.executemany((
-            "INSERT INTO texts (seq, record_id, time, model, key_id, source, choice_index, token_index, token, "
-            "status, fve, grounding, monitors, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-            [(t.seq, t.record_id, t.time, t.model, t.key_id, t.source, t.choice_index, t.token_index,
-              searchable(t.token), t.status, t.fve, t.grounding, t.monitors, searchable(t.text)) for t in texts])
+    _INSERT_TEXT = ("INSERT INTO texts (seq, record_id, time, model, key_id, source, choice_index, token_index, "
+                    "token, status, fve, grounding, monitors, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+    def insert_texts(self, texts: list[TextRow], records: list[RecordRow] = ()) -> None:
+        """The search rows, in order, and the claim rows of ``records``' explanations (claims.py):
+        an explanation with claims is inserted alone, for its key; the others in runs."""
+        claimed = {(r.seq, c.ordinal): c for r in records for c in entry_claims(r.entry)}
+        place: dict[int, int] = {}  # seq -> rows of that record so far
+        run: list[tuple] = []
+        claim_rows: list[ClaimRow] = []
+        for t in texts:
+            n = place[t.seq] = place.get(t.seq, -1) + 1
+            values = (t.seq, t.record_id, t.time, t.model, t.key_id, t.source, t.choice_index, t.token_index,
+                      searchable(t.token), t.status, t.fve, t.grounding, t.monitors, searchable(t.text))
+            c = claimed.get((t.seq, n))
+            if c is None or not c.fits(t.source, t.choice_index, t.token_index):
+                run.append(values)
+                continue
+            if run:
+                self.executemany(self._INSERT_TEXT, run)
+                run = []
+            key = self.execute(self._INSERT_TEXT + f" RETURNING {self.text_key}", values).fetchone()[0]
+            claim_rows += c.rows(t.seq, int(key))
+        if run:
+            self.executemany(self._INSERT_TEXT, run)
+        if claim_rows:
+            self.executemany(INSERT_CLAIM, [values_of(c) for c in claim_rows])
 
     # -- reads ----------------------------------------------------------------------------------
     def node(self, level: int, idx: int) -> bytes:
@@ -215,6 +240,23 @@ class Store:
             last_key, last_seq = chunk[-1][0], chunk[-1][1]
             # the next rows after (seq, key): ``seq >= ?`` keeps the seq index usable on both backends
             where, args = f"seq >= ? AND (seq > ? OR {key} > ?)", (last_seq, last_seq, last_key)
+
+    def iter_claims(self, batch: int = 5000) -> Iterator[tuple]:
+        """Every claim row in (seq, key) order, as stored, with the texts row it is tied to (its seq,
+        source, choice_index, token_index and text; None when there is no such row): (seq, parent
+        seq, source, choice_index, token_index, parent text, idx, verdict, support, text)."""
+        key = self.text_key
+        where, args = "1 = 1", ()
+        while True:
+            chunk = self.rows(f"SELECT c.{key}, c.seq, t.seq, t.source, t.choice_index, t.token_index, t.text, c.idx, "
+                              f"c.verdict, c.support, c.text FROM claims c LEFT JOIN texts t ON t.{key} = c.text_row "
+                              f"WHERE {where} ORDER BY c.seq, c.{key} LIMIT ?", (*args, batch))
+            if not chunk:
+                return
+            for r in chunk:
+                yield tuple(r[1:])
+            last_key, last_seq = chunk[-1][0], chunk[-1][1]
+            where, args = f"c.seq >= ? AND (c.seq > ? OR c.{key} > ?)", (last_seq, last_seq, last_key)
 
     def records_of_kind(self, kind: str) -> list[RecordRow]:
         return [self._record(x) for x in

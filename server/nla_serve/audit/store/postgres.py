@@ -19,6 +19,7 @@ class PostgresStore(Store):
     dialect = "postgresql"
     text_key = "id"
     end_reads = True
+    like = "ILIKE"
 
     def __init__(self, dsn: str):
         super().__init__()

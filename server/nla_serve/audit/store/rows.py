@@ -1,5 +1,5 @@
-"""The rows the audit store reads and writes, as plain dataclasses: a record, a search text, and the
-batch one group commit writes. They are shared by the writer (log.py), the record builder
+"""The rows the audit store reads and writes, as plain dataclasses: a record, a search text, a claim
+of an explanation, and the batch one group commit writes. They are shared by the writer (log.py), the record builder
 (record.py), verification and search, and know nothing about SQL or about which database holds them.
 """
 
@@ -36,6 +36,18 @@ class TextRow:
     fve: float | None
     grounding: float | None
     monitors: str  # ",rule,rule," so that a rule filter is one LIKE
+    text: str
+
+
+@dataclass
+class ClaimRow:
+    """One claim of an explanation (store/claims.py), tied to the explanation's search row."""
+
+    seq: int
+    text_row: int  # the key of its explanation's row in ``texts`` (``Store.text_key``)
+    idx: int  # its place among the explanation's claims
+    verdict: str | None  # "supported" | "unsupported" | "contradicted"; None: no verdict known
+    support: float | None
     text: str
 
 

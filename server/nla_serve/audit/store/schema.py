@@ -8,6 +8,8 @@
                  SQLite FTS5 (trigram tokenizer: substrings, any script, CJK included) or
                  PostgreSQL pg_trgm (the same substring semantics, case-insensitive)
     meta         origin and verifier key of the log, and ``schema``: the schema version
+    claims       (version 2) one row per claim of an explanation: its verdict, support and text,
+                 tied to the explanation's texts row, for search by verdict (claims.py)
 
 ``TABLES`` and ``INDEXES`` are the one description of the tables (version 1's; later versions are
 the steps after it); ``ddl`` writes it in each backend's types. ``MIGRATIONS`` is the ordered list of numbered steps, each a function of the store (SQL per
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from nla_serve.audit.store.claims import backfill
 
 # The tables as migration 1 creates them: (column, portable type, constraint); "key" is the texts
 # table's own key (``Store.text_key``). Frozen: a later version is a later step (ALTER TABLE ...).
@@ -69,17 +73,26 @@ class SchemaError(RuntimeError):
     """The database's schema is not one this release can use (newer, or half of one)."""
 
 
-def ddl(dialect: str, text_key: str) -> list[str]:
-    """The statements creating ``TABLES`` and ``INDEXES`` in ``dialect`` (idempotent)."""
+# Version 2: the claims of explanations ("key" again the backend's own key column, named like the
+# texts table's; ``text_row`` holds the key of the explanation's texts row).
+CLAIMS = (("key", "serial", ""), ("seq", "bigint", "NOT NULL"), ("text_row", "bigint", "NOT NULL"),
+          ("idx", "int", "NOT NULL"), ("verdict", "text", ""), ("support", "float", ""), ("text", "text", "NOT NULL"))
+CLAIMS_INDEXES = (("claims_seq", "claims", "seq"), ("claims_text_row", "claims", "text_row"),
+                  ("claims_verdict", "claims", "verdict, text_row"))
+
+
+def ddl(dialect: str, text_key: str, tables: dict = TABLES, indexes: tuple = INDEXES) -> list[str]:
+    """The statements creating ``tables`` and ``indexes`` (version 1's by default) in ``dialect``
+    (idempotent)."""
     types, suffix = TYPES[dialect], TABLE_SUFFIX[dialect]
     out = []
-    for table, columns in TABLES.items():
+    for table, columns in tables.items():
         cols = []
         for name, kind, constraint in columns:
             name = text_key if name == "key" else name
             cols.append(" ".join(x for x in (name, types.get(kind, ""), constraint) if x))
         out.append(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)}){suffix.get(table, '')}")
-    out += [f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({col})" for name, table, col in INDEXES]
+    out += [f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({col})" for name, table, col in indexes]
     return out
 
 
@@ -87,6 +100,14 @@ def create_v1(store) -> None:
     """Version 1: the tables of the first release, and the backend's text search index."""
     for statement in ddl(store.dialect, store.text_key) + TEXT_SEARCH[store.dialect]:
         store.execute(statement)
+
+
+def create_v2(store) -> None:
+    """Version 2: the claims table, filled from the records already in the log (their signed
+    entries, as the writer fills it from now on)."""
+    for statement in ddl(store.dialect, store.text_key, {"claims": CLAIMS}, CLAIMS_INDEXES):
+        store.execute(statement)
+    backfill(store)
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,8 @@ class Migration:
 MIGRATIONS: list[Migration] = [
     Migration(1, "the first release's tables: records, tree, checkpoints, texts with their search index, meta",
               create_v1),
+    Migration(2, "claims: each claim of an explanation with its verdict and support, for search by verdict; "
+                 "filled from the signed records", create_v2),
 ]
 
 

@@ -7,6 +7,13 @@ order (newest first), with the same snippets, match positions and next cursor, w
 matched (``Store.match_terms``: FTS5 trigram on SQLite, ``ILIKE`` over pg_trgm on PostgreSQL), its
 placeholder style, and the name of the texts table's key (``Store.text_key``), which orders the
 hits and is the paging cursor.
+
+``verdict`` (supported | unsupported | contradicted | unknown, the last for a claim with no verdict)
+keeps the explanations having a claim with that verdict (claims.py) and, with words, a claim with
+that verdict holding every word: the words are then searched inside one claim, not across the
+explanation. Such hits also list those claims (``claims``: text, support, verdict). Inside claims
+words match as ``LIKE`` on SQLite (case folded for ASCII letters only, like its short terms) and
+``ILIKE`` on PostgreSQL (``Store.like``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class SearchQuery(BaseModel):
     source: str | None = Field(default=None, pattern="^(prompt|completion|output|vector)$",
                                description="prompt | completion (explanations of tokens there), output (answers), vector")
     request_id: str | None = None
+    verdict: str | None = Field(default=None, pattern="^(supported|unsupported|contradicted|unknown)$",
+                                description="explanations with a claim of this verdict (unknown: none known); "
+                                            "the words must then occur in that claim")
     limit: int = Field(default=20, ge=1, le=200)
     cursor: int | None = Field(default=None, ge=0, description="next_cursor of the previous page")
 
@@ -144,7 +154,7 @@ _SIMPLE = [("since", "time >= ?"), ("until", "time < ?"), ("model", "model = ?")
            ("request_id", "record_id = ?")]
 
 
-def _filters(q: SearchQuery, key: str) -> tuple[list[str], list]:
+def _filters(q: SearchQuery, store) -> tuple[list[str], list]:
     where, args = [], []
     for name, clause in _SIMPLE:
         value = getattr(q, name)
@@ -154,36 +164,71 @@ def _filters(q: SearchQuery, key: str) -> tuple[list[str], list]:
     if q.monitor is not None:
         where.append("t.monitors LIKE ? ESCAPE '\\'")
         args.append("%," + like_escape(q.monitor) + ",%")
+    if q.verdict is not None:
+        claims, claim_args = _claims_where(q, store)
+        where.append(f"t.{store.text_key} IN (SELECT c.text_row FROM claims c WHERE {claims})")
+        args += claim_args
     if q.cursor is not None:
-        where.append(f"t.{key} < ?")
+        where.append(f"t.{store.text_key} < ?")
         args.append(q.cursor)
     return where, args
+
+
+def _claims_where(q: SearchQuery, store) -> tuple[str, list]:
+    """The claims ``q.verdict`` asks for, holding every word of ``q``."""
+    where, args = ["c.verdict IS NULL" if q.verdict == "unknown" else "c.verdict = ?"], []
+    if q.verdict != "unknown":
+        args.append(q.verdict)
+    for term in q.terms():
+        where.append(f"c.text {store.like} ? ESCAPE '\\'")
+        args.append("%" + like_escape(term) + "%")
+    return " AND ".join(where), args
 
 
 def find_hits(store, q: SearchQuery) -> list[Hit]:
     """The text rows matching ``q``, newest first (by the texts table's key), at most ``q.limit``."""
     key = store.text_key
     source, where, args = store.match_terms(q.terms())
-    more, more_args = _filters(q, key)
+    more, more_args = _filters(q, store)
     sql = (f"SELECT t.{key}, {_TEXT_COLS} FROM {source} WHERE {' AND '.join(where + more) or '1 = 1'} "
            f"ORDER BY t.{key} DESC LIMIT ?")
     return [Hit(int(r[0]), TextRow(int(r[1]), r[2], float(r[3]), *r[4:]))
             for r in store.rows(sql, (*args, *more_args, q.limit))]
 
 
-def hit_document(hit: Hit, terms: list[str]) -> dict:
-    """One hit as the API returns it and ``nla-serve audit search --json`` prints it."""
+def matched_claims(store, q: SearchQuery, hits: list[Hit]) -> dict[int, list[dict]]:
+    """For a query with ``verdict``: each hit's claims that made it one, in order."""
+    if q.verdict is None or not hits:
+        return {}
+    where, args = _claims_where(q, store)
+    marks = ", ".join("?" for _ in hits)
+    rows = store.rows(f"SELECT c.text_row, c.text, c.support, c.verdict FROM claims c WHERE c.text_row IN ({marks}) "
+                      f"AND {where} ORDER BY c.text_row, c.idx", (*[h.rowid for h in hits], *args))
+    out: dict[int, list[dict]] = {}
+    for row, text, support, verdict in rows:
+        out.setdefault(int(row), []).append({"text": text, "support": support, "verdict": verdict})
+    return out
+
+
+def hit_document(hit: Hit, terms: list[str], claims: list[dict] | None = None) -> dict:
+    """One hit as the API returns it and ``nla-serve audit search --json`` prints it (``claims``:
+    the claims a verdict filter matched)."""
     t = hit.row
     text, match = snippet(t.text, terms)
-    return {"request_id": t.record_id, "seq": t.seq, "time": iso(t.time), "model": t.model, "key_id": t.key_id,
-            "source": t.source, "choice_index": t.choice_index, "token_index": t.token_index, "token": t.token,
-            "status": t.status, "fve": t.fve, "grounding": t.grounding,
-            "monitors": [m for m in t.monitors.split(",") if m], "snippet": text, "match": match}
+    doc = {"request_id": t.record_id, "seq": t.seq, "time": iso(t.time), "model": t.model, "key_id": t.key_id,
+           "source": t.source, "choice_index": t.choice_index, "token_index": t.token_index, "token": t.token,
+           "status": t.status, "fve": t.fve, "grounding": t.grounding,
+           "monitors": [m for m in t.monitors.split(",") if m], "snippet": text, "match": match}
+    if claims is not None:
+        doc["claims"] = claims
+    return doc
 
 
 def search_log(store, q: SearchQuery) -> dict:
     """The one search: a page of hits for ``q`` and the cursor of the next page (None on the last)."""
     hits = find_hits(store, q)
     terms = q.terms()
-    return {"object": "list", "data": [hit_document(h, terms) for h in hits],
+    claims = matched_claims(store, q, hits)
+    return {"object": "list",
+            "data": [hit_document(h, terms, claims.get(h.rowid, []) if q.verdict else None) for h in hits],
             "next_cursor": hits[-1].rowid if len(hits) == q.limit else None}

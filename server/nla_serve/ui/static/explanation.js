@@ -1,5 +1,6 @@
-// One explanation item, shown for people: token chips, the FVE in plain words, grounding with the
-// quotes found in the context highlighted, monitor events. Used by the playground and the records.
+// One explanation item, shown for people: token chips, the FVE in plain words, its claims with their
+// support and verdict, grounding with the quotes found in the context highlighted, monitor events.
+// Used by the playground and the records.
 
 /** Build an element: h("p", {class: "x"}, "text", child). */
 export function h(tag, attrs = {}, ...children) {
@@ -40,6 +41,45 @@ export function fveBucket(fve) {
 
 export const FVE_MEANING = "FVE (fraction of variance explained) is how much of the activation vector the reconstructor gets " +
   "back from this text alone: 1 is all of it, 0 is no better than a constant guess, below 0 is worse.";
+
+export const SUPPORT_MEANING = "Support is the FVE a claim adds: the FVE of the whole explanation minus the FVE " +
+  "of the explanation without this claim, both read back by the reconstructor. Positive: the activation carries the " +
+  "claim; negative: the activation goes against it; near 0: the reconstructor cannot tell it from nothing (a topic " +
+  "the NLA never learned to read looks like that too).";
+
+/** A claim's verdict as a mark: a glyph, a word and what it means (null: no verdict known). */
+export const VERDICTS = {
+  supported: { glyph: "✓", word: "supported", meaning: "Its support is at or above the NLA's calibrated threshold for supported claims." },
+  unsupported: { glyph: "○", word: "unsupported", meaning: "Its support is between the NLA's thresholds: the activation neither carries nor contradicts it clearly." },
+  contradicted: { glyph: "✗", word: "contradicted", meaning: "Its support is at or below the NLA's calibrated threshold for contradicted claims." },
+  unknown: { glyph: "?", word: "unknown", meaning: "No verdict: this NLA has no calibrated thresholds (or the claim has no support number)." },
+};
+
+export function verdictOf(claim) {
+  return VERDICTS[claim.verdict] ? claim.verdict : "unknown";
+}
+
+function signed(x) {
+  return x === null || x === undefined ? "—" : `${x >= 0 ? "+" : "−"}${Math.abs(Number(x)).toFixed(3)}`;
+}
+
+/** The claims of an item: each with its verdict mark and support, and a legend saying what they mean. */
+export function claimsBlock(claims) {
+  const legend = h("details", { class: "legend" }, h("summary", {}, "What support and the marks mean"),
+    h("p", {}, SUPPORT_MEANING),
+    h("ul", {}, Object.entries(VERDICTS).map(([key, v]) => h("li", {},
+      h("span", { class: `verdict verdict-${key}` }, `${v.glyph} ${v.word}`), ` ${v.meaning}`))));
+  return h("section", { class: "block claims" },
+    h("h3", {}, `Claims (${claims.length})`),
+    h("ol", {}, claims.map((c) => {
+      const v = VERDICTS[verdictOf(c)];
+      return h("li", { class: "claim", "data-verdict": verdictOf(c) },
+        h("span", { class: `verdict verdict-${verdictOf(c)}`, title: v.meaning }, `${v.glyph} ${v.word}`), " ",
+        h("span", { class: "support", title: SUPPORT_MEANING }, `support ${signed(c.support)}`), " ",
+        h("span", { class: "claim-text" }, c.text));
+    })),
+    legend);
+}
 
 const STATUS_WORDS = {
   ok: "ok",
@@ -101,6 +141,7 @@ export function chipClasses(item) {
   if (item.status !== "ok") bits.push(`status-${item.status}`);
   if (item.monitors && item.monitors.length) bits.push("flagged");
   if (item.below_min_fve) bits.push("below-min");
+  if (Array.isArray(item.claims) && item.claims.length) bits.push("has-claims");
   return bits.join(" ");
 }
 
@@ -109,6 +150,11 @@ export function chipLabel(token, index, item) {
   if (item) {
     label += `, explained, FVE ${fmt(item.fve, 2)} (${fveBucket(item.fve).word})`;
     if (item.monitors && item.monitors.length) label += `, monitor flag: ${item.monitors.join(", ")}`;
+    if (Array.isArray(item.claims) && item.claims.length) {
+      const counts = {};
+      for (const c of item.claims) counts[verdictOf(c)] = (counts[verdictOf(c)] || 0) + 1;
+      label += `, ${item.claims.length} claims (${Object.entries(counts).map(([k, n]) => `${n} ${k}`).join(", ")})`;
+    }
   }
   return label;
 }
@@ -173,6 +219,7 @@ function draw(panel, view) {
     item.below_min_fve ? h("p", { class: "warn" }, "Below this request's min_fve.") : null,
     h("p", { class: "hint" }, FVE_MEANING, ` cos ${fmt(item.cos)}, mse ${fmt(item.mse)}.`),
   ));
+  if (Array.isArray(item.claims)) parts.push(claimsBlock(item.claims));
 
   const grounding = h("section", { class: "block" }, h("h3", {}, "Grounding"));
   if (!g) {

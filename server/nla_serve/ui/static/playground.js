@@ -27,7 +27,7 @@ export class Playground {
     });
     $("stop").addEventListener("click", () => this.controller && this.controller.abort());
     $("clear").addEventListener("click", () => this.reset());
-    for (const id of ["explain-on", "positions", "every", "indices", "max-explanations", "min-fve", "on-low-fve"]) {
+    for (const id of ["explain-on", "positions", "every", "indices", "max-explanations", "min-fve", "on-low-fve", "claims"]) {
       $(id).addEventListener("input", () => this.preview());
     }
     this.preview();
@@ -62,6 +62,7 @@ export class Playground {
       explain.min_fve = Number($("min-fve").value);
       explain.on_low_fve = $("on-low-fve").value;
     }
+    if ($("claims").checked) explain.claims = true;
     return explain;
   }
 

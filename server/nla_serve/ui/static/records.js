@@ -3,7 +3,7 @@
 // its explanations, monitor events and its inclusion proof checked in this browser (verify.js).
 
 import { getJSON } from "./api.js";
-import { chipClasses, chipLabel, fill, h, highlighted, renderPanel, showToken } from "./explanation.js";
+import { chipClasses, chipLabel, fill, h, highlighted, renderPanel, showToken, VERDICTS, verdictOf } from "./explanation.js";
 import { verifyRecordDocument } from "./verify.js";
 
 const $ = (id) => document.getElementById(id);
@@ -51,7 +51,8 @@ export class Records {
       h("td", {}, hit.fve === null ? "—" : hit.fve.toFixed(2)),
       h("td", {}, hit.grounding === null ? "—" : hit.grounding.toFixed(2)),
       h("td", {}, hit.monitors.length ? h("span", { class: "flagged-text" }, `⚑ ${hit.monitors.join(", ")}`) : ""),
-      h("td", { class: "snippet" }, hit.match ? highlighted(hit.snippet, [[hit.match[0], hit.match[1], "found"]]) : hit.snippet),
+      h("td", { class: "snippet" }, hit.match ? highlighted(hit.snippet, [[hit.match[0], hit.match[1], "found"]]) : hit.snippet,
+        hit.claims ? claimList(hit.claims) : null),
     ));
     const more = res.next_cursor !== null
       ? h("button", { type: "button", class: "quiet", onclick: () => this.search(res.next_cursor) }, "Next page") : null;
@@ -187,4 +188,12 @@ export class Records {
       context, origin: "record",
     }, { scroll });
   }
+}
+
+/** The claims a verdict filter matched, under a hit's snippet. */
+function claimList(claims) {
+  return h("ul", { class: "hit-claims" }, claims.map((c) => {
+    const v = VERDICTS[verdictOf(c)];
+    return h("li", {}, h("span", { class: `verdict verdict-${verdictOf(c)}`, title: v.meaning }, `${v.glyph} ${v.word}`), " ", c.text);
+  }));
 }
