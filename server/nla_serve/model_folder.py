@@ -79,14 +79,17 @@ def eos_ids_of(model_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
-def chat_ids(tokenizer, messages: str | list[dict]) -> list[int]:
+def chat_ids(tokenizer, messages: str | list[dict], *, tools: list[dict] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation (or of one user message, given as a string) through the
-    tokenizer's chat template, generation prompt included. Every chat prompt in nla-serve goes
+    tokenizer's chat template (or ``chat_template``), generation prompt included, ``tools`` passed
+    to the template as Hugging Face templates take them. Every chat prompt in nla-serve goes
     through here: tokenized in one step (never render-then-encode, which doubles BOS on
     Llama/Gemma), with transformers' return shapes unwrapped."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=True, tools=tools, chat_template=chat_template)
     ids = out["input_ids"]
     if ids and isinstance(ids[0], list):
         ids = ids[0]

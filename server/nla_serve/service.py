@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from nla_serve.adapters import load_adapters
 from nla_serve.admission import Admission
 from nla_serve.config import ServerSettings
 from nla_serve.engines import TargetEngine, make_engine
@@ -87,6 +88,9 @@ class Service:
         self.model_dir = model_dir
         self.nla = nla
         self.nla_reason = nla_reason  # why explanations are unavailable, when nla is None
+        self._chat_template = settings.api.chat_template_text()
+        t = settings.target
+        self.adapters = load_adapters(t.lora_modules, max_rank=t.max_lora_rank, base_name=model_name)
         self.worker = worker
         self.metrics = metrics or Metrics(model_name)
         self.admission = Admission(settings.api.max_concurrent_requests)
@@ -187,6 +191,11 @@ class Service:
         return self.target.tokenizer
 
     @property
+    def chat_template(self) -> str | None:
+        """The operator's --chat-template text (None: the model's own), read once at start."""
+        return self._chat_template
+
+    @property
     def layer(self) -> int | None:
         return self.nla.layer if self.nla is not None else None
 
@@ -205,7 +214,13 @@ class Service:
 
     @classmethod
     async def _start(cls, settings: ServerSettings, t0: float, audit) -> "Service":
+        from nla_serve.api.tool_calls import check_parser_name
+
         target_cfg = settings.target
+        # the operator's agent settings fail in a second, before minutes of loading engines
+        settings.api.chat_template_text()
+        if settings.api.tool_call_parser:
+            check_parser_name(settings.api.tool_call_parser)
         av, ar = settings.nla.av, settings.nla.ar
         if target_cfg.model is None:
             from nla_serve.provision import default_model_dir
@@ -215,7 +230,7 @@ class Service:
                 av, ar = str(DEFAULT_NLA_DIR / "av"), str(DEFAULT_NLA_DIR / "ar")
         else:
             model_dir = resolve_folder(target_cfg.model, "--model")
-        model_name = target_cfg.served_model_name or (target_cfg.model or "SmolLM2-135M-Instruct")
+        model_name = target_cfg.served_name
 
         ckpt = None
         if av is not None:

@@ -19,8 +19,13 @@ from pathlib import Path
 
 from nla_serve.nla.sidecar import MARKER, ar_meta, av_meta, write_meta
 
+# ChatML, with tools the Hermes way (a system turn listing them; calls written as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's "hermes" parser reads)
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{{ bos_token }}{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m.tool_calls is defined and m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -120,6 +125,32 @@ def build_target(path: str | Path, *, layers: int = 4, hidden: int = 64, seed: i
         pad_token_id=tok.pad_token_id,
     ).save_pretrained(path)
     return path
+
+
+def build_lora(target: str | Path, out: str | Path, *, rank: int = 4, scale: float = 0.5, seed: int = 0) -> Path:
+    """A random LoRA adapter of ``target`` (q and v projections of every block) in PEFT's layout,
+    large enough to change greedy output: what `--lora-modules` serves in the tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(target) / "config.json").read_text())
+    d, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    widths = {"q_proj": d, "v_proj": kv * (d // heads)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, width in widths.items():
+            key = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d, generator=g) * scale
+            tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=g) * scale
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(widths), "base_model_name_or_path": str(target), "bias": "none",
+        "fan_in_fan_out": False}, indent=2))
+    return out
 
 
 def build_nla(root: str | Path, target: str | Path, layer: int, *, seed: int = 1) -> tuple[Path, Path]:

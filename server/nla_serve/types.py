@@ -17,6 +17,17 @@ ExplanationStatus = Literal["ok", "truncated", "skipped", "failed", "unavailable
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what may be generated (vLLM's structured outputs): a JSON schema (as JSON
+    text, so that options stay hashable), any JSON object, a regular expression, one of a few
+    strings, or an EBNF grammar. (Whether JSON may hold optional whitespace is the engine's
+    setting, ``disable_any_whitespace``.)"""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    value: str | tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     """What to generate. ``temperature == 0`` means greedy.
 
@@ -38,6 +49,16 @@ class SamplingOptions:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k >= 1: the top k at every prompt position
+    # vLLM's semantics: presence/frequency penalties count generated tokens only, the repetition
+    # penalty prompt and generated tokens; logit_bias is added before them; min_p scales with the
+    # top token's probability (sampling only); min_tokens holds back EOS, stop ids and stop strings.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +102,16 @@ class CapturedRows:
     @property
     def end(self) -> int:
         return self.start + int(self.rows.shape[0])
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter of the target, served under its own model name (``--lora-modules``).
+    ``int_id`` is the engine's handle for it (vLLM's ``lora_int_id``, from 1)."""
+
+    name: str
+    int_id: int
+    path: str
 
 
 @dataclass(frozen=True)

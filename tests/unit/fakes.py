@@ -38,6 +38,7 @@ class ScriptedEngine:
     hidden_size = D
     num_layers = 4
     max_model_len = 512
+    constrains_decoding = False
 
     def __init__(self, tokens: list[int], *, layer: int = 2, step_delay: float = 0.0, fail_after: int | None = None):
         self.tokens = tokens
@@ -57,7 +58,7 @@ class ScriptedEngine:
         self._stop.add(request_id)
 
     async def generate(self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
-                       intervention=None):
+                       intervention=None, adapter=None):
         self.requests.append((prompt, options, capture))
         P = len(prompt.token_ids)
         tokens = self.tokens[:options.max_tokens]

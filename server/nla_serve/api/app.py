@@ -21,7 +21,9 @@ from nla_serve.api import openapi
 from nla_serve.api.auth import require_key
 from nla_serve.api.audit_routes import router as audit_router
 from nla_serve.api.explanations import router as explanations_router
+from nla_serve.api.openai_responses.route import router as responses_router
 from nla_serve.api.routes import router
+from nla_serve.api.tokenize import router as tokenize_router
 from nla_serve.config import ServerSettings
 from nla_serve.errors import PayloadTooLargeError
 from nla_serve.service import Service
@@ -102,6 +104,8 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     api_errors.install(app)
     app.include_router(router)
     app.include_router(explanations_router)
+    app.include_router(tokenize_router)
+    app.include_router(responses_router)
     app.include_router(audit_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")  # /ui redirects to /ui/
     app.add_middleware(api_errors.CatchAll)

@@ -1,6 +1,10 @@
 """``POST /v1/explanations``: explain without answering, either positions of a text or chat (one
 prefill, through the same generation path as a completion) or raw vectors. Both go through the
-one explanation pipeline (``explain/pipeline.py``) and the audit recorder, as generations do."""
+one explanation pipeline (``explain/pipeline.py``) and the audit recorder, as generations do.
+
+``hypotheses``: user-written claims an auditor wants tested against each explained activation;
+every item then carries ``hypotheses: [{text, support, verdict}]``, support being the FVE the
+hypothesis adds to the NLA's own explanation (``nla/support.py``), scored in the same AR pass."""
 
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ from nla_serve.api.streaming import collect
 from nla_serve.api.transport import OffLoopJSONRoute, service_of, until_disconnected
 from nla_serve.errors import ClientError, ContextLengthError
 from nla_serve.events import ExplanationEvent
-from nla_serve.explain.pipeline import ExplanationPipeline, row_digest
+from nla_serve.explain.pipeline import ExplanationPipeline, row_digest, with_hypotheses
 from nla_serve.explain.policy import ExplainPlan, make_plan
 from nla_serve.generation import GenerationRequest, run
 from nla_serve.nla.runtime import check_vectors
 from nla_serve.service import Service
-from nla_serve.types import SamplingOptions
+from nla_serve.types import Adapter, SamplingOptions
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
@@ -35,18 +39,24 @@ router = APIRouter(route_class=OffLoopJSONRoute)
 async def explanations(body: ExplanationsRequest, request: Request):
     """Explain without generating: text/chat positions (from a prefill) or raw vectors."""
     svc = service_of(request)
-    check_model(svc, body.model)
+    adapter = check_model(svc, body.model)  # input/messages are read by that adapter (vectors are as given)
     given = [k for k in ("input", "messages", "vectors") if getattr(body, k) is not None]
     if len(given) != 1:
         raise ClientError("give exactly one of 'input', 'messages' or 'vectors'",
                           param=given[1] if len(given) > 1 else "input")
+    if body.hypotheses is not None:
+        check_scorable(svc)
     if svc.nla is None:
         return {"object": "list", "data": [unavailable_item(svc.nla_reason)]}
     plan = make_plan(body, svc.settings.explain, field="")  # the options are top-level fields here
+    if body.hypotheses is not None and not plan.reconstruct:
+        raise ClientError("hypotheses are scored by the reconstructor; drop reconstruct: false to test them",
+                          param="hypotheses")
+    plan = with_hypotheses(plan, body.hypotheses)
     check_room(svc, plan, "max_tokens")
     if body.vectors is not None:
         return await explain_vectors(svc, request, body, plan)
-    return await explain_positions(svc, request, body, plan)
+    return await explain_positions(svc, request, body, plan, adapter)
 
 
 async def explain_vectors(svc: Service, request: Request, body: ExplanationsRequest, plan: ExplainPlan) -> dict:
@@ -85,7 +95,8 @@ async def _gather(events: AsyncIterator[ExplanationEvent]) -> list[ExplanationEv
     return [ev async for ev in events]
 
 
-async def explain_positions(svc: Service, request: Request, body: ExplanationsRequest, plan: ExplainPlan) -> dict:
+async def explain_positions(svc: Service, request: Request, body: ExplanationsRequest, plan: ExplainPlan,
+                            adapter: Adapter | None = None) -> dict:
     ids = await chat_ids(svc, body.messages) if body.messages is not None else await text_ids(svc, body.input)
     if len(ids) + 1 > svc.target.max_model_len:
         raise ContextLengthError(f"the input has {len(ids)} tokens; this model's context is "
@@ -99,13 +110,25 @@ async def explain_positions(svc: Service, request: Request, body: ExplanationsRe
     shape = response_shape("completion", rid, svc.model_name, svc.tokenizer, plan=plan)
     svc.check_target()
     with svc.admission.admit() as ticket:
-        events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan), ticket)
+        events = run(svc, GenerationRequest(rid, ids, SamplingOptions(max_tokens=1, temperature=0.0), plan,
+                                            adapter=adapter), ticket)
         recorder = recorder_for(svc, request, "explanations", rid, body, prompt_of(body), len(ids), plan)
         if recorder is not None:
             events = recorder.tap(events)
         items = await until_disconnected(request, collect(events, shape, 1, False))
     return {"object": "list", "data": [it | {"index": n} for n, it in enumerate(items["explanations"])],
             "monitor_events": items["monitor_events"]}
+
+
+def check_scorable(svc: Service) -> None:
+    """Hypotheses are scored by the NLA's reconstructor (AR): refused where there is none, rather
+    than answered with explanations that silently lack them."""
+    if svc.nla is None:
+        raise ClientError(f"hypotheses need the NLA's reconstructor (AR), and this server has no NLA "
+                          f"({svc.nla_reason})", param="hypotheses")
+    if getattr(svc.nla, "reconstructor", None) is None:
+        raise ClientError("hypotheses are scored by the NLA's reconstructor (AR), and this server has none; "
+                          "start it with --nla-ar", param="hypotheses")
 
 
 def vectors_of(svc: Service, body: ExplanationsRequest):

@@ -26,6 +26,8 @@ def explanation_item(exp: Explanation, *, layer: int | None, index: int | None =
         item["fve_reason"] = exp.fve_reason
     if exp.claims is not None:
         item["claims"] = exp.claims
+    if exp.extra.get("hypotheses") is not None:  # /v1/explanations with hypotheses (nla/support.py)
+        item["hypotheses"] = exp.extra["hypotheses"]
     if exp.extra.get("cached"):
         item["cached"] = True
     return item
@@ -45,7 +47,8 @@ def event_item(ev: ExplanationEvent) -> dict:
                                 monitor_events=ev.monitor_events)
     P, p = ev.num_prompt_tokens, ev.position
     where = {"choice_index": ev.choice_index, "token_index": p, "source": ev.source,
-             "completion_index": None if p < P else p - P, "token": ev.token, "token_id": ev.token_id}
+             "completion_index": None if p < P else p - P, "token": ev.token, "token_id": ev.token_id,
+             "adapter": ev.adapter}
     return where | explanation_item(ev.explanation, layer=ev.layer, grounding=ev.grounding,
                                     monitor_events=ev.monitor_events)
 

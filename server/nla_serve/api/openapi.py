@@ -31,7 +31,7 @@ ERRORS = {
     "503": "starting, stopping, or an engine is down",
 }
 OPEN_ROUTES = {"/health"}  # no key, no body: only 503 while starting
-STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions"}
+STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 SSE = {"text/event-stream": {"schema": {  # one server-sent event
     "type": "object",
     "properties": {"event": {"type": "string"},
@@ -46,11 +46,11 @@ def install(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = doc.setdefault("components", {}).setdefault("schemas", {})
             service = getattr(app.state, "service", None)
-            if service is not None:  # one model is served: say which (any other name is a 404)
+            if service is not None:  # the served model and its adapters: say which (any other name is a 404)
                 for component in components.values():
                     model = component.get("properties", {}).get("model")
                     if model is not None and model.get("type") == "string":
-                        model["enum"] = [service.model_name]
+                        model["enum"] = [service.model_name, *getattr(service, "adapters", {})]
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
             components["Error"] = ERROR_SCHEMA

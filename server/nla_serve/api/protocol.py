@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from nla_serve.explain.options import ExplainOptions, Number
+from nla_serve.api.protocol_agents import (MAX_TOOLS, LogitBias, ResponseFormat, StructuredOutputs, Tool, ToolCall,
+                                           ToolChoice)
+from nla_serve.explain.options import ExplainOptions, Hypotheses, Number
 
 Strict = ConfigDict(extra="forbid")
 
@@ -20,6 +22,7 @@ Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
 class StreamOptions(BaseModel):
     model_config = Strict
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: usage on every chunk (needs include_usage)
 
 
 class TextPart(BaseModel):
@@ -30,9 +33,22 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = Strict
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
+    refusal: str | None = None  # sent back by clients that replay an assistant message as they got it
+
+    @model_validator(mode="after")
+    def _role_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", "tool_calls belong to assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError("tool_call_id_role", "tool_call_id belongs to tool messages")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -40,6 +56,22 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as chat templates take it (Hugging Face's convention: a tool call's
+        arguments as an object, tool results with their call id)."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
+
+    def record_dict(self) -> dict:
+        """The message as the audit record keeps it: what the client sent, tool calls included."""
+        return self.model_dump(exclude_none=True, exclude={"content"}) | {"content": self.text()}
 
 
 def _explain_shape(value):
@@ -58,6 +90,14 @@ class SamplingFields(BaseModel):
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    # vLLM takes any value > 0; below 0.01 a positive logit divided by it overflows to inf
+    repetition_penalty: Number | None = Field(default=None, ge=0.01, le=10)
+    logit_bias: LogitBias | None = None
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
+    structured_outputs: StructuredOutputs | None = None
     n: StrictInt = Field(default=1, ge=1, le=16)
     stop: Union[str, list[str], None] = None
     seed: Seed | None = None
@@ -89,6 +129,10 @@ Messages = Annotated[list[ChatMessage], BeforeValidator(_few_enough)]
 
 class ChatCompletionRequest(SamplingFields):
     messages: Messages = Field(min_length=1)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
@@ -98,6 +142,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, Annotated[list[StrictInt], Field(min_length=1)], Annotated[list[str], Field(min_length=1)]]
     max_tokens: StrictInt | None = Field(default=16, ge=1)
+    echo: StrictBool = False
+    response_format: ResponseFormat | None = None
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
@@ -111,3 +157,4 @@ class ExplanationsRequest(ExplainOptions):
     messages: Annotated[Messages, Field(min_length=1)] | None = None
     vectors: Annotated[list[list[float]], Field(min_length=1)] | None = None
     user: str | None = None
+    hypotheses: Hypotheses | None = None  # user-written claims scored at each position (explain/options.py)

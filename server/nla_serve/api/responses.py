@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from nla_serve.api.items import apply_minimums, event_item
+from nla_serve.api.tool_calls import ChoiceToolStream, ToolPlan, parse_whole
 from nla_serve.events import ChoiceSoFar, ExplanationEvent, TokenEvent
 from nla_serve.explain.policy import ExplainPlan
 from nla_serve.types import TokenLogprob
@@ -51,9 +52,11 @@ class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tools: ToolPlan | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()  # choices whose first chunk (with the role) has gone out
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.tool_streams: dict[int, ChoiceToolStream] = {}
 
     def logprobs(self, lps: list[TokenLogprob]) -> dict:
         def entry(tid: int, lp: float) -> dict:
@@ -64,30 +67,41 @@ class ChatShape(ResponseShape):
                             for x in lps], "refusal": None}
 
     def stream_choice(self, ev: TokenEvent, want_logprobs: bool) -> dict | None:
-        delta: dict = {}
-        if ev.index not in self.started:
-            self.started.add(ev.index)
-            delta["role"] = "assistant"
-        if ev.text or "role" in delta:
-            delta["content"] = ev.text
-        choice = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
-        if want_logprobs and ev.logprobs:
-            choice["logprobs"] = self.logprobs(ev.logprobs)
-        return choice
+        first = ev.index not in self.started
+        self.started.add(ev.index)
+        if self.tools is None:
+            fields = {"content": ev.text} if ev.text or first else {}
+            reason = ev.finish_reason
+        else:
+            stream = self.tool_streams.setdefault(ev.index, ChoiceToolStream(self.tools, self.tokenizer))
+            fields, reason = stream.delta(ev.text, ev.token_ids, ev.finish_reason)
+        # the first chunk carries the role (content null under tools, as OpenAI sends a call's first chunk)
+        delta = ({"role": "assistant", "content": "" if self.tools is None else None} if first else {}) | fields
+        lps = self.logprobs(ev.logprobs) if want_logprobs and ev.logprobs else None
+        if not delta and reason is None and lps is None:
+            return None  # nothing a client could use (a forced tool call still being written)
+        return {"index": ev.index, "delta": delta, "logprobs": lps, "finish_reason": reason}
 
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
-                "logprobs": self.logprobs(choice.logprobs) if want_logprobs else None,
-                "finish_reason": choice.finish_reason}
+        message: dict = {"role": "assistant", "content": choice.text, "refusal": None}
+        reason = choice.finish_reason
+        if self.tools is not None:
+            content, calls, reason = parse_whole(self.tools, choice.text, reason, self.tokenizer)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+        return {"index": index, "message": message,
+                "logprobs": self.logprobs(choice.logprobs) if want_logprobs else None, "finish_reason": reason}
 
 
 class CompletionShape(ResponseShape):
     object_name = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, echo: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.text_len: dict[int, int] = {}  # characters each choice has streamed (logprobs' text_offset)
+        self.echo = echo  # the prompt's text, put before each choice's (``echo: true``)
 
     def logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
         tokens, offsets, pos = [], [], offset
@@ -100,22 +114,27 @@ class CompletionShape(ResponseShape):
                 "top_logprobs": [{self.token_text(i): v for i, v in x.top} for x in lps], "text_offset": offsets}
 
     def stream_choice(self, ev: TokenEvent, want_logprobs: bool) -> dict | None:
-        choice = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+        text = ev.text
+        if self.echo and ev.index not in self.text_len:
+            text = self.echo + text
+            self.text_len[ev.index] = len(self.echo)
+        choice = {"index": ev.index, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}
         if want_logprobs and ev.logprobs:
             choice["logprobs"] = self.logprobs(ev.logprobs, self.text_len.get(ev.index, 0))
         self.text_len[ev.index] = self.text_len.get(ev.index, 0) + len(ev.text)
-        if not ev.text and ev.finish_reason is None and not (ev.logprobs and want_logprobs):
+        if not text and ev.finish_reason is None and not (ev.logprobs and want_logprobs):
             return None  # nothing a client could use
         return choice
 
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
-        return {"index": index, "text": choice.text,
-                "logprobs": self.logprobs(choice.logprobs, 0) if want_logprobs else None,
+        echo = self.echo or ""
+        return {"index": index, "text": echo + choice.text,
+                "logprobs": self.logprobs(choice.logprobs, len(echo)) if want_logprobs else None,
                 "finish_reason": choice.finish_reason}
 
 
-SHAPES: dict[str, type[ResponseShape]] = {"chat": ChatShape, "completion": CompletionShape}
-
-
-def response_shape(kind: str, request_id: str, model: str, tokenizer, *, plan: ExplainPlan) -> ResponseShape:
-    return SHAPES[kind](request_id, model, tokenizer, plan=plan)
+def response_shape(kind: str, request_id: str, model: str, tokenizer, *, plan: ExplainPlan,
+                   tools: ToolPlan | None = None, echo: str | None = None) -> ResponseShape:
+    if kind == "chat":
+        return ChatShape(request_id, model, tokenizer, plan=plan, tools=tools)
+    return CompletionShape(request_id, model, tokenizer, plan=plan, echo=echo)

@@ -7,30 +7,33 @@ stream ended, or the client gone. ``/v1/explanations`` is in ``explanations.py``
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from nla_serve.api.auth import require_key
-from nla_serve.api.inputs import chat_ids, check_model, check_room, prompt_of, sampling, text_ids
+from nla_serve.api.inputs import chat_ids, check_model, check_room, prompt_of, sampling, structured_output, text_ids
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from nla_serve.api.recording import recorder_for
-from nla_serve.api.responses import response_shape
-from nla_serve.api.streaming import collect, stream_events
+from nla_serve.api.responses import ResponseShape, response_shape
+from nla_serve.api.streaming import UsageMode, collect, stream_events
+from nla_serve.api.tool_calls import ToolPlan, plan_tools
 from nla_serve.api.transport import OffLoopJSONRoute, TicketedStreamingResponse, service_of, until_disconnected
 from nla_serve.errors import ClientError
-from nla_serve.explain.policy import make_plan
+from nla_serve.explain.policy import ExplainPlan, make_plan
 from nla_serve.generation import GenerationRequest, run
 from nla_serve.model_folder import dtype_name
 from nla_serve.service import Service
-from nla_serve.types import SamplingOptions
+from nla_serve.types import Adapter, SamplingOptions
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 guarded = [Depends(require_key)]
 
 
-async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
-                  want_logprobs: bool):
+def plan_for(svc: Service, body, ids: list[int], options: SamplingOptions) -> ExplainPlan:
+    """The request's explanation plan, with the checks that refuse it before any byte."""
     plan = make_plan(body.explain, svc.settings.explain)
     if body.stream:  # positions chosen as rows arrive: generated ones by a stride over max_tokens
         plan = plan.streamed(options.max_tokens)
@@ -39,46 +42,81 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
         raise ClientError(f"explain.positions asks for index {max(plan.positions)}, but prompt ({len(ids)} tokens) "
                           f"+ max_tokens ({options.max_tokens}) leaves activations for indices 0.."
                           f"{len(ids) + options.max_tokens - 2} only", param="explain.positions")
-    if not body.stream and body.stream_options is not None:
+    if not body.stream and getattr(body, "stream_options", None) is not None:
         raise ClientError("stream_options is only allowed with stream: true", param="stream_options")
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    shape = response_shape(kind, rid, svc.model_name, svc.tokenizer, plan=plan)
+    return plan
+
+
+async def deliver(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
+                  plan: ExplainPlan, shape: ResponseShape, streamed: Callable, collected: Callable,
+                  adapter: Adapter | None = None):
+    """Admit, generate, record, and answer: ``streamed(events)`` gives the body of a stream,
+    ``await collected(events)`` the JSON of a whole response (each API writes its own)."""
     svc.check_target()  # 503 while the target engine is restarting
     ticket = svc.admission.admit()  # 429 here, before any byte; released when the response is over
-    events = run(svc, GenerationRequest(rid, ids, options, plan), ticket)
-    recorder = recorder_for(svc, request, kind, rid, body, prompt_of(body), len(ids), plan)
+    tools = getattr(shape, "tools", None)
+    decisions = None if tools is None else (lambda token_ids: tools.decision_offsets(svc.tokenizer, token_ids))
+    events = run(svc, GenerationRequest(shape.id, ids, options, plan, decisions=decisions, adapter=adapter), ticket)
+    recorder = recorder_for(svc, request, kind, shape.id, body, prompt_of(body), len(ids), plan)
     if recorder is not None:  # the record is durable before [DONE] or the JSON body
         events = recorder.tap(events)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return TicketedStreamingResponse(ticket, stream_events(events, shape, include_usage, want_logprobs,
-                                                               svc.settings.api.sse_keepalive_seconds),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return TicketedStreamingResponse(ticket, streamed(events), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": shape.id})
     with ticket:
-        result = await until_disconnected(request, collect(events, shape, options.n, want_logprobs))
-    return JSONResponse(result, headers={"X-Request-Id": rid})
+        result = await until_disconnected(request, collected(events))
+    return JSONResponse(result, headers={"X-Request-Id": shape.id})
+
+
+async def respond(svc: Service, request: Request, kind: str, body, ids: list[int], options: SamplingOptions,
+                  want_logprobs: bool, *, tools: ToolPlan | None = None, echo: str | None = None,
+                  adapter: Adapter | None = None):
+    plan = plan_for(svc, body, ids, options)
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    shape = response_shape(kind, rid, body.model, svc.tokenizer, plan=plan, tools=tools, echo=echo)
+    usage = usage_mode(body.stream_options, len(ids)) if body.stream else None
+    keepalive = svc.settings.api.sse_keepalive_seconds
+    return await deliver(svc, request, kind, body, ids, options, plan, shape,
+                         streamed=lambda events: stream_events(events, shape, usage, want_logprobs, keepalive),
+                         collected=lambda events: collect(events, shape, options.n, want_logprobs), adapter=adapter)
+
+
+def usage_mode(options, prompt_tokens: int) -> UsageMode:
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        raise ClientError("stream_options.continuous_usage_stats needs include_usage: true",
+                          param="stream_options.continuous_usage_stats")
+    return UsageMode(final=bool(options and options.include_usage),
+                     continuous=bool(options and options.continuous_usage_stats), prompt_tokens=prompt_tokens)
 
 
 @router.post("/v1/chat/completions", dependencies=guarded)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     svc = service_of(request)
-    check_model(svc, body.model)
+    adapter = check_model(svc, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ClientError("top_logprobs requires logprobs: true", param="top_logprobs")
-    ids = await chat_ids(svc, body.messages)
+    tools = plan_tools(body, svc.settings.api)
+    structured = structured_output(svc, body, tools)  # before templating: a refusal costs nothing
+    ids = await chat_ids(svc, body.messages, tools.template_tools())
     max_tokens = body.max_completion_tokens or body.max_tokens
     lp = (body.top_logprobs or 0) if body.logprobs else None
-    return await respond(svc, request, "chat", body, ids, sampling(svc, body, ids, max_tokens, lp), body.logprobs)
+    opts = sampling(svc, body, ids, max_tokens, lp, structured)
+    return await respond(svc, request, "chat", body, ids, opts, body.logprobs, tools=tools, adapter=adapter)
 
 
 @router.post("/v1/completions", dependencies=guarded)
 async def completions(body: CompletionRequest, request: Request):
     svc = service_of(request)
-    check_model(svc, body.model)
+    adapter = check_model(svc, body.model)
+    if body.echo and body.logprobs is not None:
+        raise ClientError("echo with logprobs is not supported here (the prompt's own logprobs are not returned); "
+                          "send one of them", param="echo")
+    structured = structured_output(svc, body)
     ids = await text_ids(svc, body.prompt)
-    opts = sampling(svc, body, ids, body.max_tokens, body.logprobs)
-    return await respond(svc, request, "completion", body, ids, opts, body.logprobs is not None)
+    opts = sampling(svc, body, ids, body.max_tokens, body.logprobs, structured)
+    echo = svc.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else None
+    return await respond(svc, request, "completion", body, ids, opts, body.logprobs is not None, echo=echo,
+                         adapter=adapter)
 
 
 @router.get("/v1/models", dependencies=guarded)
@@ -95,7 +133,11 @@ async def models(request: Request):
                 "av": ckpt.av.path.name, "av_sha256": fp.get("av"),
                 "ar": ckpt.ar.path.name if ckpt.ar else None, "ar_sha256": fp.get("ar"),
                 "fve_baseline": ckpt.fve_baseline, "dtype": svc.nla.dtypes}}
-    return {"object": "list", "data": [card]}
+    # adapters: the same NLA reads their activations, though it was trained on the base model's
+    adapters = [{"id": a.name, "object": "model", "created": int(svc.started_at), "owned_by": "nla-serve",
+                 "root": Path(a.path).name, "parent": svc.model_name, "max_model_len": svc.target.max_model_len,
+                 "nla": card["nla"]} for a in svc.adapters.values()]
+    return {"object": "list", "data": [card, *adapters]}
 
 
 @router.get("/health")

@@ -79,6 +79,17 @@ FLAGS = [
     ("--engine-restarts", "engine_restarts", int, "engine deaths survived per 10 minutes (restart in-process); "
                                                   "beyond: exit non-zero"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds after SIGTERM before running requests are ended"),
+    ("--tool-call-parser", "tool_call_parser", str, "vLLM's tool-call parser for tool_choice auto (hermes, llama3_json, "
+                                                    "mistral, ...; see vLLM's list)"),
+    ("--enable-auto-tool-choice", "enable_auto_tool_choice", bool, "on | off: allow tool_choice auto (needs "
+                                                                   "--tool-call-parser)"),
+    ("--chat-template", "chat_template", str, "a Jinja chat template (a file or the template itself) instead of "
+                                              "the model's"),
+    ("--disable-any-whitespace", "disable_any_whitespace", bool, "on | off: structured outputs write compact JSON"),
+    ("--lora-modules", "lora_modules", str, "LoRA adapters of the target, each served under its name: "
+                                            "name=folder, separated by spaces or commas (vLLM engine)"),
+    ("--max-loras", "max_loras", int, "LoRA adapters in one batch (default 4)"),
+    ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank served (default 16)"),
     ("--enforce-eager", "enforce_eager", bool, "on | off: vLLM eager mode (default: on for CPU, off for GPU)"),
 ]
 POLICY_FLAGS = [
@@ -99,8 +110,10 @@ def env_name(flag: str) -> str:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible server",
                        description="Run the OpenAI-compatible server. Every flag also reads NLA_SERVE_<FLAG>.")
-    for flag, _, _, help_ in FLAGS + POLICY_FLAGS:
-        p.add_argument(flag, default=None, help=f"{help_} [env {env_name(flag)}]")
+    for flag, _, typ, help_ in FLAGS + POLICY_FLAGS:
+        # a bare boolean flag means on, as vLLM's store_true flags (--enable-auto-tool-choice)
+        extra = {"nargs": "?", "const": "on"} if typ is bool else {}
+        p.add_argument(flag, default=None, help=f"{help_} [env {env_name(flag)}]", **extra)
     p.add_argument("--log-level", default=os.environ.get("NLA_SERVE_LOG_LEVEL", "info"))
     p.set_defaults(func=serve)
 
@@ -133,6 +146,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                                            "distributed_executor_backend") if k in values}
     if parallel:
         values["parallel"] = parallel
+    if "lora_modules" in values:
+        values["lora_modules"] = parse_lora_modules(values["lora_modules"])
     if "verbalizer_url" in values:
         values["verbalizer_url"] = tuple(u for u in values["verbalizer_url"].split(",") if u.strip())
     if "verbalizer_api_key_file" in values:
@@ -160,16 +175,42 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit("nla-serve: the admin key must differ from every API key")
     try:
         policy = ExplainDefaults(**gather(POLICY_FLAGS))
-        return ServerSettings.flat(**values, explain=policy)
+        settings = ServerSettings.flat(**values, explain=policy)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(map(str, err["loc"]))
         if not where or where in SECTIONS:  # a rule across settings: its message names them
             raise SystemExit(f"nla-serve: {err['msg'].removeprefix('Value error, ')}") from None
         raise SystemExit(f"nla-serve: {flag_of(where)} has value {err.get('input')!r}: {err['msg']}") from None
+    try:  # the settings that need vLLM or the disk, checked before any engine loads
+        settings.api.chat_template_text()
+        from nla_serve.adapters import load_adapters
+
+        t = settings.target
+        load_adapters(t.lora_modules, max_rank=t.max_lora_rank, base_name=t.served_name)
+        if settings.api.tool_call_parser:
+            from nla_serve.api.tool_calls import check_parser_name
+
+            check_parser_name(settings.api.tool_call_parser)
+    except ValueError as e:
+        raise SystemExit(f"nla-serve: {e}") from None
+    return settings
 
 
 SECTIONS = set(ServerSettings.model_fields)
+
+
+def parse_lora_modules(raw: str) -> dict[str, str]:
+    """``name=folder`` entries separated by spaces or commas (vLLM's form) -> {name: folder}."""
+    out: dict[str, str] = {}
+    for entry in raw.replace(",", " ").split():
+        name, sep, folder = entry.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"nla-serve: --lora-modules entry {entry!r} is not name=folder")
+        if name in out:
+            raise SystemExit(f"nla-serve: --lora-modules names {name!r} twice")
+        out[name] = folder
+    return out
 
 
 def flag_of(where: str) -> str:

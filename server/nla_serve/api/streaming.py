@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from nla_serve.api.responses import ResponseShape
@@ -58,17 +59,36 @@ async def with_keepalive(events: AsyncIterator[Event], interval: float) -> Async
                 pass
 
 
-async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, include_usage: bool,
+@dataclass(frozen=True)
+class UsageMode:
+    """``stream_options``: the usage chunk at the end (``include_usage``), and usage so far on
+    every token chunk too (vLLM's ``continuous_usage_stats``)."""
+
+    final: bool = False
+    continuous: bool = False
+    prompt_tokens: int = 0
+
+    def so_far(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+
+async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, usage: UsageMode | bool,
                         want_logprobs: bool, keepalive: float = 15.0) -> AsyncIterator[bytes]:
     chunk_obj = shape.chunk_object
+    if isinstance(usage, bool):
+        usage = UsageMode(final=usage)
+    generated = 0
     try:
         async for ev in with_keepalive(events, keepalive):
             if ev is None:
                 yield KEEPALIVE
             elif isinstance(ev, TokenEvent):
+                generated += len(ev.token_ids)
                 choice = shape.stream_choice(ev, want_logprobs)
                 if choice is not None:
-                    yield sse(shape.base(chunk_obj) | {"choices": [choice]})
+                    extra = {"usage": usage.so_far(generated)} if usage.continuous else {}
+                    yield sse(shape.base(chunk_obj) | {"choices": [choice]} | extra)
             elif isinstance(ev, ExplanationEvent):
                 item = shape.explanation_item(ev)
                 chunk = {"choices": [], "explanations": [item] if item is not None else []}
@@ -76,7 +96,7 @@ async def stream_events(events: AsyncIterator[Event], shape: ResponseShape, incl
                     chunk["monitor_events"] = [m.as_dict() for m in ev.monitor_events]
                 if item is not None or ev.monitor_events:
                     yield sse(shape.base(chunk_obj) | chunk)
-            elif isinstance(ev, UsageEvent) and include_usage:
+            elif isinstance(ev, UsageEvent) and usage.final:
                 yield sse(shape.base(chunk_obj) | {"choices": [], "usage": ev.as_dict()})
     except NLAServeError as e:
         yield sse({"error": {"message": e.message, "type": e.error_type, "param": e.param, "code": e.status_code}})

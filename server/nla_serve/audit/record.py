@@ -10,8 +10,9 @@ canonical serialisation, so any implementation can recompute the leaf hash from 
     sent, minus the prompt), prompt (or only its SHA-256 when redacted), prompt_tokens, choices
     [{index, text, token_ids, finish_reason}], usage, explanations [{choice_index, token_index,
     source, token, token_id, status, reason, text, fve, cos, grounding, monitors, activation_sha256,
-    activation_dtype}], monitor_events [{rule, action, source, choice_index, token_index, token,
-    explanation, fve, grounding, time}], producer {server_version, engine, target/av/ar sha256, av/ar meta sha256,
+    activation_dtype, and where asked claims / hypotheses [{text, support, verdict}]}],
+    monitor_events [{rule, action, source, choice_index, token_index, token, explanation, fve,
+    grounding, time}], producer {server_version, engine, target/av/ar sha256, av/ar meta sha256,
     layer, dtype, nla_dtype, policy}
 """
 
@@ -102,6 +103,8 @@ def explanation_entry(ev: ExplanationEvent, plan, redact_prompts: bool) -> dict:
         entry.update(choice_index=ev.choice_index, token_index=ev.position, source=ev.source,
                      token=None if redact_prompts and prompt else ev.token,  # a prompt token is prompt text
                      token_id=None if redact_prompts and prompt else ev.token_id)
+        if ev.adapter is not None:  # absent for the base model, as in records made before adapters
+            entry["adapter"] = ev.adapter
     score = ev.grounding.score if ev.grounding is not None else None
     entry.update(layer=ev.layer, status=exp.status, reason=exp.reason, text=exp.text, truncated=exp.truncated,
                  fve=exp.fve, cos=exp.cos, mse=exp.mse, verbalizer_tokens=exp.tokens)
@@ -111,6 +114,9 @@ def explanation_entry(ev: ExplanationEvent, plan, redact_prompts: bool) -> dict:
         entry["cached"] = True
     if exp.claims is not None:  # absent unless the request asked for claim support
         entry["claims"] = [{"text": c["text"], "support": c["support"], "verdict": c["verdict"]} for c in exp.claims]
+    if exp.extra.get("hypotheses") is not None:  # absent unless the request tested hypotheses
+        entry["hypotheses"] = [{"text": h["text"], "support": h["support"], "verdict": h["verdict"]}
+                               for h in exp.extra["hypotheses"]]
     return entry | {"grounding": ev.grounding.as_dict() if ev.grounding is not None else None,
                     "monitors": [m.rule for m in ev.monitor_events],
                     "activation_sha256": ev.activation_sha256, "activation_dtype": ev.activation_dtype}

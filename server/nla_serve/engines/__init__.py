@@ -10,7 +10,7 @@ here needs vllm installed.
 
 from __future__ import annotations
 
-from nla_serve.config import EngineSettings
+from nla_serve.engine_config import EngineSettings
 from nla_serve.engines.base import TargetEngine, check_prompt, generate_all
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
-from nla_serve.config import EngineSettings
-from nla_serve.types import Completion, Intervention, Prompt, SamplingOptions, StepOutput
+from nla_serve.engine_config import EngineSettings
+from nla_serve.types import Adapter, Completion, Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,7 @@ class TargetEngine(Protocol):
     num_layers: int
     max_model_len: int
     dtype: "torch.dtype"  # what the weights really run in (known after start)
+    constrains_decoding: bool  # whether SamplingOptions.structured is honoured (else refused)
 
     async def start(self) -> None: ...
 
@@ -34,13 +35,14 @@ class TargetEngine(Protocol):
 
     def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
-        intervention: Intervention | None = None,
+        intervention: Intervention | None = None, adapter: Adapter | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Yield token deltas per choice as they come; the final update of each choice has
         ``finished=True``. When ``capture`` and the engine has a ``capture_layer``, the updates of
         each choice together carry rows for positions ``0 .. P+G-2`` (every token fed through the
         model; the last sampled token never is), each piece saying its ``layer``.
-        ``intervention`` (steering) is applied or refused with a ``ClientError``, never ignored."""
+        ``intervention`` (steering) is applied or refused with a ``ClientError``, never ignored;
+        likewise ``adapter`` (a LoRA adapter of the target)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -79,6 +81,15 @@ async def generate_all(
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
+def refuse_adapter(adapter: Adapter | None, engine: str) -> None:
+    """The check of an engine that serves the base model only."""
+    if adapter is not None:
+        from nla_serve.errors import ClientError
+
+        raise ClientError(f"the {engine} engine serves the base model only, not the LoRA adapter "
+                          f"'{adapter.name}'", param="model")
+
+
 def refuse_intervention(intervention: Intervention | None, engine: str) -> None:
     """The check of an engine that cannot steer yet: a clear 400 rather than a silent no-op."""
     if intervention is not None:
@@ -105,4 +116,4 @@ def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -
         )
 
 
-__all__ = ["TargetEngine", "check_prompt", "generate_all", "refuse_intervention"]
+__all__ = ["TargetEngine", "check_prompt", "generate_all", "refuse_adapter", "refuse_intervention"]

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from nla_serve.config import EngineSettings, RemoteSettings
-from nla_serve.engines.base import check_prompt, refuse_intervention
+from nla_serve.engine_config import EngineSettings, RemoteSettings
+from nla_serve.engines.base import check_prompt, refuse_adapter, refuse_intervention
 from nla_serve.errors import ClientError, UnavailableError
-from nla_serve.types import Intervention, Prompt, SamplingOptions, StepOutput
+from nla_serve.types import Adapter, Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
     import httpx
@@ -130,6 +130,8 @@ def av_config(folder: Path) -> dict:
 
 class RemoteVerbalizerEngine:
     """A ``TargetEngine`` for the verbalizer only: prompts with one injected row, no capture."""
+
+    constrains_decoding = False  # the verbalizer never asks for structured outputs
 
     def __init__(self, settings: EngineSettings) -> None:
         if settings.remote is None:
@@ -252,11 +254,13 @@ class RemoteVerbalizerEngine:
         return {k: v for k, v in body.items() if v is not None}
 
     async def generate(self, prompt: Prompt, options: SamplingOptions, request_id: str,
-                       capture: bool = False, intervention: Intervention | None = None) -> AsyncIterator[StepOutput]:
+                       capture: bool = False, intervention: Intervention | None = None,
+                       adapter: Adapter | None = None) -> AsyncIterator[StepOutput]:
         """One finished update per job (the backend answers whole). Raises ``UnavailableError``
         when no backend could take it and ``ClientError`` when a backend refused the job itself
         (or a steering ``intervention``, which stock vLLM servers cannot apply)."""
         refuse_intervention(intervention, "remote verbalizer")
+        refuse_adapter(adapter, "remote verbalizer")
         if options.n != 1:
             raise ClientError("the verbalizer fleet takes one choice per job")
         check_prompt(prompt, options, self.max_model_len)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, AsyncIterator
 
-from nla_serve.config import EngineSettings
-from nla_serve.engines.base import check_prompt, refuse_intervention
+from nla_serve.engine_config import EngineSettings
+from nla_serve.engines import logits as logits_processing
+from nla_serve.engines.base import check_prompt, refuse_adapter, refuse_intervention
+from nla_serve.engines.logits import apply_min_p
 from nla_serve.errors import ClientError, EngineError
 from nla_serve.model_folder import eos_ids_of, resolve_device, resolve_dtype
-from nla_serve.types import (CapturedRows, FinishReason, Intervention, Prompt, SamplingOptions, StepOutput,
+from nla_serve.types import (Adapter, CapturedRows, FinishReason, Intervention, Prompt, SamplingOptions, StepOutput,
                              TokenLogprob)
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ def sample(logits: "torch.Tensor", options: SamplingOptions, generator) -> int:
 
     if options.greedy:
         return int(torch.argmax(logits))
-    logits = logits / options.temperature
+    logits = apply_min_p(logits / options.temperature, options.min_p)
     if options.top_k and options.top_k > 0:
         kth = torch.topk(logits, min(options.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -76,6 +78,8 @@ def prompt_logprobs(logits: "torch.Tensor", token_ids: list[int], k: int) -> lis
 
 class TransformersEngine:
     """Reference ``TargetEngine`` over a Hugging Face causal LM."""
+
+    constrains_decoding = False  # structured outputs need vLLM's grammar backends
 
     def __init__(self, settings: EngineSettings):
         self.settings = settings
@@ -130,12 +134,17 @@ class TransformersEngine:
         check_prompt(prompt, options, self.max_model_len)
         if prompt.inject_row is not None and not self.settings.enable_prompt_embeds:
             raise ClientError("this engine does not accept prompt embeddings (enable_prompt_embeds is off)")
+        if options.structured is not None:  # constrained decoding is vLLM's (xgrammar, guidance, outlines)
+            raise ClientError("structured outputs (response_format, forced tool_choice, structured_outputs) need "
+                              "the vLLM engine; the transformers reference engine does not constrain decoding",
+                              param="structured_outputs")
 
     async def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
-        intervention: Intervention | None = None,
+        intervention: Intervention | None = None, adapter: Adapter | None = None,
     ) -> AsyncIterator[StepOutput]:
         refuse_intervention(intervention, "transformers")
+        refuse_adapter(adapter, "transformers")
         self._check(prompt, options)
         capture = capture and self.settings.capture_layer is not None
         self._running.add(request_id)
@@ -175,7 +184,8 @@ class TransformersEngine:
             captured = (CapturedRows(start=feed_pos, rows=row, layer=self.settings.capture_layer)
                         if row is not None else None)
             feed_pos = P if feed_pos == 0 else feed_pos + 1  # next position to be fed
-            token = sample(logits, options, gen)
+            shaped = logits_processing.process(logits, options, prompt.token_ids, generated, self._stop_ids(options))
+            token = sample(shaped, options, gen)
             lp = token_logprob(logits, token, options.logprobs) if options.logprobs is not None else None
             generated.append(token)
             reason, text = self._finish_state(generated, options, P)
@@ -189,9 +199,16 @@ class TransformersEngine:
                 return
             next_input = token
 
+    def _stop_ids(self, options: SamplingOptions) -> list[int]:
+        """The ids ``min_tokens`` holds back: EOS (unless ignored) and the request's stop ids."""
+        return list(options.stop_token_ids) + ([] if options.ignore_eos else list(self.eos_ids))
+
     def _finish_state(self, generated: list[int], options: SamplingOptions, P: int) -> tuple[FinishReason | None, str]:
         token = generated[-1]
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if len(generated) < options.min_tokens:  # as vLLM: no stop of any kind before min_tokens
+            reason = "length" if len(generated) >= options.max_tokens or P + len(generated) >= self.max_model_len else None
+            return reason, text
         if not options.ignore_eos and token in self.eos_ids:
             return "stop", text
         if token in options.stop_token_ids:

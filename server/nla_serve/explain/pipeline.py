@@ -8,10 +8,15 @@ that generations (``generation/``) and raw vectors (``/v1/explanations``) both g
 
 Nothing here watches the clock or decides which positions to explain: the worker resolves every
 job (``skipped`` past the deadline), and the plan's positions are the generation's business.
+
+A ``/v1/explanations`` request may bring hypotheses (user-written claims): they ride on the plan
+(``PlanWithHypotheses``), which reaches every job of the request, from raw vectors and from
+positions alike, without the generation path having to know of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -38,6 +43,22 @@ def row_digest(row: "torch.Tensor") -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class PlanWithHypotheses(ExplainPlan):
+    """An ``ExplainPlan`` that also carries the request's hypotheses to each of its jobs
+    (``ExplanationJob.for_plan``); everything else reads it as the plan it extends."""
+
+    hypotheses: tuple[str, ...] = ()
+
+
+def with_hypotheses(plan: ExplainPlan, hypotheses: list[str] | None) -> ExplainPlan:
+    """``plan``, carrying ``hypotheses`` when there are any."""
+    if not hypotheses:
+        return plan
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return PlanWithHypotheses(**fields | {"hypotheses": tuple(hypotheses)})
+
+
+@dataclass(frozen=True)
 class TokenAt:
     """Where a generation's activation sits: position ``position`` of choice ``choice_index``,
     whose prompt has ``num_prompt_tokens`` tokens."""
@@ -58,7 +79,7 @@ class ExplanationPipeline:
 
     def __init__(self, *, worker, tokenizer, monitoring, metrics, plan: ExplainPlan, request_id: str,
                  model_name: str, arrived: float | None, layer: int | None,
-                 on_abort: Callable[[ExplanationEvent], None] | None = None):
+                 on_abort: Callable[[ExplanationEvent], None] | None = None, adapter: str | None = None):
         self.worker = worker
         self.tokenizer = tokenizer
         self.monitoring = monitoring
@@ -69,6 +90,7 @@ class ExplanationPipeline:
         self.arrived = arrived
         self.layer = layer
         self.on_abort = on_abort
+        self.adapter = adapter  # the LoRA adapter whose activations these are (every token event says it)
 
     # -- tokens of a generation --------------------------------------------------------------
 
@@ -86,10 +108,11 @@ class ExplanationPipeline:
         matched = self.monitoring.check(
             text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None, source=source,
             choice_index=at.choice_index, token_index=p, token=token,
-            request={"id": self.request_id, "model": self.model_name})
+            request={"id": self.request_id, "model": self.model_name}, claims=exp.claims)
         event = ExplanationEvent(exp, at.choice_index, p, ids[p], at.num_prompt_tokens, token=token,
                                  layer=self.layer if layer is None else layer, activation_sha256=digest[0],
-                                 activation_dtype=digest[1], grounding=grounding, monitor_events=matched)
+                                 activation_dtype=digest[1], grounding=grounding, monitor_events=matched,
+                                 adapter=self.adapter)
         self._maybe_abort(event)
         return event
 
@@ -97,7 +120,7 @@ class ExplanationPipeline:
         """A position the plan picked that cannot be explained (no row), answered at once."""
         token = None if token_id is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
         return ExplanationEvent(Explanation(status="skipped", reason=reason), at.choice_index, at.position,
-                                token_id, at.num_prompt_tokens, token=token, layer=self.layer)
+                                token_id, at.num_prompt_tokens, token=token, layer=self.layer, adapter=self.adapter)
 
     def _ground(self, ids: list[int], p: int, predicted: list[int] | None, token: str,
                 exp: Explanation) -> Grounding | None:
@@ -125,7 +148,8 @@ class ExplanationPipeline:
         digest = digest or row_digest(vector)
         exp = await self.worker.submit(ExplanationJob.for_plan(self.plan, self.request_id, vector, self.arrived))
         matched = self.monitoring.check(text=exp.text, fve=exp.fve, grounding=None, source="vector",
-                                        token_index=index, request={"id": self.request_id, "model": self.model_name})
+                                        token_index=index, request={"id": self.request_id, "model": self.model_name},
+                                        claims=exp.claims)
         return ExplanationEvent(exp, layer=self.layer, vector_index=index, activation_sha256=digest[0],
                                 activation_dtype=digest[1], monitor_events=matched)
 

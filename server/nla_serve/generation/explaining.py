@@ -23,13 +23,14 @@ Emit = Callable[["ExplanationEvent | Awaitable[ExplanationEvent]"], None]
 
 class ChoiceExplainer:
     def __init__(self, index: int, choice: ChoiceState, plan: ExplainPlan, stable: list[int] | None,
-                 pipeline: ExplanationPipeline, emit: Emit):
+                 pipeline: ExplanationPipeline, emit: Emit, decisions: Callable[[list[int]], list[int]] | None = None):
         self.index = index
         self.choice = choice
         self.plan = plan
         self.stable = stable or []  # positions explained as soon as their rows exist (sorted)
         self.pipeline = pipeline
         self.emit = emit
+        self.decisions = decisions
         self.taken: set[int] = set()
         self.next_stable = 0  # index into ``stable``: those before it are taken
 
@@ -57,6 +58,16 @@ class ChoiceExplainer:
                                                     target.skip_reason)
                 self.emit(event)
         self._explain(have)
+        self._explain(self._decision_positions())
+
+    def _decision_positions(self) -> list[int]:
+        """Under ``auto``, the row before each token where the choice starts a tool call (the state
+        that chose to act), on top of max_explanations: an agent's decisions are what an audit reads."""
+        if self.decisions is None or self.plan.positions != "auto" or not self.plan.enabled:
+            return []
+        G = len(self.choice.token_ids)
+        return [p for k in self.decisions(self.choice.token_ids) if 0 <= (p := self.P + k - 1) < self.choice.n_rows
+                and k < G]
 
     def _explain(self, positions) -> None:
         for p in positions:

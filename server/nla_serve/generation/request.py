@@ -28,7 +28,7 @@ from nla_serve.explain.policy import ExplainPlan
 from nla_serve.generation.choice import ChoiceState
 from nla_serve.generation.explaining import ChoiceExplainer
 from nla_serve.generation.fan_in import FanIn
-from nla_serve.types import Explanation, Prompt, SamplingOptions, StepOutput, TokenLogprob
+from nla_serve.types import Adapter, Explanation, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from nla_serve.admission import Ticket
@@ -56,6 +56,10 @@ class GenerationRequest:
     options: SamplingOptions
     plan: ExplainPlan
     arrived: float = field(default_factory=time.monotonic)
+    # Where the model decided to act (an agent's tool calls): generated-token offsets from a
+    # choice's tokens; the ``auto`` policy explains the position before each (api/tool_calls.py)
+    decisions: Callable[[list[int]], list[int]] | None = None
+    adapter: Adapter | None = None  # a LoRA adapter of the target (None: the base model)
 
 
 class Tracker(Protocol):
@@ -167,7 +171,7 @@ class Generation:
     async def _read_engine(self) -> None:
         req = self.req
         async for step in self.target.generate(Prompt(req.prompt_ids), self.options, req.request_id,
-                                               capture=self.explaining):
+                                               capture=self.explaining, adapter=req.adapter):
             self.ticket.start()
             self.timing.step(step)
             choice = self.choices.setdefault(step.index, ChoiceState(req.prompt_ids))
@@ -190,7 +194,7 @@ class Generation:
         ex = self.explainers.get(index)
         if ex is None:
             ex = self.explainers[index] = ChoiceExplainer(index, choice, self.req.plan, self.stable, self.pipeline,
-                                                          self._emit)
+                                                          self._emit, self.req.decisions)
         return ex
 
     def _emit(self, work) -> None:
@@ -217,7 +221,8 @@ def run(service, req: GenerationRequest, ticket: "Ticket") -> AsyncIterator[Even
         pipeline = ExplanationPipeline(worker=service.worker, tokenizer=service.tokenizer,
                                        monitoring=service.monitoring, metrics=service.metrics, plan=req.plan,
                                        request_id=req.request_id, model_name=service.model_name,
-                                       arrived=req.arrived, layer=service.layer)
+                                       arrived=req.arrived, layer=service.layer,
+                                       adapter=req.adapter.name if req.adapter is not None else None)
     unavailable = None
     if req.plan.enabled and service.nla is None:
         unavailable = service.nla_reason or "explanations are unavailable"

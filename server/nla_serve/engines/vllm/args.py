@@ -26,7 +26,7 @@ import os
 import threading
 from typing import Any
 
-from nla_serve.config import EngineSettings, resolve_eager
+from nla_serve.engine_config import EngineSettings, resolve_eager
 from nla_serve.engines.vllm.capture import protocol, row_store
 from nla_serve.errors import EngineError
 from nla_serve.model_folder import resolve_dtype_name
@@ -72,6 +72,11 @@ def build_llm(s: EngineSettings, *, cpu: bool, capture_method: str | None, archi
     )
     if s.compilation_config is not None:
         kwargs["compilation_config"] = dict(s.compilation_config)
+    if s.max_loras:
+        kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
+    if s.disable_any_whitespace:
+        # "auto" picks per request; vLLM allows the setting only with a backend that reads it
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     # vLLM's parallelism as given (only what differs from its defaults, so a plain engine is unchanged)
     kwargs.update({k: v for k, v in s.parallel.model_dump().items() if v not in (1, None)})
     if cpu:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from nla_serve.config import EngineSettings
+from nla_serve.engine_config import EngineSettings
 from nla_serve.engines.base import refuse_intervention
 # by full path, not `from nla_serve.engines.vllm import ...`: the package re-exports this module (a cycle)
 import nla_serve.engines.vllm.args as args
@@ -30,7 +30,7 @@ from nla_serve.engines.vllm.capture.reader import CaptureDir
 from nla_serve.engines.vllm.errors import translate_errors
 from nla_serve.engines.vllm.stats import stat_logger_factory
 from nla_serve.errors import EngineError
-from nla_serve.types import CapturedRows, EngineStats, Intervention, Prompt, SamplingOptions, StepOutput
+from nla_serve.types import Adapter, CapturedRows, EngineStats, Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,6 +53,8 @@ class VLLMEngine:
             ...  # out.captured: the rows that arrived with this update (one step behind the tokens)
         await engine.shutdown()
     """
+
+    constrains_decoding = True  # structured outputs through vLLM's backends (xgrammar by default)
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
@@ -213,7 +215,7 @@ class VLLMEngine:
 
     async def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
-        intervention: Intervention | None = None,
+        intervention: Intervention | None = None, adapter: Adapter | None = None,
     ) -> AsyncIterator[StepOutput]:
         refuse_intervention(intervention, "vllm")
         llm = self._llm
@@ -221,7 +223,7 @@ class VLLMEngine:
             raise EngineError("the vLLM engine is not running; call start() first")
         capture = capture and self.capturing
         params = translate.sampling_params(options, prompt, capture, max_model_len=self.max_model_len,
-                                           on_cpu=self.on_cpu)
+                                           on_cpu=self.on_cpu, speculative=self.capture_method == "speculative")
         engine_prompt = translate.engine_prompt(prompt, enable_prompt_embeds=self.settings.enable_prompt_embeds,
                                                 hidden_size=self.hidden_size, dtype=self.dtype)
         key = protocol.vllm_request_id(request_id)
@@ -239,7 +241,7 @@ class VLLMEngine:
         prompt_lps_sent: set[int] = set()  # choices handed them (with their first update after they came)
         next_row: dict[int, int] = {i: 0 for i in range(n)}  # rows handed on so far, per choice
         self._active.setdefault(request_id, set()).add(key)
-        stream = llm.generate(engine_prompt, params, key)
+        stream = llm.generate(engine_prompt, params, key, lora_request=translate.lora_request(adapter))
         outs = translate_errors(stream)
         try:
             async for out in outs:

@@ -13,7 +13,9 @@ from nla_serve.errors import (ClientError, EngineError, NLAServeError, NotFoundE
 
 # vLLM's parameter names -> the request fields our clients sent
 _PARAMS = {"max_tokens": "max_tokens", "n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-           "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
+           "seed": "seed", "stop": "stop", "logprobs": "logprobs", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+           "logit_bias": "logit_bias", "min_p": "min_p", "min_tokens": "min_tokens"}
 
 
 def map_vllm_error(e: BaseException) -> NLAServeError:

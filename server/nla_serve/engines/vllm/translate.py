@@ -18,7 +18,7 @@ from nla_serve.engines.base import check_prompt
 from nla_serve.engines.vllm.capture import protocol
 from nla_serve.engines.vllm.errors import map_vllm_error
 from nla_serve.errors import ClientError
-from nla_serve.types import FinishReason, Prompt, SamplingOptions, TokenLogprob
+from nla_serve.types import Adapter, FinishReason, Prompt, SamplingOptions, StructuredOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,12 +26,30 @@ if TYPE_CHECKING:
 FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_model_len: int, on_cpu: bool):
+def structured_outputs(spec: StructuredOutput | None):
+    """vLLM's ``StructuredOutputsParams`` for ours (None for none)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value: Any = True if spec.kind == "json_object" else spec.value
+    if spec.kind == "choice":
+        value = list(spec.value or ())
+    return StructuredOutputsParams(**{spec.kind: value})
+
+
+def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_model_len: int, on_cpu: bool,
+                    speculative: bool = False):
     """vLLM's ``SamplingParams`` for one request (DELTA outputs; asking for its rows when
     ``capture``), after the checks every engine makes."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     check_prompt(prompt, o, max_model_len)
+    if speculative:  # vLLM refuses these whenever a speculative config exists (our capture draft is one)
+        for name, used in (("min_p", o.min_p > 0), ("logit_bias", bool(o.logit_bias))):
+            if used:
+                raise ClientError(f"{name} is not supported with --capture-method speculative (vLLM refuses it "
+                                  "beside a speculative config); use the embedded capture method", param=name)
     if on_cpu and o.seed is not None and not o.greedy:
         raise ClientError(
             "seed with temperature > 0 is not supported by the vLLM CPU engine (vLLM crashes "
@@ -52,6 +70,13 @@ def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_mo
             include_stop_str_in_output=o.include_stop_str_in_output,
             logprobs=o.logprobs,
             prompt_logprobs=o.prompt_logprobs,
+            presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty,
+            repetition_penalty=o.repetition_penalty,
+            logit_bias=dict(o.logit_bias) or None,
+            min_p=o.min_p,
+            min_tokens=o.min_tokens,
+            structured_outputs=structured_outputs(o.structured),
             output_kind=RequestOutputKind.DELTA,
             extra_args=protocol.capture_extra_args() if capture else None,
         )
@@ -60,6 +85,15 @@ def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_mo
         if isinstance(mapped, ClientError):
             raise mapped from e
         raise
+
+
+def lora_request(adapter: Adapter | None):
+    """vLLM's ``LoRARequest`` for an adapter (None for the base model)."""
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.name, adapter.int_id, adapter.path)
 
 
 def engine_prompt(prompt: Prompt, *, enable_prompt_embeds: bool, hidden_size: int, dtype: Any) -> dict[str, Any]:
