@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install system test serve bench fuzz soak default-nla clean
+.PHONY: install system clients test serve bench fuzz soak default-nla clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,32 @@ endif
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The OpenAI client libraries tests/test_clients.py runs against a live tiny server, each in a venv of
+# its own so that vLLM's pins in .venv never move: the openai 3.x clients, and those that pin openai<3.
+# Pins in tests/clients/requirements*.txt; a stamp per venv makes later runs instant.
+CLIENTS_VENV   := .venv-clients
+CLIENTS2_VENV  := .venv-clients-openai2
+
+$(CLIENTS_VENV)/bin/python:
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+
+$(CLIENTS2_VENV)/bin/python:
+	$(PYTHON) -m venv $(CLIENTS2_VENV)
+
+$(CLIENTS_VENV)/.installed: tests/clients/requirements.txt | $(CLIENTS_VENV)/bin/python
+	$(CLIENTS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install -q -r tests/clients/requirements.txt
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(CLIENTS_VENV)/bin/python -c "import openai, langchain_openai, litellm, llm, pydantic_ai, agents; print('installed clients: openai', openai.__version__)"
+	touch $@
+
+$(CLIENTS2_VENV)/.installed: tests/clients/requirements-openai2.txt | $(CLIENTS2_VENV)/bin/python
+	$(CLIENTS2_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CLIENTS2_VENV)/bin/python -m pip install -q -r tests/clients/requirements-openai2.txt
+	$(CLIENTS2_VENV)/bin/python -c "import openai, instructor, llama_index.llms.openai_like; print('installed clients: openai', openai.__version__)"
+	touch $@
+
+clients: $(CLIENTS_VENV)/.installed $(CLIENTS2_VENV)/.installed
 
 # Programs the tests run for real: a PostgreSQL server for the audit log's shared store, and
 # Chromium for the viewer's browser tests (Playwright drives Debian's build; it downloads nothing).
@@ -53,7 +79,7 @@ system:
 	  else echo "make test needs Prometheus (Debian: apt-get install prometheus)"; exit 1; fi; \
 	fi
 
-test: install system
+test: install system clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 serve: install
@@ -84,4 +110,4 @@ default-nla: install
 	    --layer 20 --work $(NLA_WORK) --out $(NLA_OUT) --threads 2
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) $(CLIENTS2_VENV) .pytest_cache
