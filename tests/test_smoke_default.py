@@ -127,3 +127,27 @@ def test_a_streamed_answer_carries_explanations_before_its_last_token(default_se
     assert order.count("token") >= 100, order.count("token")
     last_token = len(order) - 1 - order[::-1].index("token")
     assert "explanation" in order[:last_token], "every explanation came after the last token"
+
+
+def test_the_default_model_serves_agents(default_server):
+    """Out of the box, the default model takes tools: a forced call is schema-bound even from a
+    135M model, auto is read by the hermes parser (no 400), and the tools reach the prompt (the
+    default template lists them; without tools it is SmolLM2's own, token for token)."""
+    url, _ = default_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=40,
+                                       messages=messages, tools=[weather], tool_choice="required")
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    assert r.model_extra["explanations"]
+    auto = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
+                                          messages=messages, tools=[weather])
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with_tools = httpx.post(url + "/tokenize", json={"messages": messages, "tools": [weather]}).json()
+    without = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    text = httpx.post(url + "/detokenize", json={"tokens": with_tools["tokens"]}).json()["prompt"]
+    assert "get_weather" in text and with_tools["count"] > without["count"]

@@ -167,6 +167,7 @@ class ApiSettings(BaseModel):
     # for tool_choice "auto") and a chat template replacing the model's (a file, or the Jinja text).
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None  # vLLM's: the model's reasoning returned apart (message.reasoning)
     chat_template: str | None = None
 
     @model_validator(mode="after")

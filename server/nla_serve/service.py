@@ -27,6 +27,22 @@ from nla_serve.model_folder import dtype_name
 log = logging.getLogger("nla_serve")
 
 DEFAULT_NLA_DIR = Path(__file__).resolve().parent / "default_nla"
+DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parent / "default_chat_template.jinja"
+
+
+def with_default_model_agents(settings: ServerSettings) -> ServerSettings:
+    """The embedded default model (SmolLM2) serves agents out of the box: its own chat template
+    extended with tools (identical without them), and tool_choice "auto" read by vLLM's hermes
+    parser, unless the operator chose otherwise. Other models keep exactly what the operator says."""
+    api = settings.api
+    if settings.target.model is not None:
+        return settings
+    changes: dict = {}
+    if api.chat_template is None:
+        changes["chat_template"] = str(DEFAULT_CHAT_TEMPLATE)
+    if api.tool_call_parser is None:
+        changes.update(tool_call_parser="hermes", enable_auto_tool_choice=True)
+    return settings.replace(**changes) if changes else settings
 
 
 def resolve_folder(name: str, what: str) -> Path:
@@ -216,6 +232,7 @@ class Service:
     async def _start(cls, settings: ServerSettings, t0: float, audit) -> "Service":
         from nla_serve.api.tool_calls import check_parser_name
 
+        settings = with_default_model_agents(settings)
         target_cfg = settings.target
         # the operator's agent settings fail in a second, before minutes of loading engines
         settings.api.chat_template_text()

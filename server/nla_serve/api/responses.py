@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from nla_serve.api.items import apply_minimums, event_item
+from nla_serve.api.reasoning import ReasoningReader, ReasoningStream
 from nla_serve.api.tool_calls import ChoiceToolStream, ToolPlan, parse_whole
 from nla_serve.events import ChoiceSoFar, ExplanationEvent, TokenEvent
 from nla_serve.explain.policy import ExplainPlan
@@ -52,11 +53,13 @@ class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, *args, tools: ToolPlan | None = None, **kwargs):
+    def __init__(self, *args, tools: ToolPlan | None = None, reasoning: ReasoningReader | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()  # choices whose first chunk (with the role) has gone out
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.tool_streams: dict[int, ChoiceToolStream] = {}
+        self.reasoning = reasoning  # splits the model's reasoning from its answer, before tool calls are read
+        self.reasoning_streams: dict[int, ReasoningStream] = {}
 
     def logprobs(self, lps: list[TokenLogprob]) -> dict:
         def entry(tid: int, lp: float) -> dict:
@@ -69,12 +72,18 @@ class ChatShape(ResponseShape):
     def stream_choice(self, ev: TokenEvent, want_logprobs: bool) -> dict | None:
         first = ev.index not in self.started
         self.started.add(ev.index)
+        text, thought = ev.text, ""
+        if self.reasoning is not None:
+            thought, text = self.reasoning_streams.setdefault(ev.index, self.reasoning.stream()).delta(
+                ev.text, ev.token_ids)
         if self.tools is None:
-            fields = {"content": ev.text} if ev.text or first else {}
+            fields = {"content": text} if text or first else {}
             reason = ev.finish_reason
         else:
             stream = self.tool_streams.setdefault(ev.index, ChoiceToolStream(self.tools, self.tokenizer))
-            fields, reason = stream.delta(ev.text, ev.token_ids, ev.finish_reason)
+            fields, reason = stream.delta(text, ev.token_ids, ev.finish_reason)
+        if thought:
+            fields = {"reasoning": thought} | fields
         # the first chunk carries the role (content null under tools, as OpenAI sends a call's first chunk)
         delta = ({"role": "assistant", "content": "" if self.tools is None else None} if first else {}) | fields
         lps = self.logprobs(ev.logprobs) if want_logprobs and ev.logprobs else None
@@ -83,10 +92,16 @@ class ChatShape(ResponseShape):
         return {"index": ev.index, "delta": delta, "logprobs": lps, "finish_reason": reason}
 
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
-        message: dict = {"role": "assistant", "content": choice.text, "refusal": None}
+        text = choice.text
+        message: dict = {"role": "assistant", "content": text, "refusal": None}
+        if self.reasoning is not None:
+            thought, text = self.reasoning.whole(text)
+            message["content"] = text
+            if thought is not None:
+                message["reasoning"] = thought
         reason = choice.finish_reason
         if self.tools is not None:
-            content, calls, reason = parse_whole(self.tools, choice.text, reason, self.tokenizer)
+            content, calls, reason = parse_whole(self.tools, text, reason, self.tokenizer)
             message["content"] = content
             if calls:
                 message["tool_calls"] = calls
@@ -134,7 +149,8 @@ class CompletionShape(ResponseShape):
 
 
 def response_shape(kind: str, request_id: str, model: str, tokenizer, *, plan: ExplainPlan,
-                   tools: ToolPlan | None = None, echo: str | None = None) -> ResponseShape:
+                   tools: ToolPlan | None = None, echo: str | None = None,
+                   reasoning: ReasoningReader | None = None) -> ResponseShape:
     if kind == "chat":
-        return ChatShape(request_id, model, tokenizer, plan=plan, tools=tools)
+        return ChatShape(request_id, model, tokenizer, plan=plan, tools=tools, reasoning=reasoning)
     return CompletionShape(request_id, model, tokenizer, plan=plan, echo=echo)

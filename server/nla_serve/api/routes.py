@@ -16,11 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from nla_serve.api.auth import require_key
 from nla_serve.api.inputs import chat_ids, check_model, check_room, prompt_of, sampling, structured_output, text_ids
 from nla_serve.api.protocol import ChatCompletionRequest, CompletionRequest
+from nla_serve.api.reasoning import ReasoningReader
 from nla_serve.api.recording import recorder_for
 from nla_serve.api.responses import ResponseShape, response_shape
 from nla_serve.api.streaming import UsageMode, collect, stream_events
 from nla_serve.api.tool_calls import ToolPlan, plan_tools
-from nla_serve.api.transport import OffLoopJSONRoute, TicketedStreamingResponse, service_of, until_disconnected
+from nla_serve.api.transport import (OffLoopJSONRoute, TicketedStreamingResponse, primed, service_of,
+                                     until_disconnected)
 from nla_serve.errors import ClientError
 from nla_serve.explain.policy import ExplainPlan, make_plan
 from nla_serve.generation import GenerationRequest, run
@@ -61,6 +63,11 @@ async def deliver(svc: Service, request: Request, kind: str, body, ids: list[int
     if recorder is not None:  # the record is durable before [DONE] or the JSON body
         events = recorder.tap(events)
     if body.stream:
+        try:
+            events = await primed(events)
+        except BaseException:
+            ticket.release()
+            raise
         return TicketedStreamingResponse(ticket, streamed(events), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Request-Id": shape.id})
     with ticket:
@@ -73,12 +80,18 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
                   adapter: Adapter | None = None):
     plan = plan_for(svc, body, ids, options)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    shape = response_shape(kind, rid, body.model, svc.tokenizer, plan=plan, tools=tools, echo=echo)
+    shape = response_shape(kind, rid, body.model, svc.tokenizer, plan=plan, tools=tools, echo=echo,
+                           reasoning=reasoning_reader(svc))
     usage = usage_mode(body.stream_options, len(ids)) if body.stream else None
     keepalive = svc.settings.api.sse_keepalive_seconds
     return await deliver(svc, request, kind, body, ids, options, plan, shape,
                          streamed=lambda events: stream_events(events, shape, usage, want_logprobs, keepalive),
                          collected=lambda events: collect(events, shape, options.n, want_logprobs), adapter=adapter)
+
+
+def reasoning_reader(svc: Service) -> ReasoningReader | None:
+    name = svc.settings.api.reasoning_parser
+    return ReasoningReader(name, svc.tokenizer) if name else None
 
 
 def usage_mode(options, prompt_tokens: int) -> UsageMode:

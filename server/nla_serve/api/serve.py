@@ -83,6 +83,8 @@ FLAGS = [
                                                     "mistral, ...; see vLLM's list)"),
     ("--enable-auto-tool-choice", "enable_auto_tool_choice", bool, "on | off: allow tool_choice auto (needs "
                                                                    "--tool-call-parser)"),
+    ("--reasoning-parser", "reasoning_parser", str, "vLLM's reasoning parser (deepseek_r1, qwen3, granite, ...): "
+                                                    "the model's reasoning returned apart from its answer"),
     ("--chat-template", "chat_template", str, "a Jinja chat template (a file or the template itself) instead of "
                                               "the model's"),
     ("--disable-any-whitespace", "disable_any_whitespace", bool, "on | off: structured outputs write compact JSON"),
@@ -192,6 +194,10 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
             from nla_serve.api.tool_calls import check_parser_name
 
             check_parser_name(settings.api.tool_call_parser)
+        if settings.api.reasoning_parser:
+            from nla_serve.api.reasoning import check_reasoning_parser
+
+            check_reasoning_parser(settings.api.reasoning_parser)
     except ValueError as e:
         raise SystemExit(f"nla-serve: {e}") from None
     return settings

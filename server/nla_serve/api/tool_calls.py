@@ -52,10 +52,13 @@ class ToolPlan:
             tool = next(t for t in self.tools if t.function.name == self.name)
             return StructuredOutput("json", json.dumps(parameters_schema(tool)))
         if self.mode == "required":
+            defs: dict = {}
             items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                                       "parameters": parameters_schema(t)},
+                                                       "parameters": hoisted(parameters_schema(t), defs)},
                       "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
             schema: dict = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+            if defs:  # "#/$defs/X" in a tool's parameters resolves from the root of the combined schema
+                schema["$defs"] = defs
             if not self.parallel:
                 schema["maxItems"] = 1
             return StructuredOutput("json", json.dumps(schema))
@@ -96,6 +99,20 @@ class ToolPlan:
         from vllm.tool_parsers import ToolParserManager
 
         return ToolParserManager.get_tool_parser(self.parser_name)(tokenizer, self.vllm_request.tools)
+
+
+def hoisted(parameters: dict, defs: dict) -> dict:
+    """A tool's parameter schema without its ``$defs``, which join ``defs`` (vLLM's rule: the
+    definitions of all tools live at the root; one name defined two ways is a 400)."""
+    own = parameters.get("$defs")
+    if not own:
+        return parameters
+    for name, definition in own.items():
+        if name in defs and defs[name] != definition:
+            raise ClientError(f"two tools define $defs/{name} differently; under tool_choice \"required\" their "
+                              "definitions share one schema", param="tools")
+        defs[name] = definition
+    return {k: v for k, v in parameters.items() if k != "$defs"}
 
 
 def check_parser_name(name: str) -> None:

@@ -5,7 +5,9 @@ went away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -75,3 +77,38 @@ async def until_disconnected(request: Request, work):
     finally:
         if not task.done():
             task.cancel()
+
+
+# How long a stream's headers wait for its first event: errors the engine raises at once (a schema
+# its grammar backend cannot compile, vLLM's own checks on a request's first iteration) then become
+# the response's status (a 400 naming the field) instead of an error chunk after a 200. A first
+# event that takes longer (a queue) does not hold the headers past this.
+PRIME_SECONDS = 2.0
+
+
+async def primed(events: AsyncIterator, wait_s: float = PRIME_SECONDS) -> AsyncIterator:
+    """``events`` with its first item awaited up to ``wait_s``; an error in that time is raised here."""
+    it = events.__aiter__()
+    first = asyncio.ensure_future(it.__anext__())
+    done, _ = await asyncio.wait({first}, timeout=wait_s)
+    if done and first.exception() is not None and not isinstance(first.exception(), StopAsyncIteration):
+        raise first.exception()
+
+    async def rest():
+        try:
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
+            async for item in it:
+                yield item
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+            closer = getattr(it, "aclose", None)
+            if closer is not None:  # the generation's own cleanup (engine abort) runs now, not at GC
+                with contextlib.suppress(RuntimeError, StopAsyncIteration):
+                    await closer()
+
+    return rest()

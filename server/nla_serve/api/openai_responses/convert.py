@@ -66,6 +66,8 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": response_format_of(body), "stream": body.stream, "explain": body.explain,
         "logprobs": body.top_logprobs is not None or None, "top_logprobs": body.top_logprobs,
+        "structured_outputs": body.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+        if body.structured_outputs is not None else None,
     }
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in data.items() if v is not None})

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from nla_serve.api.protocol import Explain, Seed
-from nla_serve.api.protocol_agents import FunctionName, JSONObject
+from nla_serve.api.protocol_agents import FunctionName, JSONObject, StructuredOutputs
 from nla_serve.explain.options import Number
 
 Loose = ConfigDict(extra="forbid")
@@ -122,6 +122,7 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["disabled"] | None = None
     include: Annotated[list[Literal["message.output_text.logprobs"]], Field(max_length=4)] | None = None
     seed: Seed | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension, as on chat
     explain: Explain = None
     # Server-side state and reasoning controls this server does not have: accepted only when absent
     # or null (clients send null for "not set"), so a value is a 400 naming the field.

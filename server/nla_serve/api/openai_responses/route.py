@@ -13,7 +13,7 @@ from nla_serve.api.inputs import chat_ids, check_model, sampling, structured_out
 from nla_serve.api.openai_responses.convert import chat_request
 from nla_serve.api.openai_responses.protocol import ResponsesRequest
 from nla_serve.api.openai_responses.shape import ResponsesShape, stream_response
-from nla_serve.api.routes import deliver, plan_for
+from nla_serve.api.routes import deliver, plan_for, reasoning_reader
 from nla_serve.api.streaming import collect
 from nla_serve.api.tool_calls import plan_tools
 from nla_serve.api.transport import OffLoopJSONRoute, service_of
@@ -48,7 +48,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     options = sampling(svc, chat, ids, chat.max_tokens, lp, structured)
     plan = plan_for(svc, chat, ids, options)
     shape = ResponsesShape("resp_" + uuid.uuid4().hex, body.model, svc.tokenizer, plan=plan, tools=tools,
-                           request=echoed(body))
+                           request=echoed(body), reasoning=reasoning_reader(svc))
     keepalive = svc.settings.api.sse_keepalive_seconds
 
     async def collected(events):

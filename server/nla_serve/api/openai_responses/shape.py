@@ -49,7 +49,8 @@ class ResponsesShape(ChatShape):
     def whole(self, chat: dict) -> dict:
         """The Response object of a collected chat response."""
         [choice] = chat["choices"]
-        output = output_items(choice["message"], choice.get("logprobs"))
+        status = "incomplete" if choice["finish_reason"] in INCOMPLETE else "completed"
+        output = output_items(choice["message"], choice.get("logprobs"), status)
         return self.response("completed", output, chat["usage"], choice["finish_reason"],
                              explanations=chat["explanations"], monitor_events=chat["monitor_events"])
 
@@ -81,11 +82,18 @@ def call_item(call: dict, status: str, fid: str | None = None) -> dict:
             "arguments": fn["arguments"] if status != "in_progress" else "", "status": status}
 
 
-def output_items(message: dict, chat_logprobs: dict | None) -> list[dict]:
-    items = []
+def reasoning_item(text: str, status: str, rid: str | None = None) -> dict:
+    return {"type": "reasoning", "id": rid or item_id("rs"), "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []}
+
+
+def output_items(message: dict, chat_logprobs: dict | None, status: str = "completed") -> list[dict]:
+    """The output items of a finished message, each with the response's status (an answer cut by
+    max_output_tokens leaves its items incomplete, as OpenAI marks them)."""
+    items = [reasoning_item(message["reasoning"], status)] if message.get("reasoning") else []
     if message.get("content") or not message.get("tool_calls"):
-        items.append(message_item(message.get("content") or "", "completed", text_logprobs(chat_logprobs)))
-    items += [call_item(c, "completed") for c in message.get("tool_calls") or []]
+        items.append(message_item(message.get("content") or "", status, text_logprobs(chat_logprobs)))
+    items += [call_item(c, status) for c in message.get("tool_calls") or []]
     return items
 
 
@@ -97,6 +105,7 @@ class EventWriter:
         self.seq = 0
         self.items: list[dict] = []  # output items in order, as they stand
         self.message: dict | None = None
+        self.thought: dict | None = None  # the reasoning item, while the model reasons
         self.calls: dict[int, dict] = {}  # chat tool-call index -> its item
         self.logprobs: list[dict] = []
 
@@ -114,6 +123,8 @@ class EventWriter:
         out: list[bytes] = []
         delta = choice.get("delta") or {}
         lps = text_logprobs(choice.get("logprobs"))
+        if delta.get("reasoning"):
+            out += self._reasoning(delta["reasoning"])
         if delta.get("content"):
             out += self._text(delta["content"], lps)
         for call in delta.get("tool_calls") or []:
@@ -123,6 +134,17 @@ class EventWriter:
     def _open(self, item: dict) -> bytes:
         self.items.append(item)
         return self.event("response.output_item.added", output_index=len(self.items) - 1, item=item)
+
+    def _reasoning(self, text: str) -> list[bytes]:
+        out = []
+        if self.thought is None:
+            self.thought = reasoning_item("", "in_progress")
+            self.thought["text"] = ""
+            out.append(self._open(self.thought))
+        self.thought["text"] += text
+        out.append(self.event("response.reasoning_text.delta", item_id=self.thought["id"],
+                              output_index=self.items.index(self.thought), content_index=0, delta=text))
+        return out
 
     def _text(self, text: str, lps: list[dict]) -> list[bytes]:
         out = []
@@ -158,7 +180,7 @@ class EventWriter:
     def closing(self, finish_reason: str | None, usage: dict | None, explanations: list[dict],
                 monitor_events: list[dict]) -> list[bytes]:
         out = []
-        if not self.items:  # an empty answer is still one (empty) message
+        if self.message is None and not self.calls:  # an empty answer is still one (empty) message
             self.message = message_item("", "in_progress")
             self.message["text"] = ""
             out.append(self._open(self.message))
@@ -173,6 +195,11 @@ class EventWriter:
                                       content_index=0, text=text, logprobs=self.logprobs))
                 out.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
                                       content_index=0, part=part))
+            elif item is self.thought:
+                text = item.pop("text")
+                done = reasoning_item(text, status, item["id"])
+                out.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                      content_index=0, text=text))
             else:
                 done = dict(item, status=status)
                 out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
