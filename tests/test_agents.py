@@ -209,6 +209,9 @@ def test_continuous_usage_and_refusals(server):
         "presence_penalty": {"presence_penalty": 3},
         "stream_options.continuous_usage_stats": {"stream": True, "stream_options": {"continuous_usage_stats": True}},
         "structured_outputs": {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+        # the capture connector's switch travels in SamplingParams.extra_args: clients never reach it
+        "kv_transfer_params": {"kv_transfer_params": {"do_remote_decode": True}},
+        "vllm_xargs": {"vllm_xargs": {"nla_capture": 1}},
     }
     for param, extra in refusals.items():
         r = httpx.post(server.url + "/v1/chat/completions",

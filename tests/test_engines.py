@@ -366,6 +366,19 @@ def test_penalties_and_logit_bias_match_a_reference(target, hf_target, loop):
     assert got.reason == "stop" and len(got.ids) == 4 and got.ids[-1] == eos and eos not in got.ids[:3]
 
 
+def test_min_p_one_keeps_only_the_top_token(target, loop):
+    """min_p 1.0 keeps only tokens as likely as the top one: sampling at temperature 1 is then greedy."""
+    ids = prompt_of(target.tokenizer, 9, seed=4)
+    opts = SamplingOptions(max_tokens=8, temperature=1.0, min_p=1.0, ignore_eos=True)
+    if getattr(target, "capture_method", None) == "speculative":
+        with pytest.raises(ClientError) as e:
+            loop.run(collect(target, Prompt(ids), opts, "min-p", capture=False))
+        assert e.value.param == "min_p"
+        return
+    got = loop.run(collect(target, Prompt(ids), opts, "min-p", capture=False))[0]
+    assert got.ids == loop.run(collect(target, Prompt(ids), GREEDY, "min-p-greedy", capture=False))[0].ids
+
+
 # --------------------------------------------------------------------------------------------
 # Prompt embeddings (the verbalizer path)
 # --------------------------------------------------------------------------------------------
