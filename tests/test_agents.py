@@ -319,6 +319,8 @@ def test_responses_function_calls_and_their_outputs(server):
                                  "type": "object", "properties": {"ok": {"const": True}}, "required": ["ok"],
                                  "additionalProperties": False}}})
     assert json.loads(fmt.output_text) == {"ok": True}
+    gone = httpx.get(server.url + f"/v1/responses/{resp.id}")
+    assert gone.status_code == 404 and "audit" in gone.json()["error"]["message"]
     for bad, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
                        ({"tools": [{"type": "web_search"}]}, "tools"),
                        ({"input": [{"type": "reasoning", "summary": []}]}, "input")):
@@ -388,3 +390,22 @@ def test_required_tools_with_defs_and_errors_before_the_stream(server):
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": stream,
             "response_format": broken})
         assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (stream, r.text)
+
+
+def test_surprise_positions_are_where_the_model_was_least_sure(server):
+    """positions "surprise": the rows whose next-token entropy (from the top-5 logprobs, residual
+    mass as one outcome) is highest, which the client can recompute from the same logprobs."""
+    import math
+
+    resp = ask(server, max_tokens=12, logprobs=True, top_logprobs=5,
+               extra_body={"explain": {"positions": "surprise", "max_explanations": 3, "max_tokens": 4}})
+    P = resp.usage.prompt_tokens
+    entropy = {}
+    for j, entry in enumerate(resp.choices[0].logprobs.content):
+        probs = {t.token: math.exp(t.logprob) for t in entry.top_logprobs}
+        probs.setdefault(entry.token, math.exp(entry.logprob))
+        rest = max(0.0, 1 - sum(probs.values()))
+        entropy[P - 1 + j] = -sum(q * math.log(q) for q in [*probs.values(), rest] if q > 0)
+    rows = [p for p in entropy if p <= P + len(entropy) - 2]  # the last token has no row
+    expected = sorted(sorted(rows, key=lambda p: (-entropy[p], p))[:3])
+    assert sorted(it["token_index"] for it in resp.model_extra["explanations"]) == expected

@@ -18,7 +18,7 @@ from nla_serve.engine_config import (MAX_EXPLANATION_TOKENS, CaptureMethod, DTyp
                                      ParallelSettings, ReconstructorSettings, RemoteSettings, http_urls)
 from nla_serve.explain.monitors import Rule
 
-NamedPositions = Literal["auto", "last", "all", "generated", "prompt"]  # the named policies (explain/policy.py)
+NamedPositions = Literal["auto", "last", "all", "generated", "prompt", "surprise"]  # the named policies (explain/policy.py)
 CACHE_ENV = "NLA_SERVE_CACHE_DIR"  # the environment twin of --cache-dir
 
 

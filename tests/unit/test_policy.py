@@ -53,3 +53,14 @@ def test_minimums_flag_and_drop():
 def test_spread_keeps_the_last():
     assert spread(list(range(10)), 3) == [0, 4, 9]
     assert spread([1, 2], 5) == [1, 2] and spread([1, 2, 3], 1) == [3] and spread([1], 0) == []
+
+
+def test_surprise_spends_the_explanations_where_the_next_token_was_least_sure():
+    from nla_serve.config import ExplainDefaults
+    from nla_serve.explain.options import ExplainOptions
+
+    plan = make_plan(ExplainOptions(positions="surprise", max_explanations=2), ExplainDefaults())
+    entropy = {3: 0.1, 4: 2.0, 5: 0.0, 6: 1.5, 7: 1.5}  # rows P-1 .. P+G-2 for P=4, G=5
+    assert plan.select(4, 5, entropy.get) == [4, 6]  # the two highest; a tie goes to the earlier row
+    assert plan.select(4, 5, None) == plan.select(4, 5)  # no logprobs: auto's positions
+    assert plan.stable_positions(4) is None and plan.streamed(64).stride is None  # chosen when the choice ends

@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from nla_serve.api import errors as api_errors
 from nla_serve.api import openapi
+from nla_serve.api.anthropic_messages.route import router as messages_router
 from nla_serve.api.auth import require_key
 from nla_serve.api.audit_routes import router as audit_router
 from nla_serve.api.explanations import router as explanations_router
@@ -106,6 +107,7 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     app.include_router(explanations_router)
     app.include_router(tokenize_router)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(audit_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")  # /ui redirects to /ui/
     app.add_middleware(api_errors.CatchAll)

@@ -1,4 +1,6 @@
-"""The one place where errors become OpenAI-shaped JSON: ``{"error": {message, type, param, code}}``.
+"""The one place where errors become JSON: ``{"type": "error", "error": {message, type, param, code}}``,
+OpenAI's shape (clients read ``error``) and Anthropic's (``type: "error"``, ``error.type``,
+``error.message``; ``/v1/messages``) at once, so every route answers one shape.
 
 Ours (``NLAServeError``) carry their status; FastAPI's validation errors become 400s that name the
 offending parameter; unknown routes 404; anything unexpected a 500 with no internals leaked.
@@ -19,7 +21,7 @@ log = logging.getLogger("nla_serve.api")
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"type": "error", "error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(exc: NLAServeError) -> JSONResponse:

@@ -31,7 +31,7 @@ ERRORS = {
     "503": "starting, stopping, or an engine is down",
 }
 OPEN_ROUTES = {"/health"}  # no key, no body: only 503 while starting
-STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
+STREAMING_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 SSE = {"text/event-stream": {"schema": {  # one server-sent event
     "type": "object",
     "properties": {"event": {"type": "string"},

@@ -12,6 +12,10 @@ Named policies (P prompt tokens, G generated, rows 0 .. P+G-2):
   last       the last position that has a row
   all        every position; evenly subsampled to max_explanations when longer
   prompt     prompt positions (subsampled likewise); generated: completion positions (likewise)
+  surprise   the max_explanations positions, from the last prompt token on, where the model was least
+             sure of its next token (the entropy of its next-token distribution, estimated from the
+             top-5 logprobs the engine reports with the residual mass as one outcome: a lower bound):
+             the decisions. Chosen when the choice ends (also in a stream); without logprobs, ``auto``
   {"every": n}   positions 0, n, 2n, ... (subsampled likewise)
   [i, j, ...]    exactly these indices; more than max_explanations is a 400
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from nla_serve.config import ExplainDefaults
 from nla_serve.errors import ClientError
@@ -84,8 +89,9 @@ class ExplainPlan:
             return None
         return self.select(P, 1 << 30)
 
-    def select(self, P: int, G: int) -> list[int]:
-        """Positions to explain for a choice with P prompt and G generated tokens (sorted)."""
+    def select(self, P: int, G: int, uncertainty: Callable[[int], float | None] | None = None) -> list[int]:
+        """Positions to explain for a choice with P prompt and G generated tokens (sorted);
+        ``uncertainty(p)`` (the next-token entropy at row p) is what ``surprise`` ranks by."""
         n_rows = P + max(G, 1) - 1  # rows 0 .. P+G-2 (a prefill-only run has rows 0 .. P-1)
         cap = self.max_explanations
         pos = self.positions
@@ -103,7 +109,12 @@ class ExplainPlan:
             if self.stride is not None:
                 return [p for p in range(P, P + cap * self.stride, self.stride) if p < n_rows]
             return spread(list(range(P, n_rows)), cap)
-        # auto
+        if pos == "surprise" and uncertainty is not None and G > 0:
+            rows = range(P - 1, n_rows)  # the rows whose next token was sampled
+            scored = [(u, p) for p in rows if (u := uncertainty(p)) is not None]
+            if scored:
+                return sorted(p for _, p in sorted(scored, key=lambda up: (-up[0], up[1]))[:cap])
+        # auto (and surprise without the entropies it ranks by)
         if self.stride is not None:
             return [P - 1] + [p for p in range(P, P + (cap - 1) * self.stride, self.stride) if p < n_rows]
         return [P - 1] + spread(list(range(P, n_rows)), cap - 1)
@@ -117,12 +128,13 @@ class Target:
     skip_reason: str | None = None
 
 
-def choice_targets(plan: ExplainPlan, index: int, P: int, G: int, n_rows: int) -> list[Target]:
+def choice_targets(plan: ExplainPlan, index: int, P: int, G: int, n_rows: int,
+                   uncertainty: Callable[[int], float | None] | None = None) -> list[Target]:
     """What to explain for choice ``index`` (P prompt tokens, G generated, ``n_rows`` rows captured).
 
     Prompt rows are identical across choices, so they are explained once, under choice 0. A
     position without a row is answered ``skipped``: the last generated token never has one."""
-    positions = plan.select(P, G)
+    positions = plan.select(P, G, uncertainty)
     if index > 0:
         positions = [p for p in positions if p >= P]
     total = P + G

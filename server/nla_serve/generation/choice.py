@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING
 
 from nla_serve.types import CapturedRows, StepOutput, TokenLogprob
@@ -62,6 +64,19 @@ class ChoiceState:
             return None
         lp = self.logprobs[j]
         return list(dict.fromkeys([lp.token_id, *(tid for tid, _ in lp.top)]))
+
+    def uncertainty(self, p: int) -> float | None:
+        """The entropy (nats) of the next-token distribution at row ``p``, from the top-k logprobs
+        of the token sampled from it, the residual mass counted as one outcome (a lower bound on
+        the true entropy). None where that token has no logprobs (a prompt row before the last)."""
+        j = p + 1 - len(self.prompt_ids)
+        if j < 0 or j >= len(self.logprobs) or self.logprobs[j] is None:
+            return None
+        lp = self.logprobs[j]
+        probs = {tid: math.exp(v) for tid, v in lp.top}
+        probs.setdefault(lp.token_id, math.exp(lp.logprob) if math.isfinite(lp.logprob) else 0.0)
+        rest = max(0.0, 1.0 - sum(probs.values()))
+        return -sum(q * math.log(q) for q in [*probs.values(), rest] if q > 0)
 
     def context_at(self, p: int) -> tuple[list[int], list[int] | None]:
         """What the activation at ``p`` saw and what the model predicted there, as of now."""

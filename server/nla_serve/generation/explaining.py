@@ -50,7 +50,8 @@ class ChoiceExplainer:
     def final(self) -> None:
         """At the choice's end: every target the plan picks, rows or ``skipped``, then no more."""
         have = []
-        for target in choice_targets(self.plan, self.index, self.P, len(self.choice.token_ids), self.choice.n_rows):
+        for target in choice_targets(self.plan, self.index, self.P, len(self.choice.token_ids), self.choice.n_rows,
+                                     self.choice.uncertainty):
             if target.skip_reason is None:
                 have.append(target.position)
             elif self._take(target.position):
@@ -63,7 +64,7 @@ class ChoiceExplainer:
     def _decision_positions(self) -> list[int]:
         """Under ``auto``, the row before each token where the choice starts a tool call (the state
         that chose to act), on top of max_explanations: an agent's decisions are what an audit reads."""
-        if self.decisions is None or self.plan.positions != "auto" or not self.plan.enabled:
+        if self.decisions is None or self.plan.positions not in ("auto", "surprise") or not self.plan.enabled:
             return []
         G = len(self.choice.token_ids)
         return [p for k in self.decisions(self.choice.token_ids) if 0 <= (p := self.P + k - 1) < self.choice.n_rows

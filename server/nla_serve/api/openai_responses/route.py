@@ -17,6 +17,7 @@ from nla_serve.api.routes import deliver, plan_for, reasoning_reader
 from nla_serve.api.streaming import collect
 from nla_serve.api.tool_calls import plan_tools
 from nla_serve.api.transport import OffLoopJSONRoute, service_of
+from nla_serve.errors import NotFoundError
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
@@ -57,3 +58,19 @@ async def create_response(body: ResponsesRequest, request: Request):
     return await deliver(svc, request, "responses", chat, ids, options, plan, shape,
                          streamed=lambda events: stream_response(events, shape, chat.logprobs, keepalive),
                          collected=collected, adapter=adapter)
+
+
+NOT_STORED = ("responses are not stored by this server (it answers store: false, as vLLM does without its "
+              "store); the audit log keeps every response: `nla-serve audit show {id}` or GET /v1/audit/records/{id}")
+
+
+@router.get("/v1/responses/{response_id}", dependencies=[Depends(require_key)])
+async def retrieve_response(response_id: str):
+    raise NotFoundError(NOT_STORED.format(id=response_id), param="response_id", code="response_not_found")
+
+
+@router.post("/v1/responses/{response_id}/cancel", dependencies=[Depends(require_key)])
+async def cancel_response(response_id: str):
+    # a response runs on its own request (no background mode): closing that request cancels it
+    raise NotFoundError(NOT_STORED.format(id=response_id) + "; a running response is cancelled by closing its "
+                        "request", param="response_id", code="response_not_found")
