@@ -224,3 +224,29 @@ def test_the_default_plan_does_not_ask_for_prompt_logprobs():
     (_, options, _), = engine.requests
     assert options.prompt_logprobs is None
 
+
+
+def test_jobs_of_answers_still_generating_go_first():
+    """Answers first: with one verbalizer place, the queued jobs of a request whose answer has
+    ended wait until no request still generating has jobs queued (round-robin within each)."""
+    async def main():
+        runtime = ScriptedRuntime(delay=0.01)
+        worker = ExplanationWorker(runtime, concurrency=1)
+        await worker.start()
+        from nla_serve.explain.worker import ExplanationJob
+
+        order = []
+        futures = []
+        for rid in ("done", "done", "done", "live", "live"):
+            fut = worker.submit(ExplanationJob(rid, row_for(len(futures))))
+            fut.add_done_callback(lambda f, rid=rid: order.append(rid))
+            futures.append(fut)
+        worker.answered("done")  # its first job may already be running; the rest wait
+        worker.answered("nobody")  # a request without pending jobs is not remembered
+        await asyncio.gather(*futures)
+        await worker.stop()
+        return order, worker
+
+    order, worker = run(main())
+    assert order[-2:] == ["done", "done"] and order[:3].count("live") == 2, order  # a "done" job may have started
+    assert not worker._answered and worker.in_flight() == {"requests": 0, "queued_jobs": 0}

@@ -116,6 +116,10 @@ class ExplanationPipeline:
         self._maybe_abort(event)
         return event
 
+    def answered(self) -> None:
+        """The generation's answer has ended: its remaining explanations yield to live answers'."""
+        self.worker.answered(self.request_id)
+
     def skipped_token(self, at: TokenAt, token_id: int | None, reason: str) -> ExplanationEvent:
         """A position the plan picked that cannot be explained (no row), answered at once."""
         token = None if token_id is None else self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -18,7 +18,9 @@ running verbalizer requests step by step, and the reconstructor scores in one fo
 whatever finished while it scored the previous group (no waiting timer).
 
 Fair sharing: each request has its own lane and jobs start round-robin across lanes, so one
-request's 64 explanations cannot starve another's one. Deadlines are the worker's alone: a job
+request's 64 explanations cannot starve another's one. Answers first: a request whose answer has
+ended (``answered``) has its lane served only when no request still generating has jobs queued, so
+the explanations a streaming client is waiting on go ahead of those of finished answers. Deadlines are the worker's alone: a job
 carries its request's deadline (``explain.deadline_s`` / ``--explain-deadline``, from the request's
 arrival); when it passes, every unresolved job of that request, queued or running, is answered
 ``skipped`` with the reason (one timer per request), and a job submitted later is answered so at
@@ -115,6 +117,7 @@ class ExplanationWorker:
         self._running: dict[ExplanationJob, asyncio.Task] = {}  # jobs on the verbalizer
         self._pending: dict[str, set[ExplanationJob]] = {}  # request id -> its unresolved jobs
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # request id -> its deadline's timer
+        self._answered: set[str] = set()  # requests (with pending jobs) whose answer has ended
         self.unavailable_reason: str | None = None  # set while the verbalizer engine is down
         self.jobs_started = 0
         self.batches_run = 0  # reconstructor batches
@@ -201,6 +204,12 @@ class ExplanationWorker:
         if lane is not None:
             self._queued -= len(lane)
 
+    def answered(self, request_id: str) -> None:
+        """The request's answer has ended: its queued jobs now yield to those of answers still
+        being generated (forgotten with the request's last pending job)."""
+        if request_id in self._pending:
+            self._answered.add(request_id)
+
     def in_flight(self) -> dict[str, int]:
         # a request's deadline timer lives exactly as long as its pending jobs: counted in "requests"
         return {"requests": len(self._pending), "queued_jobs": self.depth}
@@ -211,6 +220,7 @@ class ExplanationWorker:
             jobs.discard(job)
             if not jobs:
                 del self._pending[job.request_id]
+                self._answered.discard(job.request_id)
                 timer = self._deadlines.pop(job.request_id, None)  # nothing left for it to end
                 if timer is not None:
                     timer.cancel()
@@ -227,10 +237,12 @@ class ExplanationWorker:
                 self.metrics.record_claims(exp.claims)
 
     def _next_job(self) -> ExplanationJob | None:
-        """The next live job, round-robin over requests: the lane served goes to the back."""
+        """The next live job, round-robin over requests (the lane served goes to the back), lanes of
+        requests still generating first."""
         now = time.monotonic()
         while self._lanes:
-            request_id, lane = next(iter(self._lanes.items()))
+            request_id = next((r for r in self._lanes if r not in self._answered), None) or next(iter(self._lanes))
+            lane = self._lanes[request_id]
             job = lane.popleft()
             self._queued -= 1
             if lane:

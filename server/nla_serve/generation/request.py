@@ -16,6 +16,7 @@ generation only marks as running at the first engine step. Cancellation (a clien
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -189,6 +190,8 @@ class Generation:
             if step.finished:
                 self.finish_reasons.append(reason or "stop")
         self.engine_done = True
+        if self.pipeline is not None:  # after the final jobs' tasks (scheduled above) have submitted them
+            asyncio.get_running_loop().call_soon(self.pipeline.answered)
 
     def _explainer(self, index: int, choice: ChoiceState) -> ChoiceExplainer:
         ex = self.explainers.get(index)
