@@ -409,3 +409,24 @@ def test_surprise_positions_are_where_the_model_was_least_sure(server):
     rows = [p for p in entropy if p <= P + len(entropy) - 2]  # the last token has no row
     expected = sorted(sorted(rows, key=lambda p: (-entropy[p], p))[:3])
     assert sorted(it["token_index"] for it in resp.model_extra["explanations"]) == expected
+
+
+def test_prompt_logprobs_of_completions_and_chats(server):
+    """vLLM's prompt_logprobs: None first, then each prompt token under the model's distribution
+    before it, with the top k; a plain forward of the same ids would say the same (the engines'
+    tests check the numbers); here the shape and the token identity."""
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 2, "temperature": 0,
+            "prompt_logprobs": 2, "explain": False}
+    out = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "The quick brown fox"}).json()["tokens"]
+    lps = out["choices"][0]["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == len(ids)
+    for token, entry in zip(ids[1:], lps[1:]):
+        assert str(token) in entry and len(entry) in (2, 3)  # the token itself and the top 2
+        assert sorted(e["rank"] for e in entry.values() if e["rank"] is not None)[:2] == [1, 2]
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 0,
+        "explain": False}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    streamed = httpx.post(server.url + "/v1/completions", json=body | {"stream": True}, timeout=60)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"

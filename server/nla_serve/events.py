@@ -32,6 +32,8 @@ class TokenEvent:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    # the prompt's logprobs as the client asked for them (``prompt_logprobs``), on a choice's first event
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -96,6 +98,7 @@ class ChoiceSoFar:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def text(self) -> str:
@@ -117,6 +120,8 @@ class Transcript:
             choice.logprobs.extend(ev.logprobs)
         if ev.finish_reason:
             choice.finish_reason = ev.finish_reason
+        if ev.prompt_logprobs is not None and choice.prompt_logprobs is None:
+            choice.prompt_logprobs = ev.prompt_logprobs
 
     def in_order(self) -> list[tuple[int, ChoiceSoFar]]:
         return sorted(self.choices.items())

@@ -48,7 +48,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
-    prompt_logprobs: int | None = None  # None: off; k >= 1: the top k at every prompt position
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob and the top k
     # vLLM's semantics: presence/frequency penalties count generated tokens only, the repetition
     # penalty prompt and generated tokens; logit_bias is added before them; min_p scales with the
     # top token's probability (sampling only); min_tokens holds back EOS, stop ids and stop strings.

@@ -99,7 +99,17 @@ def sampling(svc: Service, body, ids: list[int], max_tokens: int | None, logprob
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias=logit_bias(svc, body.logit_bias), min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0,
-        structured=structured)
+        structured=structured, prompt_logprobs=prompt_logprobs_of(body))
+
+
+def prompt_logprobs_of(body) -> int | None:
+    """vLLM's ``prompt_logprobs`` (k >= 0: each prompt token's logprob and the top k), on whole
+    responses only: a stream has no place vLLM's clients read them from."""
+    k = body.prompt_logprobs
+    if k is not None and body.stream:
+        raise ClientError("prompt_logprobs is returned on whole responses only; send stream: false",
+                          param="prompt_logprobs")
+    return k
 
 
 def logit_bias(svc: Service, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

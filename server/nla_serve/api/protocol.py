@@ -97,6 +97,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: Number | None = Field(default=None, ge=0.01, le=10)
     logit_bias: LogitBias | None = None
     min_tokens: StrictInt | None = Field(default=None, ge=0)
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     structured_outputs: StructuredOutputs | None = None
     n: StrictInt = Field(default=1, ge=1, le=16)
     stop: Union[str, list[str], None] = None

@@ -45,6 +45,26 @@ class ResponseShape:
         """The ``choices`` entry of a chunk for ``ev``; None when the chunk is not worth sending."""
         raise NotImplementedError
 
+    def prompt_logprobs(self, lps: list[TokenLogprob]) -> list[dict | None]:
+        """vLLM's ``prompt_logprobs``: None for the first prompt token, then for each token
+        {token id: {logprob, rank, decoded_token}}, itself and the top k (a rank is known for the
+        top k; the token's own is null when it is not among them)."""
+        out: list[dict | None] = [None]
+        for lp in lps:
+            ranks = {tid: r for r, (tid, _) in enumerate(lp.top, start=1)}
+            entry = {str(tid): {"logprob": v, "rank": ranks[tid], "decoded_token": self.token_text(tid)}
+                     for tid, v in lp.top}
+            entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": ranks.get(lp.token_id),
+                                                "decoded_token": self.token_text(lp.token_id)})
+            out.append(entry)
+        return out
+
+    def add_prompt_logprobs(self, response: dict, transcript) -> None:
+        """vLLM's place for them on a chat response: top level (the prompt is the request's)."""
+        first = transcript.choices.get(0)
+        if first is not None and first.prompt_logprobs is not None:
+            response["prompt_logprobs"] = self.prompt_logprobs(first.prompt_logprobs)
+
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
         raise NotImplementedError
 
@@ -140,6 +160,12 @@ class CompletionShape(ResponseShape):
         if not text and ev.finish_reason is None and not (ev.logprobs and want_logprobs):
             return None  # nothing a client could use
         return choice
+
+    def add_prompt_logprobs(self, response: dict, transcript) -> None:
+        """vLLM's place for them on a completion: each choice."""
+        for out, (_, choice) in zip(response["choices"], transcript.in_order()):
+            if choice.prompt_logprobs is not None:
+                out["prompt_logprobs"] = self.prompt_logprobs(choice.prompt_logprobs)
 
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
         echo = self.echo or ""

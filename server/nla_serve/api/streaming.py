@@ -125,5 +125,7 @@ async def collect(events: AsyncIterator[Event], shape: ResponseShape, n: int, wa
     explanations.sort(key=lambda it: (it.get("choice_index") or 0, it.get("token_index") or 0))
     monitor_events.sort(key=lambda m: (m.get("choice_index") or 0, m.get("token_index") or 0))
     choices = [shape.whole_choice(i, c, want_logprobs) for i, c in transcript.in_order()]
-    return shape.base(shape.object_name) | {"choices": choices, "usage": usage, "explanations": explanations,
-                                            "monitor_events": monitor_events}
+    response = shape.base(shape.object_name) | {"choices": choices, "usage": usage, "explanations": explanations,
+                                                "monitor_events": monitor_events}
+    shape.add_prompt_logprobs(response, transcript)
+    return response

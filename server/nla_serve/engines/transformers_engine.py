@@ -245,7 +245,7 @@ class TransformersEngine:
             embeds = embeds.clone()
             embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
             logits, row, past, every = self._forward(None, capture, inputs_embeds=embeds)
-        prompt_lps = prompt_logprobs(every, prompt.token_ids, prompt_k) if prompt_k else None
+        prompt_lps = prompt_logprobs(every, prompt.token_ids, prompt_k) if prompt_k is not None else None
         return logits, row, past, prompt_lps
 
     def _decode(self, token: int, past, capture: bool):

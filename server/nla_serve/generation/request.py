@@ -96,6 +96,13 @@ class RequestTiming:
         return self.first - self.arrived if self.first is not None else -1.0
 
 
+def client_prompt_logprobs(step: StepOutput, k: int | None) -> list[TokenLogprob] | None:
+    """The prompt's logprobs as the client asked for them (None: not asked), the top ``k`` of each."""
+    if k is None or step.prompt_logprobs is None:
+        return None
+    return [dataclasses.replace(lp, top=lp.top[:k]) for lp in step.prompt_logprobs]
+
+
 def client_logprobs(step: StepOutput, k: int | None, engine_k: int | None) -> list[TokenLogprob] | None:
     """The step's logprobs as the client asked for them (None: not asked; else the top ``k``),
     trimmed only when the engine was asked for more (``engine_k``) to ground explanations."""
@@ -132,6 +139,9 @@ class Generation:
             prompt_k = None
             if req.plan.explains_inner_prompt(self.P) and self.P <= PROMPT_PREDICTIONS_MAX_TOKENS:
                 prompt_k = PREDICTIONS_K
+            client_k = req.options.prompt_logprobs
+            if client_k is not None or prompt_k is not None:
+                prompt_k = max(client_k or 0, prompt_k or 0)
             self.options = dataclasses.replace(req.options, logprobs=max(req.options.logprobs or 0, PREDICTIONS_K),
                                                prompt_logprobs=prompt_k)
             pipeline.on_abort = self._stop_for_monitor
@@ -181,7 +191,8 @@ class Generation:
             if step.finished and reason == "abort" and self.stopped_by:
                 reason = "content_filter"  # an abort monitor stopped it (what OpenAI clients know)
             self.fan_in.put(TokenEvent(step.index, step.token_ids, step.text, reason,
-                                       client_logprobs(step, req.options.logprobs, self.options.logprobs)))
+                                       client_logprobs(step, req.options.logprobs, self.options.logprobs),
+                                       client_prompt_logprobs(step, req.options.prompt_logprobs)))
             if self.explaining:
                 if self.stable and step.captured is not None and not step.finished:
                     self._explainer(step.index, choice).early()

@@ -245,7 +245,7 @@ class VLLMEngine:
         outs = translate_errors(stream)
         try:
             async for out in outs:
-                if options.prompt_logprobs and out.prompt_logprobs and prompt_lps is None:
+                if options.prompt_logprobs is not None and out.prompt_logprobs and prompt_lps is None:
                     prompt_lps = translate.prompt_logprobs(prompt.token_ids, out.prompt_logprobs,
                                                            options.prompt_logprobs)
                 for c in out.outputs:

@@ -150,7 +150,7 @@ def logprobs(token_ids: list[int], positions, k: int | None) -> list[TokenLogpro
 def prompt_logprobs(prompt_ids: list[int], positions, k: int | None) -> list[TokenLogprob] | None:
     """vLLM's ``prompt_logprobs`` (entry i: prompt token i under the distribution at i-1, None for
     i = 0) -> ours (entry p: the distribution at p, predicting token p+1), the top k by rank."""
-    if not k or positions is None:
+    if k is None or positions is None:
         return None
     return logprobs(prompt_ids[1:], list(positions)[1:], k)
 
