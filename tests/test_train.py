@@ -239,6 +239,12 @@ def test_eval_report(trained):
     assert g["quotes"] == sum(v["grounding"]["quotes"] for v in report["by_source"].values())
     grounded = sum(len(e["grounding"]["found"]) + len(e["grounding"]["predicted"]) for e in report["examples"])
     assert g["quotes_grounded"] == (round(grounded / g["quotes"], 4) if g["quotes"] else None)
+    # claims: every claim judged (or counted unjudged), and the final-token test over what it covers
+    claims = report["claims"]
+    assert claims["n_claims"] == sum(k["n"] for k in claims["by_kind"].values())
+    if claims["n_claims"]:
+        assert sum(claims["verdicts"].values()) == pytest.approx(1, abs=1e-3)
+    assert claims["final_token_test"]["n"] <= cfg.eval_n
     # the targets the AV learnt from are grounded in their own context (they quote only what is there)
     targets = json.loads((cfg.work / "targets.json").read_text())
     assert targets["quotes"] > 0 and targets["quotes_grounded"] >= 0.9, targets
@@ -290,7 +296,9 @@ def test_evaluate_wiring_with_constructed_reconstructors(trained, monkeypatch):
     held.records = held.records[:n]
     preds = {"exact": v.clone(), "const": normalize(v).mean(0).expand_as(v).clone()}
     for kind, pred in preds.items():
-        monkeypatch.setattr(reconstructor.Reconstructor, "reconstruct", lambda self, texts, p=pred: p[: len(texts)])
+        # the first n texts are the explanations; the claims report scores more (ablations, variants)
+        monkeypatch.setattr(reconstructor.Reconstructor, "reconstruct",
+                            lambda self, texts, p=pred: p[torch.arange(len(texts)) % len(p)])
         rep = evaluate(cfg.out_dir / "av", cfg.out_dir / "ar", held, n=n, max_tokens=8, examples=0,
                        cache_dir=cfg.work / "merged")
         base = rep["baseline"]

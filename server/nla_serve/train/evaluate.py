@@ -12,6 +12,8 @@ overall and per text source, with:
 - grounding (explain/grounding.py, the server's own check): of everything the explanations quote,
   the share found in the text the activation saw or among the target's top next-token predictions
   at that position; overall and per source. High FVE with low grounding means the AV recites.
+- claims (``evaluate_claims``): the verdict shares of every claim, by kind, and whether support
+  tells a true final-token claim from a false one.
 - examples: context, token, explanation and score, for reading.
 
 Engines: ``batch`` (default) generates with ``train.generation`` (the recipe, many vectors per
@@ -170,6 +172,11 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
                       for k, v in sorted(by_source.items())},
         "av": str(av_dir), "ar": str(ar_dir),
     }
+    from nla_serve.train.evaluate_claims import claims_report
+
+    # claim verdicts and the final-token test, on the same explanations (train/evaluate_claims.py)
+    report["claims"] = claims_report(rec, bodies, vectors, baseline, ckpt.claim_thresholds,
+                                     [r["token"] for r in records], tokenizer)
     if by_genre:
         report["by_genre"] = {k: {"n": len(v), "fve": summary(v), "grounding": grounding_summary(grounding_by_genre[k])}
                               for k, v in sorted(by_genre.items())}
