@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -36,13 +39,16 @@ HERMES_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}
 def server(tiny, loop, tmp_path_factory):
     vllm_required()
     adapter = build_lora(tiny.target, tmp_path_factory.mktemp("lora") / "tiny-lora")
+    cache = tmp_path_factory.mktemp("agents-cache")  # the audit log's home: this module's own
     settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
                                    nla_ar=str(tiny.ar), engine="vllm", device="cpu", fve_baseline=1.5,
                                    kv_cache_gib=0.5, max_model_len=512, tool_call_parser="hermes",
                                    enable_auto_tool_choice=True, disable_any_whitespace=True,
-                                   lora_modules={"tiny-lora": str(adapter)}, reasoning_parser="granite")
+                                   lora_modules={"tiny-lora": str(adapter)}, reasoning_parser="granite",
+                                   cache_dir=str(cache))
     svc = loop.run(Service.start(settings))
     app = AppServer(loop, create_app(settings, svc)).start()
+    app.cache = cache
     yield app
     app.stop()
     loop.run(svc.stop())
@@ -88,6 +94,13 @@ def test_named_tool_choice_calls_that_function_with_schema_bound_arguments(serve
     assert choice.finish_reason == "stop"  # OpenAI's and vLLM's for a named call
     items = resp.model_extra["explanations"]
     assert items and all(it["status"] in ("ok", "truncated") for it in items)
+    # the record keeps the call as the client got it (same id: the result comes back under it)
+    shown = subprocess.run([str(Path(sys.executable).with_name("nla-serve")), "audit", "show", resp.id,
+                            "--cache-dir", str(server.cache)], capture_output=True, text=True, timeout=120)
+    record = json.loads(shown.stdout)
+    record = record.get("record", record)
+    [kept] = record["choices"][0]["tool_calls"]
+    assert kept["id"] == call.id and kept["function"]["arguments"] == call.function.arguments
 
 
 def test_named_tool_call_streams_its_arguments(server):

@@ -50,7 +50,8 @@ def server(tiny, loop, tmp_path_factory):
 
 
 def post(server, **body) -> httpx.Response:
-    body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]} | body
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}]} | body
     return httpx.post(server.url + "/v1/messages", json=body, timeout=120)
 
 
@@ -173,6 +174,7 @@ def test_forced_tool_use_streams_its_input_and_takes_results_back(server):
     ({"temperature": 1.5}, "temperature", "less than or equal to 1"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
      "messages.0.content.0", "assistant turn"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "{"}]}, "messages.1", "prefill"),
 ])
 def test_refusals_name_the_field_in_anthropics_error_shape(server, body, param, words):
     for stream in (False, True):  # refused before the first byte: a plain HTTP error, streamed or not
@@ -217,7 +219,8 @@ def test_writers_map_reasoning_calls_and_stops():
     assert stop_reason("tool_calls", True, None) == ("tool_use", None)
     assert stop_reason("abort", False, None) == (None, None)
 
-    shape = MessagesShape("msg_1", MODEL, _Tokenizer(), plan=ExplainPlan(False, "auto", 0), stops=("ZZ", "Z", "QQ"), prompt_tokens=3)
+    shape = MessagesShape("msg_1", MODEL, _Tokenizer(), plan=ExplainPlan(False, "auto", 0), stops=("ZZ", "Z", "QQ"),
+                          prompt_tokens=3)
     # the earliest stop string in the tokens' text ended it; at one place, the longest
     assert shape.matched_stop(list(map(ord, "abZZcQQ")), "ab", "stop") == "ZZ"
     assert shape.matched_stop(list(map(ord, "ab")), "ab", "stop") is None  # the model's own end

@@ -322,6 +322,9 @@ def test_api_key(base, loop):
         assert httpx.get(v.url + "/health").status_code == 200  # health stays open
         assert chat(v.client("sekret"), extra_body={"explain": False}).choices
         assert v.client("sekret").models.list().data[0].id == MODEL
+        # Anthropic's SDK sends x-api-key: the same key, the same check
+        assert httpx.get(v.url + "/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
+        assert httpx.get(v.url + "/v1/models", headers={"x-api-key": "wrong"}).status_code == 401
     finally:
         v.close()
 

@@ -178,7 +178,7 @@ def test_the_page_loads_without_a_key_or_console_errors(server, browser, size):
         expect(w.page.get_by_role("tab", name="Playground")).to_have_attribute("aria-selected", "true")
         # an API call without the key is refused, with the API's words shown
         w.page.click("#keys button[type=submit]")
-        expect(w.page.locator("#error .error-message")).to_have_text("Missing API key: send 'Authorization: Bearer <key>'")
+        expect(w.page.locator("#error .error-message")).to_have_text("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
         expect(w.page.locator("#error .error-detail")).to_contain_text("HTTP 401")
         w.errors = [e for e in w.errors if "401" not in e]  # Chromium logs the refused fetch itself
         connect(w.page)

@@ -22,9 +22,12 @@ def client(args) -> anthropic.Anthropic:
 
 
 def ask(args, **kw):
+    # anthropic 2.x has no sampling parameters of its own (Anthropic's newer models take none), so
+    # temperature 0, which this server and vLLM take, goes in extra_body
     kw.setdefault("messages", [{"role": "user", "content": "Hello"}])
     kw.setdefault("max_tokens", 12)
-    return dict(model=args.model, temperature=0, **kw)
+    kw["extra_body"] = {"temperature": 0} | kw.get("extra_body", {})
+    return dict(model=args.model, **kw)
 
 
 def message(args):

@@ -1,4 +1,4 @@
-"""Keys: ``Authorization: Bearer <key>``.
+"""Keys: ``Authorization: Bearer <key>``, or ``x-api-key: <key>`` (what Anthropic's SDK sends).
 
 API routes take any key of ``settings.api.key_table()`` (every route but ``/health`` and ``/ui``
 when one is set) and note its *id* on the request (``request.state.key_id``) for the audit
@@ -18,9 +18,13 @@ from nla_serve.errors import AuthenticationError, ForbiddenError
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    return token.strip()
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    if api_key:
+        return api_key
+    raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                              code="invalid_api_key")
 
 
 def match_key(token: str, table: dict[str, str]) -> str | None:

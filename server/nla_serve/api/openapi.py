@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
+    "properties": {"type": {"const": "error"}, "error": {
         "type": "object",
         "required": ["message", "type"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},

@@ -45,6 +45,10 @@ class ResponseShape:
         """The ``choices`` entry of a chunk for ``ev``; None when the chunk is not worth sending."""
         raise NotImplementedError
 
+    def record_extras(self, index: int, choice: ChoiceSoFar) -> dict:
+        """What the audit record keeps of a choice beyond its text: nothing here (see ChatShape)."""
+        return {}
+
     def prompt_logprobs(self, lps: list[TokenLogprob]) -> list[dict | None]:
         """vLLM's ``prompt_logprobs``: None for the first prompt token, then for each token
         {token id: {logprob, rank, decoded_token}}, itself and the top k (a rank is known for the
@@ -77,6 +81,8 @@ class ChatShape(ResponseShape):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()  # choices whose first chunk (with the role) has gone out
         self.tools = tools if tools is not None and tools.mode != "none" else None
+        if tools is not None:
+            tools.request_id = self.id  # its call ids derive from the response's
         self.tool_streams: dict[int, ChoiceToolStream] = {}
         self.reasoning = reasoning  # splits the model's reasoning from its answer, before tool calls are read
         self.reasoning_streams: dict[int, ReasoningStream] = {}
@@ -100,7 +106,7 @@ class ChatShape(ResponseShape):
             fields = {"content": text} if text or first else {}
             reason = ev.finish_reason
         else:
-            stream = self.tool_streams.setdefault(ev.index, ChoiceToolStream(self.tools, self.tokenizer))
+            stream = self.tool_streams.setdefault(ev.index, ChoiceToolStream(self.tools, self.tokenizer, ev.index))
             fields, reason = stream.delta(text, ev.token_ids, ev.finish_reason)
         if thought:
             fields = {"reasoning": thought} | fields
@@ -110,6 +116,11 @@ class ChatShape(ResponseShape):
         if not delta and reason is None and lps is None:
             return None  # nothing a client could use (a forced tool call still being written)
         return {"index": ev.index, "delta": delta, "logprobs": lps, "finish_reason": reason}
+
+    def record_extras(self, index: int, choice: ChoiceSoFar) -> dict:
+        """The tool calls (with the ids the client got) and the reasoning read from the choice's text."""
+        message = self.whole_choice(index, choice, False)["message"]
+        return {k: message[k] for k in ("tool_calls", "reasoning") if message.get(k)}
 
     def whole_choice(self, index: int, choice: ChoiceSoFar, want_logprobs: bool) -> dict:
         text = choice.text
@@ -121,7 +132,7 @@ class ChatShape(ResponseShape):
                 message["reasoning"] = thought
         reason = choice.finish_reason
         if self.tools is not None:
-            content, calls, reason = parse_whole(self.tools, text, reason, self.tokenizer)
+            content, calls, reason = parse_whole(self.tools, text, reason, self.tokenizer, index)
             message["content"] = content
             if calls:
                 message["tool_calls"] = calls

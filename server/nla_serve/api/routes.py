@@ -61,6 +61,7 @@ async def deliver(svc: Service, request: Request, kind: str, body, ids: list[int
     events = run(svc, GenerationRequest(shape.id, ids, options, plan, decisions=decisions, adapter=adapter), ticket)
     recorder = recorder_for(svc, request, kind, shape.id, body, prompt_of(body), len(ids), plan)
     if recorder is not None:  # the record is durable before [DONE] or the JSON body
+        recorder.choice_extras = shape.record_extras
         events = recorder.tap(events)
     if body.stream:
         try:

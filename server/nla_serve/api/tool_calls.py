@@ -16,8 +16,8 @@ finish reason, never turned into an invented call.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,8 +27,10 @@ from nla_serve.types import StructuredOutput
 Mode = Literal["none", "named", "required", "auto"]
 
 
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def call_id(request_id: str, choice: int, k: int) -> str:
+    """A tool call's id, derived from where it was made, so that the response, its stream and the
+    audit record name the same call the same way (the client sends it back with the result)."""
+    return "call_" + hashlib.sha256(f"{request_id}/{choice}/{k}".encode()).hexdigest()[:24]
 
 
 def parameters_schema(tool) -> dict:
@@ -45,6 +47,10 @@ class ToolPlan:
     parallel: bool = True
     parser_name: str | None = None
     vllm_request: Any = None  # vLLM's ChatCompletionRequest, which its parsers read
+    request_id: str = ""  # set once the response has its id: call ids derive from it
+
+    def call_id(self, choice: int, k: int) -> str:
+        return call_id(self.request_id, choice, k)
 
     def structured(self) -> StructuredOutput | None:
         """The decoding constraint of a forced choice (None for none and auto)."""
@@ -179,20 +185,22 @@ def token_at_char(tokenizer, token_ids: list[int], char: int) -> int:
     return lo
 
 
-def wire_call(name: str, arguments: str, cid: str | None = None) -> dict:
-    return {"id": cid or call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+def wire_call(name: str, arguments: str, cid: str) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def parse_whole(plan: ToolPlan, text: str, finish_reason: str | None, tokenizer) -> tuple[str | None, list, str | None]:
-    """(content, tool_calls, finish_reason) of a finished choice."""
+def parse_whole(plan: ToolPlan, text: str, finish_reason: str | None, tokenizer,
+                choice: int = 0) -> tuple[str | None, list, str | None]:
+    """(content, tool_calls, finish_reason) of finished choice ``choice``."""
     if plan.mode == "named":
         if finish_reason == "length":  # cut arguments are not a call
             return text, [], finish_reason
-        return None, [wire_call(plan.name, text)], finish_reason
+        return None, [wire_call(plan.name, text, plan.call_id(choice, 0))], finish_reason
     if plan.mode == "required":
         try:
             items = json.loads(text)
-            calls = [wire_call(it["name"], json.dumps(it["parameters"], ensure_ascii=False)) for it in items]
+            calls = [wire_call(it["name"], json.dumps(it["parameters"], ensure_ascii=False), plan.call_id(choice, k))
+                     for k, it in enumerate(items)]
         except (ValueError, TypeError, KeyError):
             return text, [], finish_reason
         return None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
@@ -200,7 +208,8 @@ def parse_whole(plan: ToolPlan, text: str, finish_reason: str | None, tokenizer)
         info = plan.new_parser(tokenizer).extract_tool_calls(text, plan.vllm_request)
         if not info.tools_called:
             return text, [], finish_reason
-        calls = [wire_call(c.function.name, c.function.arguments, c.id) for c in info.tool_calls]
+        calls = [wire_call(c.function.name, c.function.arguments, plan.call_id(choice, k))
+                 for k, c in enumerate(info.tool_calls)]
         return info.content, calls, "tool_calls" if finish_reason == "stop" else finish_reason
     return text, [], finish_reason
 
@@ -208,13 +217,14 @@ def parse_whole(plan: ToolPlan, text: str, finish_reason: str | None, tokenizer)
 class ChoiceToolStream:
     """One streamed choice under a tool plan: token deltas in, chat ``delta`` fields out."""
 
-    def __init__(self, plan: ToolPlan, tokenizer):
+    def __init__(self, plan: ToolPlan, tokenizer, choice: int = 0):
         self.plan = plan
+        self.choice = choice
         self.tokenizer = tokenizer
         self.text = ""
         self.token_ids: list[int] = []
         self.parser = plan.new_parser(tokenizer) if plan.mode == "auto" else None
-        self.id = call_id()
+        self.id = plan.call_id(choice, 0)
         self.calls_sent = False
 
     def delta(self, text: str, token_ids: list[int], finish_reason: str | None) -> tuple[dict, str | None]:
@@ -226,7 +236,7 @@ class ChoiceToolStream:
         if self.plan.mode == "required":
             if finish_reason is None:
                 return {}, None  # the array is sent whole: a partial one has no complete call
-            content, calls, reason = parse_whole(self.plan, self.text, finish_reason, self.tokenizer)
+            content, calls, reason = parse_whole(self.plan, self.text, finish_reason, self.tokenizer, self.choice)
             if not calls:
                 return {"content": content}, reason
             return {"tool_calls": [c | {"index": i} for i, c in enumerate(calls)]}, reason
@@ -250,6 +260,9 @@ class ChoiceToolStream:
         out = msg.model_dump(exclude_none=True) if msg is not None else {}
         out.pop("role", None)
         out.pop("reasoning", None)
+        for call in out.get("tool_calls") or []:
+            if call.get("id"):  # the parser's random id -> the call's own (see call_id)
+                call["id"] = self.plan.call_id(self.choice, call["index"])
         if out.get("tool_calls"):
             self.calls_sent = True
         if finish_reason is not None and self.calls_sent:

@@ -24,13 +24,13 @@ import logging
 import math
 import time
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import rfc8785
 
 from nla_serve.audit.store import TextRow
 from nla_serve.errors import NLAServeError, UnavailableError
-from nla_serve.events import ExplanationEvent, TokenEvent, Transcript, UsageEvent
+from nla_serve.events import ChoiceSoFar, ExplanationEvent, TokenEvent, Transcript, UsageEvent
 
 log = logging.getLogger("nla_serve.audit")
 VERSION = 1
@@ -134,6 +134,8 @@ class Recorder:
         self.plan = plan  # the request's ExplainPlan: its minimums are flagged in the entries
         self.redact = redact_prompts
         self.transcript = Transcript()
+        # what the response made of a choice's text (its tool calls), kept beside the text
+        self.choice_extras: Callable[[int, ChoiceSoFar], dict] | None = None
         self.record = {
             "v": VERSION, "id": request_id, "kind": kind, "created": iso(created or time.time()),
             "key_id": key_id, "model": model, "params": params,
@@ -155,6 +157,7 @@ class Recorder:
         rec["status"] = status
         rec["error"] = error
         rec["choices"] = [{"index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                          | (self.choice_extras(i, c) if self.choice_extras is not None else {})
                           for i, c in self.transcript.in_order()]
         rec["explanations"].sort(key=lambda e: (e.get("choice_index") or 0, e.get("token_index") or 0,
                                                 e.get("index") or 0))

@@ -3,7 +3,8 @@ text blocks its content and its ``tool_use`` blocks its ``tool_calls`` (``input`
 user turn's ``tool_result`` blocks tool messages, its text blocks a user message, in their order;
 client tools nested as chat has them (``input_schema`` the parameters); ``tool_choice`` any ->
 ``required``, tool -> a named function, ``disable_parallel_tool_use`` -> ``parallel_tool_calls``
-false; ``stop_sequences`` -> ``stop``; ``metadata.user_id`` -> ``user``. The chat pipeline
+false; ``stop_sequences`` -> ``stop``; ``metadata.user_id`` -> ``user``. A last assistant turn
+(Anthropic's prefill) is a 400: nothing here continues a turn. The chat pipeline
 (templating, tool plan, structured outputs, sampling, explanations) then runs unchanged, so both
 APIs mean the same thing by the same fields.
 
@@ -73,6 +74,12 @@ def user_turn(blocks: list, at: int) -> list[dict]:
 
 
 def messages_of(body: MessagesRequest) -> list[dict]:
+    last = len(body.messages) - 1
+    if body.messages[last].role == "assistant":
+        # Anthropic continues a last assistant turn (prefill); the chat template here opens a new
+        # turn after it, so the answer would not be what the request asks for
+        raise ClientError("a last assistant turn (prefill) is not supported: this server answers in a new turn; "
+                          "end the messages with a user turn", param=f"messages.{last}")
     out: list[dict] = []
     system = system_text(body.system)
     if system is not None:

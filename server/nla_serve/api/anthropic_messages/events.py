@@ -8,11 +8,12 @@
     message_delta                      ``stop_reason``, ``stop_sequence`` and the final usage
     message_stop
 
-``explanation`` events are ``{"type": "explanation", "item", "monitor_events"}``. Anthropic's SDKs
-pass an event type they do not know through unchanged (the Python SDK's ``messages.stream()``
-helper and its accumulated message included), so a stock client reads the stream as usual and a
-client that wants explanations picks the events of that type. While nothing is ready, ``ping``
-events keep idle connections open (Anthropic's own keep-alive, skipped by its SDKs). A failure
+``explanation`` events are ``{"type": "explanation", "item", "monitor_events"}``. Anthropic's
+Python SDK (2.17, checked by tests/clients/scenarios_anthropic.py) passes an event type it does not
+know through unchanged, its ``messages.stream()`` helper and accumulated message included: a stock
+client reads the stream as usual, and one that wants explanations picks the events whose ``type``
+is ``explanation`` (fields in ``to_dict()``). While nothing is ready, ``ping`` events keep idle
+connections open (Anthropic's own keep-alive, which its SDK skips). A failure
 after the first byte is Anthropic's in-band ``error`` event, and the stream ends there.
 """
 

@@ -5,7 +5,7 @@ any other field not declared here), never a silent no-op.
 
 Two things are taken although they change nothing, each for a reason:
 
-- ``cache_control`` on blocks and tools: a caching hint, not a change to the answer (vLLM caches
+- ``cache_control`` (top-level, on blocks and on tools): a caching hint, not a change to the answer (vLLM caches
   prefixes by itself when the operator enables it). Clients such as Claude Code put it on every
   request, so refusing it would refuse them.
 - ``thinking`` / ``redacted_thinking`` blocks in an assistant turn: this server writes thinking
@@ -202,11 +202,14 @@ class MessagesRequest(BaseModel):
                   None] = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
-    temperature: Number | None = Field(default=None, ge=0, le=1)  # Anthropic's range
+    # Anthropic's range. Its SDKs (2.x) no longer send sampling fields; vLLM and this server take them
+    # (the SDK's extra_body), so a client can still ask for temperature 0.
+    temperature: Number | None = Field(default=None, ge=0, le=1)
     top_p: Number | None = Field(default=None, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=0)  # 0: off, as in the chat path
     stop_sequences: Annotated[list[Annotated[str, Field(min_length=1)]],
                               Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: StrictBool = False
     metadata: Metadata | None = None
+    cache_control: CacheControl | None = None
     explain: Explain = None
