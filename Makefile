@@ -45,7 +45,7 @@ $(CLIENTS2_VENV)/bin/python:
 $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt | $(CLIENTS_VENV)/bin/python
 	$(CLIENTS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CLIENTS_VENV)/bin/python -m pip install -q -r tests/clients/requirements.txt
-	LITELLM_LOCAL_MODEL_COST_MAP=True $(CLIENTS_VENV)/bin/python -c "import openai, langchain_openai, litellm, llm, pydantic_ai, agents; print('installed clients: openai', openai.__version__)"
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(CLIENTS_VENV)/bin/python -c "import openai, langchain_openai, litellm, llm, pydantic_ai, agents, anthropic; print('installed clients: openai', openai.__version__)"
 	touch $@
 
 $(CLIENTS2_VENV)/.installed: tests/clients/requirements-openai2.txt | $(CLIENTS2_VENV)/bin/python

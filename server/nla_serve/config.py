@@ -74,6 +74,7 @@ class TargetSettings(BaseModel):
     disable_any_whitespace: bool = False  # compact JSON under structured outputs
     # Multi-LoRA (vLLM's flags): adapters of the target served under their own model names
     lora_modules: dict[str, str] = Field(default_factory=dict)  # name -> PEFT adapter folder
+    enable_lora: bool = False  # vLLM's flag; adapters are given at start (--lora-modules), which enables it
     max_loras: int = Field(default=4, ge=1)  # adapters in one batch
     max_lora_rank: int = Field(default=16, ge=1)
     # vLLM's parallelism for the target (--tensor-parallel-size ...)
@@ -89,6 +90,9 @@ class TargetSettings(BaseModel):
     def _parallel_needs_vllm(self) -> "TargetSettings":
         if self.engine != "vllm" and not self.parallel.is_single:
             raise ValueError("tensor/pipeline/data parallelism needs --engine vllm")
+        if self.enable_lora and not self.lora_modules:
+            raise ValueError("--enable-lora needs --lora-modules name=folder: adapters are loaded at start, not by "
+                             "requests at run time")
         if self.lora_modules and self.engine != "vllm":
             raise ValueError("--lora-modules needs --engine vllm (the transformers reference engine serves the base "
                              "model only)")
@@ -315,7 +319,7 @@ FLAT_NAMES: dict[str, str] = {
     **{name: f"target.{name}" for name in ("model", "served_model_name", "engine", "capture_method", "device",
                                            "dtype", "max_model_len", "kv_cache_gib", "max_num_batched_tokens",
                                            "max_num_seqs", "enforce_eager", "parallel",
-                                           "disable_any_whitespace", "lora_modules", "max_loras",
+                                           "disable_any_whitespace", "lora_modules", "enable_lora", "max_loras",
                                            "max_lora_rank")},
     "target_memory_fraction": "target.memory_fraction", "engine_restarts": "target.restarts",
     "nla_av": "nla.av", "nla_ar": "nla.ar", "nla_dtype": "nla.dtype", "fve_baseline": "nla.fve_baseline",

@@ -53,3 +53,20 @@ def test_replace_changes_one_setting_and_keeps_the_rest():
     assert s.api.max_concurrent_requests == 64
     with pytest.raises(ValidationError, match="port"):
         s.replace(port=-1)
+
+
+
+def test_agent_and_adapter_settings_refuse_what_cannot_work():
+    import pytest
+
+    from nla_serve.config import ServerSettings
+
+    with pytest.raises(ValueError, match="--enable-lora needs --lora-modules"):
+        ServerSettings.flat(enable_lora=True)
+    with pytest.raises(ValueError, match="--lora-modules needs --engine vllm"):
+        ServerSettings.flat(engine="transformers", lora_modules={"a": "/x"})
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        ServerSettings.flat(enable_auto_tool_choice=True)
+    ok = ServerSettings.flat(lora_modules={"a": "/x"}, tool_call_parser="hermes", enable_auto_tool_choice=True)
+    engine = ok.target_engine("/m", None)
+    assert engine.max_loras == 4 and ok.api.tool_call_parser == "hermes"

@@ -90,6 +90,7 @@ FLAGS = [
     ("--disable-any-whitespace", "disable_any_whitespace", bool, "on | off: structured outputs write compact JSON"),
     ("--lora-modules", "lora_modules", str, "LoRA adapters of the target, each served under its name: "
                                             "name=folder, separated by spaces or commas (vLLM engine)"),
+    ("--enable-lora", "enable_lora", bool, "on | off: vLLM's flag, accepted with --lora-modules (which enables LoRA)"),
     ("--max-loras", "max_loras", int, "LoRA adapters in one batch (default 4)"),
     ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank served (default 16)"),
     ("--enforce-eager", "enforce_eager", bool, "on | off: vLLM eager mode (default: on for CPU, off for GPU)"),
