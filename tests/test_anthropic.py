@@ -170,6 +170,7 @@ def test_forced_tool_use_streams_its_input_and_takes_results_back(server):
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking", "Unsupported parameter"),
     ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "get_time"}}, "tool_choice", "get_time"),
     ({"tool_choice": "auto"}, "tool_choice", "must be an object"),
+    ({"tool_choice": {"type": {}}}, "tool_choice", "must be an object"),  # found by the fuzz test: was a 500
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type", "custom"),
     ({"temperature": 1.5}, "temperature", "less than or equal to 1"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},

@@ -63,7 +63,8 @@ def by_type(*models: type[BaseModel]) -> Any:
     tags = {get_args(m.model_fields["type"].annotation)[0]: m.__name__ for m in models}
 
     def tag(value):
-        return tags.get(value.get("type") if isinstance(value, dict) else getattr(value, "type", None))
+        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        return tags.get(kind) if isinstance(kind, str) else None  # {"type": {}} is no tag, not a crash
 
     return Annotated[Union[tuple(Annotated[m, Tag(m.__name__)] for m in models)],
                      Discriminator(tag, custom_error_type="type_unknown",
