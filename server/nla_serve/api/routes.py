@@ -7,6 +7,7 @@ stream ended, or the client gone. ``/v1/explanations`` is in ``explanations.py``
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -90,6 +91,24 @@ async def respond(svc: Service, request: Request, kind: str, body, ids: list[int
                          collected=lambda events: collect(events, shape, options.n, want_logprobs), adapter=adapter)
 
 
+@dataclass
+class ChatInputs:
+    tools: ToolPlan
+    ids: list[int]
+    options: SamplingOptions
+
+
+async def chat_inputs(svc: Service, chat: ChatCompletionRequest) -> ChatInputs:
+    """A chat request's tool plan, token ids and sampling options: the one preparation of chat
+    completions, /v1/responses and /v1/messages (which convert their requests to chat requests)."""
+    tools = plan_tools(chat, svc.settings.api)
+    structured = structured_output(svc, chat, tools)  # before templating: a refusal costs nothing
+    ids = await chat_ids(svc, chat.messages, tools.template_tools())
+    lp = (chat.top_logprobs or 0) if chat.logprobs else None
+    options = sampling(svc, chat, ids, chat.max_completion_tokens or chat.max_tokens, lp, structured)
+    return ChatInputs(tools, ids, options)
+
+
 def reasoning_reader(svc: Service) -> ReasoningReader | None:
     name = svc.settings.api.reasoning_parser
     return ReasoningReader(name, svc.tokenizer) if name else None
@@ -109,13 +128,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     adapter = check_model(svc, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ClientError("top_logprobs requires logprobs: true", param="top_logprobs")
-    tools = plan_tools(body, svc.settings.api)
-    structured = structured_output(svc, body, tools)  # before templating: a refusal costs nothing
-    ids = await chat_ids(svc, body.messages, tools.template_tools())
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    lp = (body.top_logprobs or 0) if body.logprobs else None
-    opts = sampling(svc, body, ids, max_tokens, lp, structured)
-    return await respond(svc, request, "chat", body, ids, opts, body.logprobs, tools=tools, adapter=adapter)
+    inputs = await chat_inputs(svc, body)
+    return await respond(svc, request, "chat", body, inputs.ids, inputs.options, body.logprobs, tools=inputs.tools,
+                         adapter=adapter)
 
 
 @router.post("/v1/completions", dependencies=guarded)

@@ -18,10 +18,9 @@ from nla_serve.api.anthropic_messages.events import stream_message
 from nla_serve.api.anthropic_messages.protocol import MessagesRequest
 from nla_serve.api.anthropic_messages.shape import MessagesShape
 from nla_serve.api.auth import require_key
-from nla_serve.api.inputs import chat_ids, check_model, sampling, structured_output
-from nla_serve.api.routes import deliver, plan_for, reasoning_reader
+from nla_serve.api.inputs import check_model
+from nla_serve.api.routes import chat_inputs, deliver, plan_for, reasoning_reader
 from nla_serve.api.streaming import collect
-from nla_serve.api.tool_calls import plan_tools
 from nla_serve.api.transport import OffLoopJSONRoute, service_of
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -32,10 +31,8 @@ async def create_message(body: MessagesRequest, request: Request):
     svc = service_of(request)
     adapter = check_model(svc, body.model)
     chat = chat_request(body)
-    tools = plan_tools(chat, svc.settings.api)
-    structured = structured_output(svc, chat, tools)
-    ids = await chat_ids(svc, chat.messages, tools.template_tools())
-    options = sampling(svc, chat, ids, chat.max_tokens, None, structured)
+    inputs = await chat_inputs(svc, chat)
+    tools, ids, options = inputs.tools, inputs.ids, inputs.options
     plan = plan_for(svc, chat, ids, options)
     shape = MessagesShape("msg_" + uuid.uuid4().hex, body.model, svc.tokenizer, plan=plan, tools=tools,
                           reasoning=reasoning_reader(svc), stops=options.stop, prompt_tokens=len(ids))

@@ -9,13 +9,12 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 
 from nla_serve.api.auth import require_key
-from nla_serve.api.inputs import chat_ids, check_model, sampling, structured_output
+from nla_serve.api.inputs import check_model
 from nla_serve.api.openai_responses.convert import chat_request
 from nla_serve.api.openai_responses.protocol import ResponsesRequest
 from nla_serve.api.openai_responses.shape import ResponsesShape, stream_response
-from nla_serve.api.routes import deliver, plan_for, reasoning_reader
+from nla_serve.api.routes import chat_inputs, deliver, plan_for, reasoning_reader
 from nla_serve.api.streaming import collect
-from nla_serve.api.tool_calls import plan_tools
 from nla_serve.api.transport import OffLoopJSONRoute, service_of
 from nla_serve.errors import NotFoundError
 
@@ -42,11 +41,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     svc = service_of(request)
     adapter = check_model(svc, body.model)
     chat = chat_request(body)
-    tools = plan_tools(chat, svc.settings.api)
-    structured = structured_output(svc, chat, tools)
-    ids = await chat_ids(svc, chat.messages, tools.template_tools())
-    lp = chat.top_logprobs if chat.logprobs else None
-    options = sampling(svc, chat, ids, chat.max_tokens, lp, structured)
+    inputs = await chat_inputs(svc, chat)
+    tools, ids, options = inputs.tools, inputs.ids, inputs.options
     plan = plan_for(svc, chat, ids, options)
     shape = ResponsesShape("resp_" + uuid.uuid4().hex, body.model, svc.tokenizer, plan=plan, tools=tools,
                            request=echoed(body), reasoning=reasoning_reader(svc))
