@@ -459,7 +459,7 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     rec = {"prefix_ids": prefix, "token": prefix[-1], "source": "text:x", "role": None, "user": None,
            "top": [[nxt, 0.7], [tok.eos_token_id, 0.1]]}
     body = explanation_body(tok, rec, max_tokens=400)  # the tiny tokenizer spends many tokens per word
-    assert '"fox"' in body.split("\n\n")[-1]  # the last paragraph speaks of the final token
+    assert body.startswith('The final token is "fox".')  # the most informative claim comes first
     assert "confident" in body and "jumps" in body
     assert "local phrase" not in body and body.count('"') == 4  # by default the only quotes: token, prediction
     phrased = explanation_body(tok, rec, quote_words=3, max_tokens=400)
@@ -480,8 +480,9 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert explanation_body(tok, rec2, quote_predictions=0, max_tokens=400).count('"') == 2
     chat = explanation_body(tok, dict(rec, role="assistant", user="Write a recipe inspired by coffee.",
                                       genre="recipe", topic="coffee"), max_tokens=400)
-    assert "An AI assistant's reply in a chat: a recipe, about coffee." in chat
-    assert "Write a recipe" not in chat  # the user's words are never quoted, only their gist
+    assert chat.endswith("An AI assistant's reply in a chat.")
+    # neither the user's words nor the genre and topic asked for: the pair was measured not to carry them
+    assert "recipe" not in chat and "coffee" not in chat
     # in a reply, the quote is the reply's own words, not the chat template or the system prompt
     ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about foxes."}], tokenize=True,
                                   add_generation_prompt=True, return_dict=True)["input_ids"]
