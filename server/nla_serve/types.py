@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from nla_serve.steering.intervention import Intervention, PositionRule  # noqa: F401 - engines take it from here
+
 if TYPE_CHECKING:
     import torch
 
@@ -112,24 +114,6 @@ class Adapter:
     name: str
     int_id: int
     path: str
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """A change to the residual stream at the capture layer while a request runs: each of
-    ``vectors`` ([d_model] each) times its ``strength`` is added to the output of block ``layer``
-    at ``positions`` (None: every position the engine feeds). The slot exists on every engine's
-    ``generate``; an engine that cannot apply one refuses it with a ``ClientError`` naming the
-    engine, never ignores it. Captured rows are read before the addition."""
-
-    layer: int
-    vectors: "tuple[torch.Tensor, ...]"  # each [d_model], float32
-    strengths: tuple[float, ...]
-    positions: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.vectors) != len(self.strengths):
-            raise ValueError("an intervention needs one strength per vector")
 
 
 @dataclass

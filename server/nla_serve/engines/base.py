@@ -98,6 +98,25 @@ def refuse_intervention(intervention: Intervention | None, engine: str) -> None:
         raise ClientError(f"the {engine} engine cannot apply a steering intervention", param="steering")
 
 
+def check_intervention(intervention: Intervention | None, *, hidden_size: int, num_layers: int,
+                       capture_layer: int | None) -> None:
+    """The checks of an engine that steers: at its NLA layer, a vector as wide as the model, and a
+    block after it (the vector is added at block K+1's input, see steering/intervention.py)."""
+    if intervention is None:
+        return
+    from nla_serve.errors import ClientError
+
+    if capture_layer is None or intervention.layer != capture_layer:
+        raise ClientError(f"steering is applied at the NLA layer ({capture_layer}); this request asks for layer "
+                          f"{intervention.layer}", param="steering")
+    if intervention.layer + 1 >= num_layers:
+        raise ClientError(f"steering after the last block ({intervention.layer}) is not supported", param="steering")
+    for d in intervention.directions:
+        if len(d) != hidden_size:
+            raise ClientError(f"a steering vector has {len(d)} numbers; this model's residual stream has "
+                              f"{hidden_size}", param="steering")
+
+
 def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -> None:
     """The checks every engine makes before generating: a prompt, and room for max_tokens."""
     from nla_serve.errors import ClientError, ContextLengthError
@@ -116,4 +135,4 @@ def check_prompt(prompt: Prompt, options: SamplingOptions, max_model_len: int) -
         )
 
 
-__all__ = ["TargetEngine", "check_prompt", "generate_all", "refuse_adapter", "refuse_intervention"]
+__all__ = ["TargetEngine", "check_intervention", "check_prompt", "generate_all", "refuse_adapter", "refuse_intervention"]

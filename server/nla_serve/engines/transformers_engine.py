@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from nla_serve.engine_config import EngineSettings
 from nla_serve.engines import logits as logits_processing
-from nla_serve.engines.base import check_prompt, refuse_adapter, refuse_intervention
+from nla_serve.engines.base import check_intervention, check_prompt, refuse_adapter
 from nla_serve.engines.logits import apply_min_p
 from nla_serve.errors import ClientError, EngineError
 from nla_serve.model_folder import eos_ids_of, resolve_device, resolve_dtype
@@ -90,6 +90,7 @@ class TransformersEngine:
         self._lock = asyncio.Lock()
         self._running: set[str] = set()  # request ids inside generate()
         self._aborted: set[str] = set()  # subset of _running asked to stop
+        self._steering = None  # SteeringHook on block K+1, once started with a capture layer
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -113,6 +114,10 @@ class TransformersEngine:
                 f"capture_layer={s.capture_layer} is outside the model's {self.num_layers} blocks "
                 f"(0..{self.num_layers - 1})"
             )
+        if s.capture_layer is not None and s.capture_layer + 1 < self.num_layers:
+            from nla_serve.steering.hf_hook import SteeringHook
+
+            self._steering = SteeringHook(self.model, s.capture_layer)
 
     @property
     def alive(self) -> bool:
@@ -143,15 +148,16 @@ class TransformersEngine:
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
         intervention: Intervention | None = None, adapter: Adapter | None = None,
     ) -> AsyncIterator[StepOutput]:
-        refuse_intervention(intervention, "transformers")
         refuse_adapter(adapter, "transformers")
         self._check(prompt, options)
+        check_intervention(intervention, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                           capture_layer=self.settings.capture_layer)
         capture = capture and self.settings.capture_layer is not None
         self._running.add(request_id)
         try:
             async with self._lock:
                 for index in range(options.n):
-                    async for out in self._one_choice(prompt, options, request_id, index, capture):
+                    async for out in self._one_choice(prompt, options, request_id, index, capture, intervention):
                         yield out
                         if out.finish_reason == "abort":
                             return
@@ -159,7 +165,8 @@ class TransformersEngine:
             self._running.discard(request_id)
             self._aborted.discard(request_id)
 
-    async def _one_choice(self, prompt, options, request_id, index, capture) -> AsyncIterator[StepOutput]:
+    async def _one_choice(self, prompt, options, request_id, index, capture,
+                          intervention: Intervention | None) -> AsyncIterator[StepOutput]:
         import torch
 
         seed = options.seed + index if options.seed is not None else None
@@ -176,11 +183,13 @@ class TransformersEngine:
                 yield StepOutput(index, [], "", True, "abort", num_prompt_tokens=P)
                 return
             prompt_lps = None
+            fed = range(P) if past is None else range(feed_pos, feed_pos + 1)
+            u = intervention.rows(list(fed)) if intervention is not None else None
             if past is None:
                 logits, row, past, prompt_lps = await asyncio.to_thread(self._prefill, prompt, capture,
-                                                                        options.prompt_logprobs)
+                                                                        options.prompt_logprobs, u)
             else:
-                logits, row, past = await asyncio.to_thread(self._decode, next_input, past, capture)
+                logits, row, past = await asyncio.to_thread(self._decode, next_input, past, capture, u)
             captured = (CapturedRows(start=feed_pos, rows=row, layer=self.settings.capture_layer)
                         if row is not None else None)
             feed_pos = P if feed_pos == 0 else feed_pos + 1  # next position to be fed
@@ -221,11 +230,15 @@ class TransformersEngine:
             return "length", text
         return None, text
 
-    def _forward(self, past, capture, **inputs):
-        """(logits at the last position [V], rows [T, d] or None, the cache, logits at every position [T, V])."""
+    def _forward(self, past, capture, u, **inputs):
+        """(logits at the last position [V], rows [T, d] or None, the cache, logits at every position [T, V]).
+        ``u``: steering rows of the fed positions (None: unsteered)."""
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():  # grad mode is per thread: set it in the thread that runs the forward
+        steering = self._steering.rows(u) if u is not None else contextlib.nullcontext()
+        with torch.inference_mode(), steering:  # grad mode is per thread: set it in the thread that runs the forward
             out = self.model(**inputs, past_key_values=past, use_cache=True, output_hidden_states=capture)
         row = None
         if capture:
@@ -233,23 +246,23 @@ class TransformersEngine:
             row = out.hidden_states[self.settings.capture_layer + 1][0].float().cpu()
         return out.logits[0, -1].float(), row, out.past_key_values, out.logits[0]
 
-    def _prefill(self, prompt: Prompt, capture: bool, prompt_k: int | None):
+    def _prefill(self, prompt: Prompt, capture: bool, prompt_k: int | None, u=None):
         import torch
 
         ids = torch.tensor([prompt.token_ids], device=self.device)  # [1, P]
         if prompt.inject_row is None:
-            logits, row, past, every = self._forward(None, capture, input_ids=ids)
+            logits, row, past, every = self._forward(None, capture, u, input_ids=ids)
         else:
             with torch.inference_mode():
                 embeds = self.model.get_input_embeddings()(ids)  # [1, P, d], includes any architecture scale
             embeds = embeds.clone()
             embeds[0, prompt.inject_at] = prompt.inject_row.to(self.device, torch.float32).to(embeds.dtype)
-            logits, row, past, every = self._forward(None, capture, inputs_embeds=embeds)
+            logits, row, past, every = self._forward(None, capture, u, inputs_embeds=embeds)
         prompt_lps = prompt_logprobs(every, prompt.token_ids, prompt_k) if prompt_k is not None else None
         return logits, row, past, prompt_lps
 
-    def _decode(self, token: int, past, capture: bool):
+    def _decode(self, token: int, past, capture: bool, u=None):
         import torch
 
         ids = torch.tensor([[token]], device=self.device)
-        return self._forward(past, capture, input_ids=ids)[:3]
+        return self._forward(past, capture, u, input_ids=ids)[:3]

@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from nla_serve.engine_config import EngineSettings
-from nla_serve.engines.base import refuse_intervention
+from nla_serve.engines.base import check_intervention
 # by full path, not `from nla_serve.engines.vllm import ...`: the package re-exports this module (a cycle)
 import nla_serve.engines.vllm.args as args
 import nla_serve.engines.vllm.translate as translate
@@ -29,7 +29,7 @@ from nla_serve.engines.vllm.capture import protocol
 from nla_serve.engines.vllm.capture.reader import CaptureDir
 from nla_serve.engines.vllm.errors import translate_errors
 from nla_serve.engines.vllm.stats import stat_logger_factory
-from nla_serve.errors import EngineError
+from nla_serve.errors import ClientError, EngineError
 from nla_serve.types import Adapter, CapturedRows, EngineStats, Intervention, Prompt, SamplingOptions, StepOutput
 
 if TYPE_CHECKING:
@@ -213,19 +213,33 @@ class VLLMEngine:
     # Generation
     # ------------------------------------------------------------------------------------------
 
+    def _check_steering(self, intervention: Intervention | None) -> None:
+        """Steering rides on the embedded capture (its model class adds the vector, its connector
+        places it: capture/steering.py); pipeline parallelism is refused there."""
+        if intervention is None:
+            return
+        if self.capture_method != "embedded" or self.settings.parallel.pipeline_parallel_size > 1:
+            raise ClientError("steering needs the embedded capture method and no pipeline parallelism "
+                              f"(this engine: capture method {self.capture_method}, pipeline parallel size "
+                              f"{self.settings.parallel.pipeline_parallel_size})", param="steering")
+        check_intervention(intervention, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                           capture_layer=self.settings.capture_layer)
+
     async def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str, capture: bool = True,
         intervention: Intervention | None = None, adapter: Adapter | None = None,
     ) -> AsyncIterator[StepOutput]:
-        refuse_intervention(intervention, "vllm")
         llm = self._llm
         if llm is None:
             raise EngineError("the vLLM engine is not running; call start() first")
+        self._check_steering(intervention)
         capture = capture and self.capturing
         params = translate.sampling_params(options, prompt, capture, max_model_len=self.max_model_len,
-                                           on_cpu=self.on_cpu, speculative=self.capture_method == "speculative")
+                                           on_cpu=self.on_cpu, speculative=self.capture_method == "speculative",
+                                           steering=intervention.as_wire() if intervention is not None else None)
         engine_prompt = translate.engine_prompt(prompt, enable_prompt_embeds=self.settings.enable_prompt_embeds,
-                                                hidden_size=self.hidden_size, dtype=self.dtype)
+                                                hidden_size=self.hidden_size, dtype=self.dtype,
+                                                cache_salt=intervention.fingerprint() if intervention is not None else None)
         key = protocol.vllm_request_id(request_id)
         n = options.n
         num_prompt = len(prompt.token_ids)

@@ -39,9 +39,9 @@ def structured_outputs(spec: StructuredOutput | None):
 
 
 def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_model_len: int, on_cpu: bool,
-                    speculative: bool = False):
+                    speculative: bool = False, steering: dict | None = None):
     """vLLM's ``SamplingParams`` for one request (DELTA outputs; asking for its rows when
-    ``capture``), after the checks every engine makes."""
+    ``capture``; carrying its steering, ``Intervention.as_wire``), after the checks every engine makes."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     check_prompt(prompt, o, max_model_len)
@@ -78,7 +78,7 @@ def sampling_params(o: SamplingOptions, prompt: Prompt, capture: bool, *, max_mo
             min_tokens=o.min_tokens,
             structured_outputs=structured_outputs(o.structured),
             output_kind=RequestOutputKind.DELTA,
-            extra_args=protocol.capture_extra_args() if capture else None,
+            extra_args=protocol.capture_extra_args(capture, steering),
         )
     except Exception as e:  # vLLM validates ranges (temperature < 0, top_p > 1, n > 1 when greedy, ...)
         mapped = map_vllm_error(e)
@@ -96,10 +96,13 @@ def lora_request(adapter: Adapter | None):
     return LoRARequest(adapter.name, adapter.int_id, adapter.path)
 
 
-def engine_prompt(prompt: Prompt, *, enable_prompt_embeds: bool, hidden_size: int, dtype: Any) -> dict[str, Any]:
-    """vLLM's prompt dict: token ids, or (with ``inject_at``) mixed-mode prompt embeddings."""
+def engine_prompt(prompt: Prompt, *, enable_prompt_embeds: bool, hidden_size: int, dtype: Any,
+                  cache_salt: str | None = None) -> dict[str, Any]:
+    """vLLM's prompt dict: token ids, or (with ``inject_at``) mixed-mode prompt embeddings. A
+    ``cache_salt`` (a steered request's fingerprint) keeps its prefix-cache blocks apart."""
+    salt = {} if cache_salt is None else {"cache_salt": cache_salt}
     if prompt.inject_at is None:
-        return {"prompt_token_ids": list(prompt.token_ids)}
+        return {"prompt_token_ids": list(prompt.token_ids), **salt}
     if not enable_prompt_embeds:
         raise ClientError(
             "this engine was started without enable_prompt_embeds, so it cannot take a prompt "
@@ -119,6 +122,7 @@ def engine_prompt(prompt: Prompt, *, enable_prompt_embeds: bool, hidden_size: in
         "prompt_embeds": embeds,
         "prompt_token_ids": list(prompt.token_ids),
         "prompt_is_token_ids": mask,
+        **salt,
     }
 
 

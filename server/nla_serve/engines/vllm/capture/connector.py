@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from nla_serve.engines.vllm.capture.steering import SchedulerSteering, SteerPiece, WorkerSteering
 from nla_serve.engines.vllm.capture.protocol import (CAPTURE_PARAM, CONNECTOR_MODULE, CONNECTOR_NAME, ERROR_SUFFIX,
                                                      block_slots, blocks_for, rows_to_save, settled_rows, step_file,
                                                      write_error, write_step)
@@ -37,10 +38,11 @@ class PendingCapture:
     final: bool = True
 
 
-class _SchedulerSide:
+class _SchedulerSide(SchedulerSteering):
     """What the connector does in the scheduler process: per capturing request, how many rows it
     has sent; each step, the slots of the rows earlier steps settled, and the rest of every request
-    that finished, as the step's connector metadata."""
+    that finished, as the step's connector metadata; and the positions of steered requests that
+    run in the step (``steering``)."""
 
     def bind_kv_cache_manager(self, kv_cache_manager):
         super().bind_kv_cache_manager(kv_cache_manager)
@@ -55,6 +57,7 @@ class _SchedulerSide:
     def on_new_request(self, request):
         if (request.kv_transfer_params or {}).get(CAPTURE_PARAM):
             self._live[request.request_id] = [request, 0]
+        self._steer_new(request)
 
     def build_connector_meta(self, scheduler_output):
         saves = list(self._pending.values())
@@ -70,9 +73,10 @@ class _SchedulerSide:
                 saves.append(PendingCapture(req_id, blocks_for(table, self._block_size, sent, end), sent, end,
                                             list(request.all_token_ids[sent:end]), final=False))
                 entry[1] = end
-        return _build_classes()[1](saves=saves)
+        return _build_classes()[1](saves=saves, steer=self._steer_pieces(scheduler_output))
 
     def request_finished(self, request, block_ids):
+        self._steer_finished(request)
         params = request.kv_transfer_params or {}
         entry = self._live.pop(request.request_id, None)
         if not params.get(CAPTURE_PARAM):
@@ -95,9 +99,19 @@ class _SchedulerSide:
         return True, {CAPTURE_PARAM: True, "num_rows": num_rows}
 
 
-class _WorkerSide:
-    """What the connector does in the worker process: after the step's forward, copy the rows the
-    metadata names out of the paged blocks with one gather and write them as one step file."""
+class _WorkerSide(WorkerSteering):
+    """What the connector does in the worker process: before the step's forward, fill the steering
+    rows (``steering``); after it, copy the rows the metadata names out of the paged blocks with
+    one gather and write them as one step file."""
+
+    def bind_connector_metadata(self, connector_metadata):
+        super().bind_connector_metadata(connector_metadata)
+        try:  # called inside the step's forward context, before the forward
+            self._steer_fill(getattr(connector_metadata, "steer", None) or [])
+        except Exception:  # never take the engine down: the step runs unsteered, loudly
+            from vllm.logger import init_logger
+
+            init_logger(CONNECTOR_MODULE).exception("steering of step %d failed; it runs unsteered", self._seq + 1)
 
     def start_load_kv(self, *args, **kwargs):
         return None
@@ -112,6 +126,7 @@ class _WorkerSide:
         return None
 
     def get_finished(self, finished_req_ids):
+        self._steer_forget(finished_req_ids)
         done: set[str] = set()
         if self.has_connector_metadata():
             meta = self._get_connector_metadata()
@@ -163,7 +178,10 @@ def _build_classes() -> tuple[type, type]:
     ``[num_blocks, num_states, block_size, d]``), the layout it needs and ``get_finished_count``
     (only tensor-parallel rank 0 writes).
     """
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                   KVConnectorRole)
+
+    from nla_serve.engines.vllm.capture.row_store import ROWS_LAYER
     from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
         ExampleHiddenStatesConnector,
     )
@@ -171,6 +189,7 @@ def _build_classes() -> tuple[type, type]:
     @dataclass
     class CaptureMetadata(KVConnectorMetadata):
         saves: list[PendingCapture] = field(default_factory=list)
+        steer: list[SteerPiece] = field(default_factory=list)
 
     class NLAShmHiddenStatesConnector(_SchedulerSide, _WorkerSide, ExampleHiddenStatesConnector):
         """Writes the capturing requests' layer-K rows to ``capture_dir``, one file per step (see module doc)."""
@@ -195,6 +214,11 @@ def _build_classes() -> tuple[type, type]:
             self._live: dict[str, list] = {}  # scheduler side: running capturing request -> [request, sent]
             self._kv_cache_manager = None
             self._seq = 0  # worker side: step files written (their names sort in step order)
+            text = vllm_config.model_config.hf_config.get_text_config()
+            if role == KVConnectorRole.SCHEDULER:
+                SchedulerSteering._steer_sched_init(self)
+            else:
+                WorkerSteering._steer_worker_init(self, ROWS_LAYER.format(index=text.num_hidden_layers))
 
     NLAShmHiddenStatesConnector.__module__ = CONNECTOR_MODULE
     CaptureMetadata.__module__ = CONNECTOR_MODULE

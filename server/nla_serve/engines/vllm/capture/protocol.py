@@ -120,9 +120,17 @@ def kv_transfer_config(capture_dir: str) -> dict[str, Any]:
     }
 
 
-def capture_extra_args() -> dict[str, Any]:
-    """``SamplingParams.extra_args`` of a request whose rows should be delivered."""
-    return {"kv_transfer_params": {CAPTURE_PARAM: True}}
+def capture_extra_args(capture: bool = True, steering: dict | None = None) -> dict[str, Any] | None:
+    """``SamplingParams.extra_args`` of a request whose rows should be delivered (``capture``)
+    and/or that is steered (``steering``, ``Intervention.as_wire``; see ``steering``)."""
+    from nla_serve.engines.vllm.capture.steering import STEER_PARAM
+
+    params: dict[str, Any] = {}
+    if capture:
+        params[CAPTURE_PARAM] = True
+    if steering is not None:
+        params[STEER_PARAM] = steering
+    return {"kv_transfer_params": params} if params else None
 
 
 def make_capture_dir(tag: str = "engine") -> str:

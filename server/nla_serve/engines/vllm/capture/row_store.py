@@ -81,6 +81,8 @@ def capture_class(base: type) -> type:
     """A subclass of the vLLM model class ``base`` that stores layer-K rows in its own paged blocks."""
     from vllm.model_executor.models.extract_hidden_states import CacheOnlyAttentionLayer
 
+    from nla_serve.engines.vllm.capture import steering
+
     gemma3 = base.__name__ in GEMMA3
 
     class Capturing(base):
@@ -105,6 +107,7 @@ def capture_class(base: type) -> type:
             self.nla_rows = CacheOnlyAttentionLayer(
                 num_heads=1, head_size=text.hidden_size, cache_config=vllm_config.cache_config,
                 prefix=ROWS_LAYER.format(index=text.num_hidden_layers))
+            self.nla_steers = steering.install(self, vllm_config, int(layer))  # block K+1 adds steering rows
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
             out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
