@@ -156,6 +156,7 @@ class ApiSettings(BaseModel):
     # records name the id, never the key. ``admin_key`` opens /v1/audit/*, which is closed without it.
     api_key: str | None = None
     api_keys: dict[str, str] = Field(default_factory=dict)
+    key_permissions: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # key id -> e.g. ("steer",)
     admin_key: str | None = None
     default_max_tokens: int = Field(default=512, ge=1)
     max_concurrent_requests: int = Field(default=64, ge=1)
@@ -198,6 +199,18 @@ class ApiSettings(BaseModel):
         return self.max_prompt_chars or 64 * context_tokens
 
 
+class SteeringSettings(BaseModel):
+    """Steering (steering/): on unless the operator turns it off; with API keys, only keys given
+    the ``steer`` permission may use it (api key file). The caps bound what any request can do."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    max_vectors: int = Field(default=8, ge=1, le=8)
+    max_strength: float = Field(default=8.0, gt=0)  # |strength| of one vector, in multiples of |h|
+    max_ratio: float = Field(default=8.0, gt=0)  # |change of a row| / |row| after the vectors are summed
+
+
 class ServerSettings(BaseModel):
     """Everything ``nla-serve serve`` needs, built once from flags and environment
     (``NLA_SERVE_*``; api/serve.py) and handed down in slices: each part of the server gets its
@@ -218,6 +231,7 @@ class ServerSettings(BaseModel):
     worker: WorkerSettings = WorkerSettings()
     audit: AuditSettings = AuditSettings()
     api: ApiSettings = ApiSettings()
+    steering: SteeringSettings = SteeringSettings()
     explain: ExplainDefaults = ExplainDefaults()
     # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
     monitors: tuple[Rule, ...] = ()
@@ -329,5 +343,7 @@ FLAT_NAMES: dict[str, str] = {
     "explain_score_batch": "worker.score_batch", "explain_cache_size": "worker.cache_size",
     "audit": "audit.enabled", **{f"audit_{name}": f"audit.{name}" for name in AuditSettings.model_fields if name != "enabled"},
     **{name: f"api.{name}" for name in ApiSettings.model_fields},
+    "steering": "steering.enabled", **{f"steering_{name}": f"steering.{name}" for name in SteeringSettings.model_fields
+                                       if name != "enabled"},
     "explain": "explain", "monitors": "monitors", "cache_dir": "cache_dir",
 }

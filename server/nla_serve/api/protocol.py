@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 from nla_serve.api.protocol_agents import (MAX_TOOLS, LogitBias, ResponseFormat, StructuredOutputs, Tool, ToolCall,
                                            ToolChoice)
 from nla_serve.explain.options import ExplainOptions, Hypotheses, Number
+from nla_serve.steering.spec import SteeringSpec
 
 Strict = ConfigDict(extra="forbid")
 
@@ -106,6 +107,7 @@ class SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     explain: Explain = None
+    steering: SteeringSpec | None = None  # steering/spec.py
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -30,13 +30,19 @@ class ResponseShape:
         self.tokenizer = tokenizer
         self.plan = plan
         self.created = created or int(time.time())
+        self.steering_report: dict | None = None  # set for a steered request (steering/resolve.py)
+        self._steering_sent = False
 
     def explanation_item(self, ev: ExplanationEvent) -> dict | None:
         """The item for ``ev``, or None when a minimum drops it."""
         return apply_minimums(event_item(ev), self.plan)
 
     def base(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        if self.steering_report is not None and not self._steering_sent:
+            out["steering_report"] = self.steering_report  # the whole response's, or a stream's first chunk
+            self._steering_sent = obj != self.object_name
+        return out
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

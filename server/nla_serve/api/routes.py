@@ -29,6 +29,7 @@ from nla_serve.explain.policy import ExplainPlan, make_plan
 from nla_serve.generation import GenerationRequest, run
 from nla_serve.model_folder import dtype_name
 from nla_serve.service import Service
+from nla_serve.steering.resolve import resolve as resolve_steering
 from nla_serve.types import Adapter, SamplingOptions
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -55,12 +56,19 @@ async def deliver(svc: Service, request: Request, kind: str, body, ids: list[int
                   adapter: Adapter | None = None):
     """Admit, generate, record, and answer: ``streamed(events)`` gives the body of a stream,
     ``await collected(events)`` the JSON of a whole response (each API writes its own)."""
+    steering = None
+    if getattr(body, "steering", None) is not None:
+        steering = await resolve_steering(svc, body.steering, ids, options.max_tokens,
+                                          getattr(request.state, "key_id", None))
+        shape.steering_report = steering.report
     svc.check_target()  # 503 while the target engine is restarting
     ticket = svc.admission.admit()  # 429 here, before any byte; released when the response is over
     tools = getattr(shape, "tools", None)
     decisions = None if tools is None else (lambda token_ids: tools.decision_offsets(svc.tokenizer, token_ids))
-    events = run(svc, GenerationRequest(shape.id, ids, options, plan, decisions=decisions, adapter=adapter), ticket)
-    recorder = recorder_for(svc, request, kind, shape.id, body, prompt_of(body), len(ids), plan)
+    events = run(svc, GenerationRequest(shape.id, ids, options, plan, decisions=decisions, adapter=adapter,
+                                        intervention=steering.intervention if steering is not None else None), ticket)
+    recorder = recorder_for(svc, request, kind, shape.id, body, prompt_of(body), len(ids), plan,
+                            steering=steering.report if steering is not None else None)
     if recorder is not None:  # the record is durable before [DONE] or the JSON body
         recorder.choice_extras = shape.record_extras
         events = recorder.tap(events)

@@ -30,8 +30,12 @@ FLAGS = [
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health "
                                   "(visible in ps: prefer --api-key-file or the environment)"),
     ("--api-key-file", "api_key_file", str, "read the API key from this file (first line)"),
-    ("--api-keys-file", "api_keys_file", str, "several API keys with ids: a YAML file of 'id: key' lines; "
-                                              "audit records name the id"),
+    ("--api-keys-file", "api_keys_file", str, "several API keys with ids: a YAML file of 'id: key' lines "
+                                              "(or 'id: {key: K, permissions: [steer]}'); audit records name the id"),
+    ("--steering", "steering", bool, "on | off: the steering request field (default on; with API keys, only "
+                                     "keys with the 'steer' permission)"),
+    ("--steering-max-strength", "steering_max_strength", float, "largest |strength| of one steering vector, in "
+                                                                "multiples of the activation's norm (default 8)"),
     ("--admin-key", "admin_key", str, "the key of the audit routes (/v1/audit/*), distinct from API keys; "
                                       "without one they are closed (prefer --admin-key-file)"),
     ("--admin-key-file", "admin_key_file", str, "read the admin key from this file (first line)"),
@@ -172,7 +176,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
             raise SystemExit(f"nla-serve: {e}") from None
     keys_file = values.pop("api_keys_file", None)
     if keys_file is not None:
-        values["api_keys"] = read_keys_table(keys_file)
+        values["api_keys"], values["key_permissions"] = read_keys_table(keys_file)
     table = dict(values.get("api_keys", {})) | ({"default": values["api_key"]} if values.get("api_key") else {})
     if values.get("admin_key") and values["admin_key"] in table.values():
         raise SystemExit("nla-serve: the admin key must differ from every API key")
@@ -239,8 +243,12 @@ def read_key_file(path: str, flag: str) -> str:
     return key
 
 
-def read_keys_table(path: str) -> dict[str, str]:
-    """``id: key`` per line (which is YAML), or any YAML mapping of ids to keys."""
+PERMISSIONS = ("steer",)
+
+
+def read_keys_table(path: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """``id: key`` per line (which is YAML), or any YAML mapping of ids to keys, where a key may
+    instead be ``{key: K, permissions: [steer]}`` -> (id -> key, id -> permissions)."""
     import yaml
 
     where = f"nla-serve: --api-keys-file {path!r}"
@@ -255,15 +263,25 @@ def read_keys_table(path: str) -> dict[str, str]:
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise SystemExit(f"{where} names key id {sorted(dup)[0]!r} twice")
-    out = {}
+    out, permissions = {}, {}
     for key_id, key in table.items():
+        granted: tuple[str, ...] = ()
+        if isinstance(key, dict):
+            unknown = set(key) - {"key", "permissions"}
+            granted = key.get("permissions") or ()
+            if unknown or not isinstance(granted, list) or not set(granted) <= set(PERMISSIONS):
+                raise SystemExit(f"{where}: entry {key_id!r} may hold 'key' and 'permissions' (a list of "
+                                 f"{', '.join(PERMISSIONS)}) only")
+            key = key.get("key")
         if not isinstance(key_id, str) or not key_id.strip() or not isinstance(key, str) or not key.strip():
             raise SystemExit(f"{where}: entry {key_id!r} needs a non-empty id and a non-empty key (quote keys "
                              "that YAML would read as numbers)")
         out[key_id.strip()] = key.strip()
+        if granted:
+            permissions[key_id.strip()] = tuple(granted)
     if len(set(out.values())) != len(out):
         raise SystemExit(f"{where} gives the same key to two ids")
-    return out
+    return out, permissions
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from nla_serve.explain.policy import ExplainPlan
 from nla_serve.generation.choice import ChoiceState
 from nla_serve.generation.explaining import ChoiceExplainer
 from nla_serve.generation.fan_in import FanIn
-from nla_serve.types import Adapter, Explanation, Prompt, SamplingOptions, StepOutput, TokenLogprob
+from nla_serve.types import Adapter, Explanation, Intervention, Prompt, SamplingOptions, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from nla_serve.admission import Ticket
@@ -61,6 +61,7 @@ class GenerationRequest:
     # choice's tokens; the ``auto`` policy explains the position before each (api/tool_calls.py)
     decisions: Callable[[list[int]], list[int]] | None = None
     adapter: Adapter | None = None  # a LoRA adapter of the target (None: the base model)
+    intervention: Intervention | None = None  # steering (steering/): every choice is steered alike
 
 
 class Tracker(Protocol):
@@ -182,7 +183,8 @@ class Generation:
     async def _read_engine(self) -> None:
         req = self.req
         async for step in self.target.generate(Prompt(req.prompt_ids), self.options, req.request_id,
-                                               capture=self.explaining, adapter=req.adapter):
+                                               capture=self.explaining, adapter=req.adapter,
+                                               intervention=req.intervention):
             self.ticket.start()
             self.timing.step(step)
             choice = self.choices.setdefault(step.index, ChoiceState(req.prompt_ids))

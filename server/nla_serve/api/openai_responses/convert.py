@@ -65,6 +65,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                   for t in body.tools] if body.tools else None,
         "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": response_format_of(body), "stream": body.stream, "explain": body.explain,
+        "steering": body.steering,
         "logprobs": body.top_logprobs is not None or None, "top_logprobs": body.top_logprobs,
         "structured_outputs": body.structured_outputs.model_dump(exclude_none=True, by_alias=True)
         if body.structured_outputs is not None else None,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from nla_serve.api.protocol import Explain, Seed
 from nla_serve.api.protocol_agents import FunctionName, JSONObject, StructuredOutputs
 from nla_serve.explain.options import Number
+from nla_serve.steering.spec import SteeringSpec
 
 Loose = ConfigDict(extra="forbid")
 MAX_ITEMS = 2048
@@ -124,6 +125,7 @@ class ResponsesRequest(BaseModel):
     seed: Seed | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension, as on chat
     explain: Explain = None
+    steering: SteeringSpec | None = None  # as on chat (steering/spec.py)
     # Server-side state and reasoning controls this server does not have: accepted only when absent
     # or null (clients send null for "not set"), so a value is a 400 naming the field.
     previous_response_id: None = None

@@ -44,7 +44,8 @@ class ResponsesShape(ChatShape):
         return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
                 "status": "incomplete" if incomplete and status == "completed" else status,
                 "incomplete_details": {"reason": incomplete} if incomplete else None, "error": None,
-                "output": output, "usage": responses_usage(usage), **self.request, **extra}
+                "output": output, "usage": responses_usage(usage), **self.request, **extra,
+                **({"steering_report": self.steering_report} if self.steering_report is not None else {})}
 
     def whole(self, chat: dict) -> dict:
         """The Response object of a collected chat response."""
