@@ -1121,3 +1121,29 @@ def test_structured_outputs_on_each_engine(app, base):
     shaped = chat(app.client(), max_tokens=4, presence_penalty=1.0, frequency_penalty=0.5,
                   extra_body={"repetition_penalty": 1.2, "min_tokens": 2, "explain": False})
     assert shaped.usage.completion_tokens >= 2
+
+
+# -- steering through every generation route (the engines' own conformance: test_steering_engines.py)
+
+
+def test_steering_on_chat_completions_and_responses(app, base):
+    import torch
+
+    client = app.client()
+    v = torch.randn(base.target.hidden_size, generator=torch.Generator().manual_seed(0)).tolist()
+
+    def vectors(strength):
+        return {"steering": {"vectors": [{"vector": v, "strength": strength}]}}
+
+    plain = chat(client).choices[0].message.content
+    assert chat(client, extra_body=vectors(0.0)).choices[0].message.content == plain
+    steered = chat(client, extra_body=vectors(6.0))
+    assert steered.choices[0].message.content != plain
+    assert steered.model_extra["steering_report"]["max_norm_ratio"] == pytest.approx(6.0, rel=1e-5)
+    text = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0)
+    steered_text = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                             extra_body=vectors(6.0))
+    assert steered_text.choices[0].text != text.choices[0].text and steered_text.model_extra["steering_report"]
+    resp = client.responses.create(model=MODEL, input="The quick brown fox", max_output_tokens=6, temperature=0,
+                                   extra_body=vectors(6.0))
+    assert resp.model_extra["steering_report"]["vectors"][0]["source"] == "vector"
