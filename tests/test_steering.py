@@ -175,3 +175,43 @@ def test_the_server_can_turn_steering_off(served, loop):
         assert r.status_code == 403 and "--steering off" in r.text, r.text
     finally:
         server.stop()
+
+
+def test_counterfactual_check_of_an_explanation(served):
+    """Patch an edited explanation back at its token: the report compares the edit with a neutral
+    rewording and a random direction of the same strength, by KL, top tokens and continuation."""
+    svc, url = served
+    headers = {"Authorization": f"Bearer {STEERER}"}
+    explained = httpx.post(url + "/v1/explanations", headers=headers, timeout=120, json={
+        "model": MODEL, "messages": PROMPT, "positions": [6], "max_tokens": 16}).json()
+    original = explained["data"][0]["text"] or "The final token is a word."
+    body = {"model": MODEL, "messages": PROMPT, "position": 6, "explanation": original,
+            "edited": original + " The user is angry.", "control": original + " Also, here it is.", "max_tokens": 6}
+    r = httpx.post(url + "/v1/explanations/counterfactual", headers=headers, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["position"] == 6 and report["strength"] > 0 and report["read_before_steering"] is True
+    assert [v["name"] for v in report["variants"]] == ["edited", "reworded", "random"]
+    for v in report["variants"]:
+        assert v["kl"] >= 0 and len(v["top"]) == 5 and 0 <= v["continuation_agreement"] <= 1
+    assert len(report["baseline"]["top"]) == 5 and isinstance(report["baseline"]["continuation"], str)
+    # a strength large enough moves the next-token distribution of every variant
+    strong = httpx.post(url + "/v1/explanations/counterfactual", headers=headers, json=body | {"strength": 6.0},
+                        timeout=120).json()
+    assert all(v["kl"] > 0 for v in strong["variants"]) and strong["strength_source"] == "given"
+    # the same permission as steering, and clear refusals
+    assert httpx.post(url + "/v1/explanations/counterfactual", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {READER}"}).status_code == 403
+    for bad, param in (({"position": 999}, "position"), ({"edited": original}, "edited"),
+                       ({"strength": 1e3}, "strength")):
+        r = httpx.post(url + "/v1/explanations/counterfactual", headers=headers, json=body | bad, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_kl_lower_bound():
+    from nla_serve.steering.counterfactual import kl_lower_bound
+
+    p = {1: math.log(0.7), 2: math.log(0.3)}
+    assert kl_lower_bound(p, p) == pytest.approx(0.0, abs=1e-9)
+    q = {1: math.log(0.3), 2: math.log(0.7)}
+    assert kl_lower_bound(p, q) == pytest.approx(0.7 * math.log(0.7 / 0.3) + 0.3 * math.log(0.3 / 0.7))

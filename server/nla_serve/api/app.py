@@ -21,6 +21,7 @@ from nla_serve.api import openapi
 from nla_serve.api.anthropic_messages.route import router as messages_router
 from nla_serve.api.auth import require_key
 from nla_serve.api.audit_routes import router as audit_router
+from nla_serve.api.counterfactual import router as counterfactual_router
 from nla_serve.api.explanations import router as explanations_router
 from nla_serve.api.openai_responses.route import router as responses_router
 from nla_serve.api.routes import router
@@ -104,6 +105,7 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     app.state.metrics = None
     api_errors.install(app)
     app.include_router(router)
+    app.include_router(counterfactual_router)  # before /v1/explanations: a more specific path
     app.include_router(explanations_router)
     app.include_router(tokenize_router)
     app.include_router(responses_router)
