@@ -67,7 +67,7 @@ async def resolve(svc: "Service", spec: SteeringSpec, prompt_ids: list[int], max
     skipped = frozenset(p for p, t in enumerate(prompt_ids) if t in special)
     iv = Intervention(layer=svc.layer, directions=tuple(directions), strengths=tuple(strengths), rules=tuple(rules),
                       prompt_len=P, max_ratio=limits.max_ratio, skipped=skipped)
-    return Resolved(iv, report_of(iv, sources, fed_end))
+    return Resolved(iv, report_of(iv, sources))
 
 
 async def _direction(svc: "Service", v: SteeringVector, where: str, key_id: str | None):
@@ -140,29 +140,30 @@ def _rule(v: SteeringVector, default: frozenset[int] | None, fed_end: int, where
     return PositionRule("explicit", explicit)
 
 
-def report_of(iv: Intervention, sources: list[dict], fed_end: int) -> dict:
+def report_of(iv: Intervention, sources: list[dict]) -> dict:
     """What was applied, where, and how hard: per vector its source (numbers hashed, never echoed),
     strength and positions; over the request, the prompt positions steered and the largest
-    change of a row relative to its norm (|delta| / |h| = |u|, after the cap)."""
+    change of a row relative to its norm (|delta| / |h| = |u|, after the cap; ``capped`` when the
+    cap cut it). A generated position's vectors are known only as it is fed, so ``generated_steered``
+    says whether any rule reaches past the prompt."""
+    import torch
+
     P = iv.prompt_len
-    groups: dict[tuple[int, ...], list[int]] = {}
+    dirs = torch.tensor(iv.directions, dtype=torch.float64)
+    sets: dict[tuple[int, ...], int] = {}  # the vectors active together -> prompt positions with them
     for p in range(P):
-        groups.setdefault(tuple(iv.active(p)), []).append(p)
-    gen_active = {tuple(iv.active(p)) for p in (P, *sorted(q for r in iv.rules for q in r.explicit if q >= P))}
-    keys = [k for k in {*groups, *gen_active} if k]
-    ratios = {}
-    for k in keys:
-        probe = next(iter(groups.get(k, []) or [P]))
-        ratios[k] = float(iv.rows([probe]).norm()) if any(iv.strengths[i] for i in k) else 0.0
-    vectors = []
-    for i, (src, rule) in enumerate(zip(sources, iv.rules)):
-        vectors.append(src | {"index": i, "strength": iv.strengths[i], "positions": rule.kind if rule.kind != "explicit"
-                              else sorted(rule.explicit)})
-    steered_prompt = sum(len(ps) for k, ps in groups.items() if k and ratios.get(k, 0) > 0)
+        key = tuple(i for i in iv.active(p) if iv.strengths[i] != 0)
+        sets[key] = sets.get(key, 0) + 1
+    later = {tuple(i for i in iv.active(q) if iv.strengths[i] != 0)
+             for q in (P, *(q for r in iv.rules for q in r.explicit if q >= P))}
+    raw = {k: float((torch.tensor([iv.strengths[i] for i in k], dtype=torch.float64) @ dirs[list(k)]).norm())
+           for k in {*sets, *later} if k}
+    vectors = [src | {"index": i, "strength": iv.strengths[i],
+                      "positions": rule.kind if rule.kind != "explicit" else sorted(rule.explicit)}
+               for i, (src, rule) in enumerate(zip(sources, iv.rules))]
     return {"layer": iv.layer, "read_before_steering": True, "fingerprint": iv.fingerprint(), "vectors": vectors,
-            "prompt_positions_steered": steered_prompt,
+            "prompt_positions_steered": sum(n for k, n in sets.items() if k and raw[k] > 0),
             "skipped_special_positions": len(iv.skipped),
-            "generated_steered": any(r.kind in ("all", "generated") for r in iv.rules) or
-            any(q >= P for r in iv.rules for q in r.explicit),
-            "max_norm_ratio": round(max(ratios.values(), default=0.0), 6), "norm_ratio_cap": iv.max_ratio,
-            "capped": any(ratios[k] >= iv.max_ratio - 1e-6 for k in ratios if ratios[k] > 0)}
+            "generated_steered": any(k and raw[k] > 0 for k in later),
+            "max_norm_ratio": round(min(max(raw.values(), default=0.0), iv.max_ratio), 6),
+            "norm_ratio_cap": iv.max_ratio, "capped": any(r > iv.max_ratio for r in raw.values())}

@@ -92,6 +92,7 @@ from typing import Any
 CONNECTOR_NAME = "NLAShmHiddenStatesConnector"
 CONNECTOR_MODULE = "nla_serve.engines.vllm.capture.connector"  # imported by vLLM's engine processes
 CAPTURE_PARAM = "nla_capture"  # key in a request's kv_transfer_params that asks for its rows
+STEER_PARAM = "nla_steer"  # ... that carries its steering (Intervention.as_wire; see ``steering``)
 STEP_SUFFIX = ".step"  # the rows one engine step settled, for every capturing request in it
 ERROR_SUFFIX = ".error"  # a step whose rows could not be written: which requests, and why
 
@@ -123,8 +124,6 @@ def kv_transfer_config(capture_dir: str) -> dict[str, Any]:
 def capture_extra_args(capture: bool = True, steering: dict | None = None) -> dict[str, Any] | None:
     """``SamplingParams.extra_args`` of a request whose rows should be delivered (``capture``)
     and/or that is steered (``steering``, ``Intervention.as_wire``; see ``steering``)."""
-    from nla_serve.engines.vllm.capture.steering import STEER_PARAM
-
     params: dict[str, Any] = {}
     if capture:
         params[CAPTURE_PARAM] = True

@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-STEER_PARAM = "nla_steer"  # key in a request's kv_transfer_params: the intervention (Intervention.as_wire)
+from nla_serve.engines.vllm.capture.protocol import STEER_PARAM, block_slots, blocks_for
+
 
 _buffer = None  # this process's model buffer (set by ``install``)
 
@@ -103,8 +104,6 @@ class SchedulerSteering:
             self._steered[request.request_id] = [request, wire]
 
     def _steer_pieces(self, scheduler_output) -> list[SteerPiece]:
-        from nla_serve.engines.vllm.capture.protocol import block_slots, blocks_for
-
         pieces = []
         if self._kv_cache_manager is None:
             return pieces
