@@ -14,7 +14,9 @@ starts the capturing engine on a random bf16 Llama (or --model), generates greed
 - they match a plain transformers bf16 forward of the same tokens (max abs error reported, bound
   --atol, relative to the rows' scale);
 - and reports whether the tokens match transformers' greedy tokens (informational: bf16 kernels
-  differ, and a random model's near-tied logits flip; the rows are compared on vLLM's own tokens).
+  differ, and a random model's near-tied logits flip; the rows are compared on vLLM's own tokens);
+- steering (embedded method): strength 0 bit-identical to unsteered, a strong vector changes the
+  tokens but not the prompt's rows, a steered and a plain request together equal each alone.
 
 Then tokens/s of plain vLLM against each capture method at 1, 8 and 64 concurrent streams
 (bench/capture_overhead.py's measurement). Every configuration runs in its own subprocess (a vLLM
@@ -94,8 +96,49 @@ async def parity(model: str, layer: int, compilation: dict | None, eager: bool, 
         out["max_rel_error"] = round(err, 5)
         out["tokens_match_transformers"] = tokens == greedy
         out["ok"] = (rows.shape[0] == len(fed) and out["pieces_before_finish"] > 0 and err <= atol)
+        if method == "embedded":
+            out["steering"] = await steering_checks(engine, prompt, tokens, rows)
+            out["ok"] = out["ok"] and out["steering"]["ok"]
     finally:
         await engine.shutdown()
+    return out
+
+
+async def steering_checks(engine, prompt: list[int], plain_tokens: list[int], plain_rows) -> dict:
+    """Steering under this runner configuration (CUDA graphs included): strength 0 gives the
+    unsteered tokens and rows exactly; a strong vector changes the tokens but not the prompt's rows
+    (read before the addition); a steered and a plain request run together each equal their run alone."""
+    import torch
+
+    from nla_serve.steering.intervention import Intervention, PositionRule
+    from nla_serve.types import Prompt, SamplingOptions
+
+    layer = engine.settings.capture_layer
+    v = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(0))
+    unit = tuple((v / v.norm()).tolist())
+
+    def iv(strength: float) -> Intervention:
+        return Intervention(layer, (unit,), (strength,), (PositionRule("all"),), len(prompt), max_ratio=8.0)
+
+    async def run(intervention, rid):
+        toks, rows = [], []
+        async for step in engine.generate(Prompt(prompt), SamplingOptions(max_tokens=48, ignore_eos=True), rid,
+                                          intervention=intervention):
+            toks += step.token_ids
+            if step.captured is not None:
+                rows.append(step.captured.rows)
+        return toks, torch.cat(rows)
+
+    zero_tokens, zero_rows = await run(iv(0.0), "steer-zero")
+    strong_tokens, strong_rows = await run(iv(4.0), "steer-strong")
+    both = await asyncio.gather(run(iv(4.0), "steer-mixed"), run(None, "plain-mixed"))
+    P = len(prompt)
+    out = {"zero_identical": zero_tokens == plain_tokens and bool(torch.equal(zero_rows, plain_rows)),
+           "strong_changes_tokens": strong_tokens != plain_tokens,
+           "prompt_rows_unchanged_max_abs": round(float((strong_rows[:P] - plain_rows[:P]).abs().max()), 6),
+           "concurrent_equal_alone": both[0][0] == strong_tokens and both[1][0] == plain_tokens}
+    out["ok"] = (out["zero_identical"] and out["strong_changes_tokens"] and out["concurrent_equal_alone"]
+                 and out["prompt_rows_unchanged_max_abs"] == 0.0)
     return out
 
 
