@@ -50,7 +50,7 @@ def server(request, tmp_path_factory):
     settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av), nla_ar=str(tiny.ar),
                               engine="transformers", device="cpu", fve_baseline=1.5, max_model_len=512,
                               cache_dir=str(root / "cache"), api_keys={"viewer": KEY}, admin_key=ADMIN,
-                              monitors=load_rules(rules), audit_checkpoint_seconds=0.5)
+                              key_permissions={"viewer": ("steer",)}, monitors=load_rules(rules), audit_checkpoint_seconds=0.5)
     svc = loop.run(Service.start(settings))
     app = AppServer(loop, create_app(settings, svc)).start()
     yield app.url
@@ -61,7 +61,7 @@ def server(request, tmp_path_factory):
 def default_server(root: Path, rules: Path):
     """``nla-serve serve`` with the embedded default model and NLA, keys and the monitors file."""
     keys, admin_key = root / "keys.yaml", root / "admin.key"
-    keys.write_text(f"viewer: {KEY}\n")
+    keys.write_text(f"viewer: {{key: {KEY}, permissions: [steer]}}\n")
     admin_key.write_text(ADMIN + "\n")
     keys.chmod(0o600)
     admin_key.chmod(0o600)
@@ -387,6 +387,37 @@ def test_claims_are_marked_with_their_support_and_verdict(server, browser):
         expect(page.locator("#results .hit-claims li").first).to_contain_text(verdict)
         hits = admin(server, "/v1/audit/search", verdict=verdict, request_id=rid)["data"]
         expect(page.locator("#results .hit-claims li")).to_have_count(sum(len(h["claims"]) for h in hits))
+        w.no_horizontal_scroll()
+        assert not w.errors, w.errors
+    finally:
+        w.close()
+
+
+def test_steer_from_a_clicked_tokens_explanation(server, browser):
+    """Click an explained answer token, edit its explanation, patch it back: the unpatched answer
+    and the edited and control continuations appear side by side, each with its KL."""
+    w = Watched(browser, server, "desktop")
+    page = w.page
+    try:
+        connect(page)
+        ask(page, "Name a fruit.")
+        expect(page.locator(".turn[data-done]")).to_have_count(1, timeout=300_000)
+        page.locator(".answer .chip.explained").first.click()
+        panel = page.locator("#panel")
+        expect(panel.locator(".steer h3")).to_have_text("Steer from this explanation")
+        edited = panel.locator("#steer-edited")
+        original = edited.input_value()
+        assert original, "the form starts from the explanation's own text"
+        page.click("#steer-run")  # unchanged: refused by the viewer itself, nothing sent
+        expect(panel.locator("#steer-result")).to_contain_text("Edit a claim first")
+        edited.fill(original + " The user is angry.")
+        panel.locator("#steer-control").fill(original + " That is all.")
+        page.click("#steer-run")
+        cols = panel.locator("#steer-result .steer-col")
+        expect(cols).to_have_count(4, timeout=120_000)  # unpatched, edited, reworded, random
+        expect(cols.nth(1).locator("h4")).to_have_text("Edited explanation")
+        expect(cols.nth(1)).to_contain_text("KL ")
+        expect(panel.locator("#steer-result")).to_contain_text("read before the patch")
         w.no_horizontal_scroll()
         assert not w.errors, w.errors
     finally:

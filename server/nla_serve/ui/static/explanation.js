@@ -162,7 +162,8 @@ export function chipLabel(token, index, item) {
 /**
  * Render into `panel`. `view`: {token, tokenIndex, choiceIndex, completionIndex, item (or null),
  * events (monitor events at this token), context (text up to this token, for grounding), origin
- * ("generation" | "later" | "record"), laterNote, onExplain (a function, or null)}.
+ * ("generation" | "later" | "record"), laterNote, onExplain (a function, or null), steer (item -> the
+ * steering block, or null)}.
  */
 export function renderPanel(panel, view, { scroll = true } = {}) {
   draw(panel, view);
@@ -220,6 +221,7 @@ function draw(panel, view) {
     h("p", { class: "hint" }, FVE_MEANING, ` cos ${fmt(item.cos)}, mse ${fmt(item.mse)}.`),
   ));
   if (Array.isArray(item.claims)) parts.push(claimsBlock(item.claims));
+  if (view.steer && item.text) parts.push(view.steer(item));
 
   const grounding = h("section", { class: "block" }, h("h3", {}, "Grounding"));
   if (!g) {

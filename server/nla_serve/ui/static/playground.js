@@ -4,6 +4,7 @@
 
 import { postJSON, streamJSON } from "./api.js";
 import { chipClasses, chipLabel, fill, h, renderPanel, showToken } from "./explanation.js";
+import { steerBlock } from "./steer.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -236,6 +237,7 @@ export class Playground {
       events: turn.events.filter((e) => e.token_index === index), context: this.contextText(turn, j),
       origin: turn.origins.get(index), laterNote: turn.notes.get(index),
       onExplain: canExplain ? () => this.explainLater(turn, index, j) : null,
+      steer: canExplain ? (it) => this.steerBlock(turn, index, j, it) : null,
     });
     if (!item && !canExplain) {
       this.panel.append(h("p", { class: "hint" }, "Wait for the answer to finish to explain this token."));
@@ -248,7 +250,18 @@ export class Playground {
       token: item.token, tokenIndex: index, completionIndex: null, item,
       events: turn.events.filter((e) => e.token_index === index), context: this.contextText(turn, null),
       origin: turn.origins.get(index), laterNote: turn.notes.get(index), onExplain: null,
+      steer: turn.el.root.dataset.done === "true" ? (it) => this.steerBlock(turn, index, null, it) : null,
     });
+  }
+
+  /** The counterfactual form of token `index` (answer token `j`, or a prompt token when null): the
+   *  context is sent as /v1/explanations reads it, so the index names the same token. */
+  steerBlock(turn, index, j, item) {
+    const messages = j === null ? turn.messages : [...turn.messages, { role: "assistant", content: turn.answer }];
+    return steerBlock(item, (form) => postJSON("/v1/explanations/counterfactual", {
+      model: this.model, messages, position: index, explanation: item.text, edited: form.edited,
+      ...(form.control ? { control: form.control } : {}), ...(form.strength !== null ? { strength: form.strength } : {}),
+    }));
   }
 
   /** Explain token `index` of this turn after the fact: the prompt as sent (same tokens), or for an
