@@ -185,4 +185,5 @@ class EngineStats:
     capture_dir_bytes: int = 0  # captured activations not yet taken by their request
     queue_times: list[float] = field(default_factory=list)  # seconds queued, per finished request, not yet exported
     preemptions: int = 0  # requests preempted (KV cache full), in all
+    prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache, in all
     preemptions_unexported: int = 0  # ... of which /metrics has not counted yet

@@ -25,6 +25,7 @@ def stat_logger_factory(stats: EngineStats) -> type:
                 stats.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
                 stats.num_running = int(scheduler_stats.num_running_reqs)
                 stats.num_waiting = int(scheduler_stats.num_waiting_reqs)
+                stats.prefix_cache_hits += int(getattr(scheduler_stats.prefix_cache_stats, "hits", 0) or 0)
             if iteration_stats is not None:
                 stats.preemptions += iteration_stats.num_preempted_reqs
                 stats.preemptions_unexported += iteration_stats.num_preempted_reqs
