@@ -195,6 +195,10 @@ def test_counterfactual_check_of_an_explanation(served):
     for v in report["variants"]:
         assert v["kl"] >= 0 and len(v["top"]) == 5 and 0 <= v["continuation_agreement"] <= 1
     assert len(report["baseline"]["top"]) == 5 and isinstance(report["baseline"]["continuation"], str)
+    record = httpx.get(f"{url}/v1/audit/records/{report['id']}", headers={"Authorization": f"Bearer {ADMIN}"},
+                       timeout=30).json()["record"]
+    assert record["kind"] == "counterfactual" and record["counterfactual"]["variants"] == report["variants"]
+    assert record["params"]["edited"] == body["edited"]
     # a strength large enough moves the next-token distribution of every variant
     strong = httpx.post(url + "/v1/explanations/counterfactual", headers=headers, json=body | {"strength": 6.0},
                         timeout=120).json()

@@ -11,10 +11,12 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from nla_serve.api.auth import require_key
-from nla_serve.api.inputs import chat_ids, check_model, text_ids
+from nla_serve.api.inputs import chat_ids, check_model, prompt_of, text_ids
 from nla_serve.api.protocol import Messages
+from nla_serve.api.recording import recorder_for
 from nla_serve.api.transport import OffLoopJSONRoute, service_of
 from nla_serve.errors import ClientError
+from nla_serve.explain.policy import make_plan
 from nla_serve.steering.counterfactual import counterfactual
 from nla_serve.steering.resolve import check_permission
 from nla_serve.steering.spec import FiniteFloat
@@ -63,6 +65,15 @@ async def create_counterfactual(body: CounterfactualRequest, request: Request):
     if position + 1 + body.max_tokens > svc.target.max_model_len:
         raise ClientError(f"position + max_tokens exceeds the model's context of {svc.target.max_model_len}",
                           param="max_tokens")
+    rid = "cf-" + uuid.uuid4().hex
     with svc.admission.admit():
-        return await counterfactual(svc, ids, position, body.explanation, body.edited, body.control, body.strength,
-                                    body.max_tokens, body.seed, "cf-" + uuid.uuid4().hex)
+        report = await counterfactual(svc, ids, position, body.explanation, body.edited, body.control, body.strength,
+                                      body.max_tokens, body.seed, rid)
+    report = {"id": rid} | report
+    # steered answers are recorded like any other: the request's texts, and the report (directions by hash)
+    recorder = recorder_for(svc, request, "counterfactual", rid, body, prompt_of(body), len(ids),
+                            make_plan(False, svc.settings.explain))
+    if recorder is not None:
+        recorder.record["counterfactual"] = report
+        await recorder.commit("completed")
+    return report
