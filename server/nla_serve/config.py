@@ -211,6 +211,19 @@ class SteeringSettings(BaseModel):
     max_ratio: float = Field(default=8.0, gt=0)  # |change of a row| / |row| after the vectors are summed
 
 
+class BatchSettings(BaseModel):
+    """The Batch API (batch/): where files and batches are kept, their limits, and how many lines
+    run at once while no interactive request is waiting (one at a time while any is)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    db: str | None = None  # a SQLite file (default CACHE/batch/batch.db)
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(default=50_000, ge=1)
+    concurrency: int = Field(default=4, ge=1)
+
+
 class ServerSettings(BaseModel):
     """Everything ``nla-serve serve`` needs, built once from flags and environment
     (``NLA_SERVE_*``; api/serve.py) and handed down in slices: each part of the server gets its
@@ -232,6 +245,7 @@ class ServerSettings(BaseModel):
     audit: AuditSettings = AuditSettings()
     api: ApiSettings = ApiSettings()
     steering: SteeringSettings = SteeringSettings()
+    batch: BatchSettings = BatchSettings()
     explain: ExplainDefaults = ExplainDefaults()
     # Monitor rules (explain/monitors.py), validated from --monitors FILE by the CLI
     monitors: tuple[Rule, ...] = ()
@@ -271,6 +285,10 @@ class ServerSettings(BaseModel):
     @property
     def audit_location(self) -> str:
         return self.audit.db or str(self.cache_root / "audit" / "audit.db")
+
+    @property
+    def batch_location(self) -> Path:
+        return Path(self.batch.db).expanduser() if self.batch.db else self.cache_root / "batch" / "batch.db"
 
     @property
     def audit_key_path(self) -> Path:
@@ -345,5 +363,7 @@ FLAT_NAMES: dict[str, str] = {
     **{name: f"api.{name}" for name in ApiSettings.model_fields},
     "steering": "steering.enabled", **{f"steering_{name}": f"steering.{name}" for name in SteeringSettings.model_fields
                                        if name != "enabled"},
+    "batch": "batch.enabled", **{f"batch_{name}": f"batch.{name}" for name in BatchSettings.model_fields
+                                 if name != "enabled"},
     "explain": "explain", "monitors": "monitors", "cache_dir": "cache_dir",
 }

@@ -21,6 +21,7 @@ from nla_serve.api import openapi
 from nla_serve.api.anthropic_messages.route import router as messages_router
 from nla_serve.api.auth import require_key
 from nla_serve.api.audit_routes import router as audit_router
+from nla_serve.api.batch_routes import router as batch_router
 from nla_serve.api.counterfactual import router as counterfactual_router
 from nla_serve.api.explanations import router as explanations_router
 from nla_serve.api.openai_responses.route import router as responses_router
@@ -40,16 +41,19 @@ UI_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes (declared or streamed) with an OpenAI-shaped 413."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, paths: dict[str, int] | None = None):
         self.app = app
-        self.limit = limit
+        self.default = limit
+        self.paths = paths or {}  # routes with their own limit (file uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope.get("path", ""), self.default)
+        too_big = f"request body exceeds the limit of {limit} bytes"
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await api_errors.send_error(send, PayloadTooLargeError(self.message()))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await api_errors.send_error(send, PayloadTooLargeError(too_big))
         seen = 0
 
         async def limited_receive():
@@ -57,16 +61,29 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Raised inside the route's body read: FastAPI lets HTTP exceptions through
                     # (anything else it turns into a 400 "error parsing the body").
-                    raise StarletteHTTPException(413, self.message())
+                    raise StarletteHTTPException(413, too_big)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def message(self) -> str:
-        return f"request body exceeds the limit of {self.limit} bytes"
+
+async def start_batches(app: FastAPI, settings: ServerSettings, svc: Service):
+    """The Batch API's store and runner (None when it is off); the runner resumes unfinished batches."""
+    if not settings.batch.enabled:
+        return None
+    import asyncio
+
+    from nla_serve.batch.runner import BatchRunner
+    from nla_serve.batch.store import BatchStore
+
+    store = await asyncio.to_thread(BatchStore, settings.batch_location)
+    runner = BatchRunner(store, app, svc.admission, concurrency=settings.batch.concurrency)
+    app.state.batch = (store, runner)
+    await runner.start()
+    return runner
 
 
 def create_app(settings: ServerSettings, service: Service | None = None,
@@ -81,9 +98,13 @@ def create_app(settings: ServerSettings, service: Service | None = None,
             svc.on_fatal = on_fatal
         app.state.service = svc
         app.state.metrics = svc.metrics
+        runner = await start_batches(app, settings, svc)
         try:
             yield
         finally:
+            if runner is not None:
+                await runner.stop()
+            app.state.batch = None
             app.state.service = None
             if owned:
                 await svc.stop()
@@ -101,6 +122,7 @@ def create_app(settings: ServerSettings, service: Service | None = None,
             return app.openapi()
 
     app.state.settings = settings
+    app.state.batch = None  # (BatchStore, BatchRunner) while the app runs with the Batch API on
     app.state.service = None
     app.state.metrics = None
     api_errors.install(app)
@@ -111,7 +133,9 @@ def create_app(settings: ServerSettings, service: Service | None = None,
     app.include_router(responses_router)
     app.include_router(messages_router)
     app.include_router(audit_router)
+    app.include_router(batch_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")  # /ui redirects to /ui/
     app.add_middleware(api_errors.CatchAll)
-    app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes,
+                       paths={"/v1/files": settings.batch.max_file_bytes + 64 * 1024})  # the upload + its form
     return app

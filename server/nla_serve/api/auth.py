@@ -36,9 +36,25 @@ def match_key(token: str, table: dict[str, str]) -> str | None:
     return found
 
 
+def batch_line_key(request: Request) -> tuple[bool, str | None]:
+    """(True, the owner's key id) for a batch line the server's own runner sends (batch/runner.py):
+    its secret is made per process and never leaves it."""
+    from nla_serve.batch.runner import INTERNAL_HEADER, KEY_ID_HEADER
+
+    state = getattr(request.app.state, "batch", None)
+    token = request.headers.get(INTERNAL_HEADER)
+    if state is None or token is None or not hmac.compare_digest(token.encode(), state[1].secret.encode()):
+        return False, None
+    return True, request.headers.get(KEY_ID_HEADER)
+
+
 async def require_key(request: Request) -> None:
     table = request.app.state.settings.api.key_table()
     request.state.key_id = None
+    internal, key_id = batch_line_key(request)
+    if internal:
+        request.state.key_id = key_id
+        return
     if not table:
         return
     key_id = match_key(_bearer(request), table)

@@ -1,0 +1,164 @@
+"""Durable state of files and batches: one SQLite database (WAL), one connection per thread.
+
+A line's result is written in one transaction with its state, so after a crash every line is
+either answered (kept, never run again) or pending (run again from the start: its first attempt
+left no result and no audit record, which is written only when an answer completes). The output
+and error files are built from the stored results at the end, in line order, each line once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, key_id TEXT, purpose TEXT NOT NULL, filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, content BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, key_id TEXT, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS lines (
+    batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, request TEXT NOT NULL,
+    state TEXT NOT NULL, status_code INTEGER, result TEXT, PRIMARY KEY (batch_id, line));
+CREATE INDEX IF NOT EXISTS lines_pending ON lines (batch_id, state, line);
+"""
+
+
+@dataclass
+class FileRow:
+    id: str
+    key_id: str | None
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: int
+
+
+class BatchStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as c:
+            c.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a line's answer survives a power cut, not only a kill
+            self._local.conn = conn
+        return conn
+
+    def _tx(self, fn):
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(c)
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        return out
+
+    # -- files -----------------------------------------------------------------------------------
+    def add_file(self, row: FileRow, content: bytes) -> None:
+        self._tx(lambda c: c.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     (row.id, row.key_id, row.purpose, row.filename, row.bytes, row.created_at,
+                                      content)))
+
+    def file(self, file_id: str) -> FileRow | None:
+        r = self._conn().execute("SELECT id, key_id, purpose, filename, bytes, created_at FROM files WHERE id = ?",
+                                 (file_id,)).fetchone()
+        return FileRow(*r) if r else None
+
+    def file_content(self, file_id: str) -> bytes | None:
+        r = self._conn().execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
+        return bytes(r[0]) if r else None
+
+    def files(self, key_id: str | None, purpose: str | None, limit: int) -> list[FileRow]:
+        q = "SELECT id, key_id, purpose, filename, bytes, created_at FROM files WHERE key_id IS ?"
+        args: list = [key_id]
+        if purpose is not None:
+            q += " AND purpose = ?"
+            args.append(purpose)
+        q += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [FileRow(*r) for r in self._conn().execute(q, (*args, limit)).fetchall()]
+
+    def delete_file(self, file_id: str) -> bool:
+        return self._tx(lambda c: c.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount) > 0
+
+    # -- batches ---------------------------------------------------------------------------------
+    def add_batch(self, doc: dict, key_id: str | None, requests: list[tuple[str, dict]]) -> None:
+        def write(c):
+            c.execute("INSERT INTO batches VALUES (?, ?, ?)", (doc["id"], key_id, json.dumps(doc)))
+            c.executemany("INSERT INTO lines VALUES (?, ?, ?, ?, 'pending', NULL, NULL)",
+                          [(doc["id"], i, cid, json.dumps(req)) for i, (cid, req) in enumerate(requests)])
+        self._tx(write)
+
+    def batch(self, batch_id: str) -> tuple[dict, str | None] | None:
+        r = self._conn().execute("SELECT doc, key_id FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return (json.loads(r[0]), r[1]) if r else None
+
+    def batches(self, key_id: str | None, after: str | None, limit: int) -> list[dict]:
+        rows = self._conn().execute("SELECT doc FROM batches WHERE key_id IS ? ORDER BY rowid DESC",
+                                    (key_id,)).fetchall()
+        docs = [json.loads(r[0]) for r in rows]
+        if after is not None:
+            ids = [d["id"] for d in docs]
+            docs = docs[ids.index(after) + 1:] if after in ids else []
+        return docs[:limit]
+
+    def unfinished(self) -> list[dict]:
+        """Batches a runner must (re)take: started and not yet ended, in creation order."""
+        rows = self._conn().execute("SELECT doc FROM batches ORDER BY rowid").fetchall()
+        return [d for d in map(json.loads, (r[0] for r in rows))
+                if d["status"] in ("validating", "in_progress", "finalizing", "cancelling")]
+
+    def update(self, batch_id: str, **fields) -> dict:
+        def write(c):
+            doc = json.loads(c.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+            doc.update(fields)
+            c.execute("UPDATE batches SET doc = ? WHERE id = ?", (json.dumps(doc), batch_id))
+            return doc
+        return self._tx(write)
+
+    def pending(self, batch_id: str, limit: int, skip: set[int]) -> list[tuple[int, str, dict]]:
+        rows = self._conn().execute("SELECT line, custom_id, request FROM lines WHERE batch_id = ? AND state = "
+                                    "'pending' ORDER BY line LIMIT ?", (batch_id, limit + len(skip))).fetchall()
+        return [(n, cid, json.loads(req)) for n, cid, req in rows if n not in skip][:limit]
+
+    def answer(self, batch_id: str, line: int, status_code: int, result: dict) -> dict:
+        """Store a line's result (once: a line already answered is left alone) and the batch's
+        counts, in one transaction; the batch document after it."""
+        def write(c):
+            done = c.execute("UPDATE lines SET state = 'done', status_code = ?, result = ? WHERE batch_id = ? "
+                             "AND line = ? AND state = 'pending'",
+                             (status_code, json.dumps(result), batch_id, line)).rowcount
+            doc = json.loads(c.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+            if done:
+                counts = doc["request_counts"]
+                counts["completed" if 200 <= status_code < 300 else "failed"] += 1
+                c.execute("UPDATE batches SET doc = ? WHERE id = ?", (json.dumps(doc), batch_id))
+            return doc
+        return self._tx(write)
+
+    def results(self, batch_id: str) -> list[tuple[int, str, int, dict]]:
+        rows = self._conn().execute("SELECT line, custom_id, status_code, result FROM lines WHERE batch_id = ? AND "
+                                    "state = 'done' ORDER BY line", (batch_id,)).fetchall()
+        return [(n, cid, code, json.loads(res)) for n, cid, code, res in rows]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,149 @@
+"""The OpenAI Batch API with the official SDK, end to end on the tiny models (reference engine):
+upload, create, poll, download; every line answered once with explanations and recorded in the
+audit log; bad files refused naming the problem; cancel; files and batches private to their key."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL, AppServer
+from nla_serve.api.app import create_app
+from nla_serve.config import ServerSettings
+from nla_serve.service import Service
+
+OWNER, OTHER, ADMIN = "key-of-the-batch-owner-0123", "key-of-someone-else-01234", "admin-of-batch-tests"
+QUESTIONS = ["Name a fruit.", "What is two plus two?", "Say hello.", "Name a colour.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def served(tiny, loop, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+                                   nla_ar=str(tiny.ar), engine="transformers", device="cpu", max_model_len=512,
+                                   cache_dir=str(root / "cache"), api_keys={"owner": OWNER, "other": OTHER},
+                                   admin_key=ADMIN, batch_max_file_bytes=64 * 1024, batch_max_lines=50)
+    svc = loop.run(Service.start(settings))
+    server = AppServer(loop, create_app(svc.settings, svc)).start()
+    yield svc, server.url
+    server.stop()
+    loop.run(svc.stop())
+
+
+def client(url: str, key: str = OWNER) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
+
+
+def chat_line(i: int, q: str, **body) -> dict:
+    return {"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 6,
+                     "temperature": 0, "explain": {"max_explanations": 2, "max_tokens": 12}} | body}
+
+
+def wait_for(c: openai.OpenAI, batch_id: str, statuses: set[str], seconds: float = 300):
+    t0 = time.monotonic()
+    while True:
+        b = c.batches.retrieve(batch_id)
+        if b.status in statuses:
+            return b
+        assert time.monotonic() - t0 < seconds, f"batch still {b.status}"
+        time.sleep(0.3)
+
+
+def test_the_sdk_batch_flow_answers_every_line_once_with_explanations(served):
+    svc, url = served
+    c = client(url)
+    lines = [chat_line(i, q) for i, q in enumerate(QUESTIONS)]
+    lines.append(chat_line(99, "A bad one.", temperature=-1))  # a bad body: that line's 400, not the batch's
+    f = c.files.create(file=("questions.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    assert f.purpose == "batch" and f.bytes == len(jsonl(lines)) and c.files.retrieve(f.id).filename == "questions.jsonl"
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                         metadata={"suite": "support tickets"})
+    assert b.status in ("validating", "in_progress") and b.request_counts.total == len(lines)
+    done = wait_for(c, b.id, {"completed", "failed"})
+    assert done.status == "completed" and done.request_counts.completed == len(QUESTIONS)
+    assert done.request_counts.failed == 1 and done.metadata == {"suite": "support tickets"}
+    out = [json.loads(x) for x in c.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in out) == sorted(f"q-{i}" for i in range(len(QUESTIONS)))
+    for x in out:
+        body = x["response"]["body"]
+        assert x["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+        assert x["id"].startswith("batch_req_") and x["response"]["request_id"] == body["id"]
+        # explained as the same request alone would be (the tiny random NLA's text is often partial)
+        assert len(body["explanations"]) == 2 and all(e["layer"] == svc.layer and e["status"] != "unavailable"
+                                                       for e in body["explanations"])
+    [err] = [json.loads(x) for x in c.files.content(done.error_file_id).text.splitlines()]
+    assert err["custom_id"] == "q-99" and err["response"]["status_code"] == 400
+    assert err["response"]["body"]["error"]["param"] == "temperature"
+    # every line is an audit record of the owner's key, like the same request sent alone
+    rid = out[0]["response"]["body"]["id"]
+    record = httpx.get(f"{url}/v1/audit/records/{rid}", headers={"Authorization": f"Bearer {ADMIN}"},
+                       timeout=30).json()["record"]
+    assert record["key_id"] == "owner" and record["explanations"]
+    # listing, and privacy: another key sees neither the batch nor the files
+    assert b.id in [x.id for x in c.batches.list()]
+    other = client(url, OTHER)
+    for call in (lambda: other.batches.retrieve(b.id), lambda: other.files.retrieve(f.id),
+                 lambda: other.files.content(done.output_file_id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert f.id not in [x.id for x in other.files.list()]
+    with pytest.raises(openai.BadRequestError, match="only a running batch"):
+        c.batches.cancel(b.id)
+    assert c.files.delete(f.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(f.id)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"not json\n", "line 1 of the batch file is not JSON"),
+    (jsonl([chat_line(0, "a"), chat_line(0, "b")]), "repeats custom_id 'q-0'"),
+    (jsonl([chat_line(0, "a") | {"url": "/v1/embeddings"}]), "may call"),
+    (jsonl([chat_line(0, "a", stream=True)]), "asks for a stream"),
+    (jsonl([chat_line(i, "a") for i in range(51)]), "more than 50 requests"),
+    (b"x" * (64 * 1024 + 1), "at most 65536"),
+    (b"\n\n", "no request lines"),
+])
+def test_bad_files_are_refused_at_upload(served, content, words):
+    _, url = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).files.create(file=("bad.jsonl", io.BytesIO(content)), purpose="batch")
+    assert words in str(e.value)
+
+
+def test_a_batch_for_another_endpoint_and_other_purposes_are_refused(served):
+    _, url = served
+    c = client(url)
+    f = c.files.create(file=("q.jsonl", io.BytesIO(jsonl([chat_line(0, "a")]))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    assert "the batch's endpoint is /v1/completions" in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        c.files.create(file=("q.jsonl", io.BytesIO(b"{}")), purpose="assistants")
+    with pytest.raises(openai.NotFoundError):
+        c.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_cancel_keeps_what_was_answered(served):
+    _, url = served
+    c = client(url)
+    lines = [chat_line(i, q, max_tokens=24) for i, q in enumerate(QUESTIONS * 6)]
+    f = c.files.create(file=("many.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    cancelling = c.batches.cancel(b.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = wait_for(c, b.id, {"cancelled"})
+    answered = done.request_counts.completed + done.request_counts.failed
+    assert answered < len(lines)
+    if done.output_file_id:
+        assert len(c.files.content(done.output_file_id).text.splitlines()) == done.request_counts.completed
+    assert c.batches.cancel(b.id).status == "cancelled"  # again: nothing more to do, no error
