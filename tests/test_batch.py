@@ -136,7 +136,7 @@ def test_a_batch_for_another_endpoint_and_other_purposes_are_refused(served):
 def test_cancel_keeps_what_was_answered(served):
     _, url = served
     c = client(url)
-    lines = [chat_line(i, q, max_tokens=24) for i, q in enumerate(QUESTIONS * 6)]
+    lines = [chat_line(i, q, max_tokens=48) for i, q in enumerate(QUESTIONS * 10)]  # 50: seconds of work
     f = c.files.create(file=("many.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
     b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     cancelling = c.batches.cancel(b.id)

@@ -133,10 +133,11 @@ async def get_batch(batch_id: str, request: Request):
 async def cancel_batch(batch_id: str, request: Request):
     store, runner = _batches(request)
     doc = await asyncio.to_thread(_own_batch, store, request, batch_id)
-    if doc["status"] in ("validating", "in_progress"):
-        doc = await asyncio.to_thread(store.update, batch_id, status="cancelling", cancelling_at=now())
+    doc = await asyncio.to_thread(store.advance, batch_id, ("validating", "in_progress"), status="cancelling",
+                                  cancelling_at=now())
+    if doc["status"] == "cancelling":
         runner.wake()
-    elif doc["status"] not in ("cancelling", "cancelled"):
+    elif doc["status"] != "cancelled":
         raise ClientError(f"batch {batch_id} is {doc['status']}; only a running batch can be cancelled",
                           param="batch_id")
     return doc

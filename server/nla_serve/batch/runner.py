@@ -84,7 +84,8 @@ class BatchRunner:
         store = self.store
         doc, key_id = await asyncio.to_thread(store.batch, batch_id)
         if doc["status"] == "validating":
-            doc = await asyncio.to_thread(store.update, batch_id, status="in_progress", in_progress_at=now())
+            doc = await asyncio.to_thread(store.advance, batch_id, ("validating",), status="in_progress",
+                                          in_progress_at=now())
         running: dict[int, asyncio.Task] = {}
         try:
             while doc["status"] == "in_progress":

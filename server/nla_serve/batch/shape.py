@@ -37,9 +37,7 @@ def output_line(batch_id: str, line: int, custom_id: str, status: int, result: d
 def finish_files(store: BatchStore, doc: dict, key_id: str | None) -> dict:
     """Write the output file (2xx answers) and the error file (the rest), in line order, and end
     the batch: ``completed``, or ``cancelled`` when it was being cancelled."""
-    cancelling = doc["status"] == "cancelling"
-    if not cancelling:
-        doc = store.update(doc["id"], status="finalizing", finalizing_at=now())
+    doc = store.advance(doc["id"], ("in_progress",), status="finalizing", finalizing_at=now())
     ok, failed = [], []
     for line, custom_id, status, result in store.results(doc["id"]):
         (ok if 200 <= status < 300 else failed).append(output_line(doc["id"], line, custom_id, status, result))
@@ -52,6 +50,4 @@ def finish_files(store: BatchStore, doc: dict, key_id: str | None) -> dict:
                       now())
         store.add_file(row, content)
         ids[f"{name}_file_id"] = row.id
-    end = {"status": "cancelled", "cancelled_at": now()} if cancelling else {"status": "completed",
-                                                                              "completed_at": now()}
-    return store.update(doc["id"], **ids, **end)
+    return store.end(doc["id"], **ids)

@@ -120,11 +120,26 @@ class BatchStore:
         return [d for d in map(json.loads, (r[0] for r in rows))
                 if d["status"] in ("validating", "in_progress", "finalizing", "cancelling")]
 
-    def update(self, batch_id: str, **fields) -> dict:
+    def end(self, batch_id: str, **fields) -> dict:
+        """End a batch in one transaction with reading its state: ``cancelled`` when it was being
+        cancelled (a cancel that raced the last line still wins), else ``completed``."""
         def write(c):
             doc = json.loads(c.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
-            doc.update(fields)
+            end = ({"status": "cancelled", "cancelled_at": now()} if doc["status"] == "cancelling"
+                   else {"status": "completed", "completed_at": now()})
+            doc.update(fields, **end)
             c.execute("UPDATE batches SET doc = ? WHERE id = ?", (json.dumps(doc), batch_id))
+            return doc
+        return self._tx(write)
+
+    def advance(self, batch_id: str, allowed: tuple[str, ...], **fields) -> dict:
+        """Set ``fields`` only if the batch's status is one of ``allowed``, in one transaction with
+        reading it (the runner and a cancel race on the status); the batch document after it."""
+        def write(c):
+            doc = json.loads(c.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+            if doc["status"] in allowed:
+                doc.update(fields)
+                c.execute("UPDATE batches SET doc = ? WHERE id = ?", (json.dumps(doc), batch_id))
             return doc
         return self._tx(write)
 
