@@ -147,3 +147,36 @@ def test_cancel_keeps_what_was_answered(served):
     if done.output_file_id:
         assert len(c.files.content(done.output_file_id).text.splitlines()) == done.request_counts.completed
     assert c.batches.cancel(b.id).status == "cancelled"  # again: nothing more to do, no error
+
+
+def test_a_killed_server_resumes_its_batch_and_answers_each_line_once(tiny, tmp_path):
+    """kill -9 mid-batch, start again on the same cache: the batch completes, every custom_id in the
+    output exactly once, the counts equal to the lines."""
+    import signal
+
+    from conftest import start_cli
+
+    flags = ("--engine", "transformers", "--device", "cpu")
+    proc, url, log = start_cli(tiny, tmp_path, *flags)
+    try:
+        c = client(url, "none")
+        lines = [chat_line(i, q, max_tokens=32) for i, q in enumerate(QUESTIONS * 8)]  # 40 lines
+        f = c.files.create(file=("q.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        t0 = time.monotonic()
+        while c.batches.retrieve(b.id).request_counts.completed < 5:
+            assert time.monotonic() - t0 < 120, "no progress before the kill"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc, url, log = start_cli(tiny, tmp_path, *flags)
+        c = client(url, "none")
+        before = c.batches.retrieve(b.id)
+        assert before.status in ("in_progress", "finalizing", "completed") and before.request_counts.completed < 40
+        done = wait_for(c, b.id, {"completed"})
+        assert done.request_counts.completed == 40 and done.request_counts.failed == 0
+        ids = [json.loads(x)["custom_id"] for x in c.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(ids) == sorted(x["custom_id"] for x in lines)
+    finally:
+        proc.kill()
+        proc.wait(30)

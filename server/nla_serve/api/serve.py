@@ -34,6 +34,11 @@ FLAGS = [
                                               "(or 'id: {key: K, permissions: [steer]}'); audit records name the id"),
     ("--steering", "steering", bool, "on | off: the steering request field (default on; with API keys, only "
                                      "keys with the 'steer' permission)"),
+    ("--batch", "batch", bool, "on | off: the Batch API (/v1/files, /v1/batches; default on)"),
+    ("--batch-db", "batch_db", str, "where files and batches are kept: a SQLite file (default CACHE/batch/batch.db)"),
+    ("--batch-concurrency", "batch_concurrency", int, "batch lines run at once while no interactive request "
+                                                      "waits (one at a time while any does; default 4)"),
+    ("--batch-max-file-bytes", "batch_max_file_bytes", int, "largest batch input file (default 100 MiB)"),
     ("--steering-max-strength", "steering_max_strength", float, "largest |strength| of one steering vector, in "
                                                                 "multiples of the activation's norm (default 8)"),
     ("--admin-key", "admin_key", str, "the key of the audit routes (/v1/audit/*), distinct from API keys; "
