@@ -144,6 +144,8 @@ def test_cancel_keeps_what_was_answered(served):
     done = wait_for(c, b.id, {"cancelled"})
     answered = done.request_counts.completed + done.request_counts.failed
     assert answered < len(lines)
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {OWNER}"}, timeout=30).text
+    assert 'nla_batch_lines{model_name="tiny",state="pending"}' in metrics
     if done.output_file_id:
         assert len(c.files.content(done.output_file_id).text.splitlines()) == done.request_counts.completed
     assert c.batches.cancel(b.id).status == "cancelled"  # again: nothing more to do, no error

@@ -42,6 +42,8 @@ class Metrics:
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for admission", L, registry=r)
         self.explanations = Counter("nla_explanations", "Explanations by status", L + ["status"], registry=r)
         self.queue_depth = Gauge("nla_explanation_queue_depth", "Explanation jobs queued", L, registry=r)
+        self.batch_lines = Gauge("nla_batch_lines", "Lines of unfinished batches, by state (pending, completed, "
+                                 "failed)", L + ["state"], registry=r)
         self.capture_bytes = Gauge("nla_capture_dir_bytes", "Bytes of captured activations not yet taken by their request",
                                    L, registry=r)
         self.latency = Histogram("nla_explanation_latency_seconds",
@@ -153,6 +155,11 @@ class Metrics:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
         self.queue_depth.labels(self.model_name).set(queue_depth)
+
+    def set_batch_lines(self, counts: dict[str, int]) -> None:
+        """Lines of unfinished batches by state (pending, completed, failed): the Batch API's progress."""
+        for state in ("pending", "completed", "failed"):
+            self.batch_lines.labels(self.model_name, state).set(counts.get(state, 0))
 
     def set_backends(self, backends: list[dict]) -> None:
         """The verbalizer fleet's backends (``RemoteVerbalizerEngine.fleet_state``)."""

@@ -168,6 +168,19 @@ class BatchStore:
                                     "state = 'done' ORDER BY line", (batch_id,)).fetchall()
         return [(n, cid, code, json.loads(res)) for n, cid, code, res in rows]
 
+    def progress(self) -> dict[str, int]:
+        """Lines of unfinished batches by state: pending, completed (2xx), failed (the rest)."""
+        ids = [d["id"] for d in self.unfinished()]
+        out = {"pending": 0, "completed": 0, "failed": 0}
+        for batch_id in ids:
+            for state, ok, n in self._conn().execute(
+                    "SELECT state, status_code BETWEEN 200 AND 299, COUNT(*) FROM lines WHERE batch_id = ? "
+                    "GROUP BY state, status_code BETWEEN 200 AND 299", (batch_id,)).fetchall():
+                key = "pending" if state == "pending" else ("completed" if ok else "failed")
+                if state in ("pending", "done"):
+                    out[key] += n
+        return out
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
