@@ -182,3 +182,33 @@ def test_a_killed_server_resumes_its_batch_and_answers_each_line_once(tiny, tmp_
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_batch_run_offline_answers_a_file_with_the_same_code(tiny, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "in.jsonl"
+    lines = [chat_line(i, q) for i, q in enumerate(QUESTIONS)]
+    lines.append({"custom_id": "raw", "method": "POST", "url": "/v1/explanations",
+                  "body": {"model": MODEL, "input": "The quick brown fox", "positions": [2], "max_tokens": 8}})
+    src.write_bytes(jsonl(lines))
+    out = tmp_path / "out.jsonl"
+    exe = Path(sys.executable).with_name("nla-serve")
+    res = subprocess.run([str(exe), "batch", "run", str(src), "--out", str(out), "--no-progress", "--model",
+                          str(tiny.target), "--served-model-name", MODEL, "--nla-av", str(tiny.av), "--nla-ar",
+                          str(tiny.ar), "--engine", "transformers", "--device", "cpu", "--max-model-len", "512",
+                          "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in got] == [x["custom_id"] for x in lines]  # input order, each once
+    assert all(x["response"]["status_code"] == 200 for x in got)
+    assert all(x["response"]["body"]["explanations"] for x in got[:-1]) and got[-1]["response"]["body"]["data"]
+    assert not (tmp_path / "out.jsonl.state.db").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    res = subprocess.run([str(exe), "batch", "run", str(bad), "--out", str(tmp_path / "x.jsonl"), "--no-progress",
+                          "--model", str(tiny.target), "--engine", "transformers", "--device", "cpu",
+                          "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "line 1 of the batch file is not JSON" in res.stderr

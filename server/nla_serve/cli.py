@@ -1,6 +1,7 @@
 """`nla-serve`: flags and environment -> settings -> run. Nothing else lives here.
 
-Subcommands: ``serve`` (the HTTP server), ``audit`` (verify, search and export the record), and the NLA tools ``train``, ``eval``, ``calibrate``
+Subcommands: ``serve`` (the HTTP server), ``audit`` (verify, search and export the record), ``batch
+run`` (a batch file answered offline), and the NLA tools ``train``, ``eval``, ``calibrate``
 (registered by ``nla_serve.train.cli`` when present).
 """
 
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nla_serve.audit.cli import register as register_audit
 
     register_audit(sub)
+    from nla_serve.batch.cli import register as register_batch
+
+    register_batch(sub)
     try:
         from nla_serve.train.cli import register as register_train
     except ImportError:  # the trainer is optional at import time

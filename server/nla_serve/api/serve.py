@@ -119,14 +119,19 @@ def env_name(flag: str) -> str:
     return "NLA_SERVE_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI-compatible server",
-                       description="Run the OpenAI-compatible server. Every flag also reads NLA_SERVE_<FLAG>.")
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The server's flags (also taken by ``nla-serve batch run``, which runs the same server in-process)."""
     for flag, _, typ, help_ in FLAGS + POLICY_FLAGS:
         # a bare boolean flag means on, as vLLM's store_true flags (--enable-auto-tool-choice)
         extra = {"nargs": "?", "const": "on"} if typ is bool else {}
         p.add_argument(flag, default=None, help=f"{help_} [env {env_name(flag)}]", **extra)
     p.add_argument("--log-level", default=os.environ.get("NLA_SERVE_LOG_LEVEL", "info"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                       description="Run the OpenAI-compatible server. Every flag also reads NLA_SERVE_<FLAG>.")
+    add_server_flags(p)
     p.set_defaults(func=serve)
 
 
