@@ -26,8 +26,10 @@ def served(tiny, loop, tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
                                    nla_ar=str(tiny.ar), engine="transformers", device="cpu", max_model_len=512,
-                                   cache_dir=str(root / "cache"), api_keys={"owner": OWNER, "other": OTHER},
-                                   admin_key=ADMIN, batch_max_file_bytes=64 * 1024, batch_max_lines=50)
+                                   fve_baseline=1.5, cache_dir=str(root / "cache"),
+                                   api_keys={"owner": OWNER, "other": OTHER},
+                                   admin_key=ADMIN, batch_max_file_bytes=64 * 1024, batch_max_lines=50,
+                                   key_permissions={"owner": ("steer",)})
     svc = loop.run(Service.start(settings))
     server = AppServer(loop, create_app(svc.settings, svc)).start()
     yield svc, server.url
@@ -212,3 +214,56 @@ def test_batch_run_offline_answers_a_file_with_the_same_code(tiny, tmp_path):
                           "--model", str(tiny.target), "--engine", "transformers", "--device", "cpu",
                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "line 1 of the batch file is not JSON" in res.stderr
+
+
+def test_the_comparison_report_renders_its_plots_in_chromium(served, tmp_path):
+    """Two runs of the same lines, one steered (as a fine-tune would change the model): the report
+    shows the summary, four visible charts and the explanations that differ most, side by side,
+    with links to the records; it loads nothing from anywhere."""
+    import argparse
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    from nla_serve.batch.report import main as report_main
+
+    svc, url = served
+    c = client(url)
+    vector = [0.0] * svc.target.hidden_size
+    vector[0] = 1.0
+    outputs = []
+    for name, extra in (("base", {}), ("steered", {"steering": {"vectors": [{"vector": vector, "strength": 4.0}]}})):
+        lines = [chat_line(i, q, explain={"max_explanations": 3, "max_tokens": 12, "claims": True}, **extra)
+                 for i, q in enumerate(QUESTIONS)]
+        f = c.files.create(file=(f"{name}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        b = wait_for(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h").id, {"completed"})
+        path = tmp_path / f"{name}.out.jsonl"
+        path.write_text(c.files.content(b.output_file_id).text)
+        outputs.append(path)
+    out = tmp_path / "report.html"
+    report_main(argparse.Namespace(results=str(outputs[0]), against=str(outputs[1]), label="base",
+                                   against_label="steered", server=url, out=str(out)))
+    html = out.read_text()
+    assert "http" not in html.replace(url, "")  # self-contained: the only URLs are the record links
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(out.as_uri())
+        charts = page.locator("svg.chart")
+        assert charts.count() >= 2  # FVE and claim support (the tiny NLA quotes nothing to ground)
+        for i in range(charts.count()):
+            box = charts.nth(i).bounding_box()
+            assert box and box["width"] > 200 and box["height"] > 100
+            assert charts.nth(i).locator("rect").count() >= 3  # bars drawn, and the legend
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        rows = page.locator("table.diff tr")
+        assert rows.count() > 1 and "/ui/#records/chatcmpl-" in page.locator("table.diff a").first.get_attribute("href")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        assert requests == [out.as_uri()]
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    if os.environ.get("NLA_REPORT_SCREENSHOT"):  # docs/img/batch-report.png is made this way
+        (tmp_path / "report.png").replace(os.environ["NLA_REPORT_SCREENSHOT"])

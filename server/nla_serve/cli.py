@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nla_serve.batch.cli import register as register_batch
 
     register_batch(sub)
+    from nla_serve.batch.report import register as register_report
+
+    register_report(sub)
     try:
         from nla_serve.train.cli import register as register_train
     except ImportError:  # the trainer is optional at import time

@@ -94,7 +94,10 @@ $("forget-keys").addEventListener("click", () => {
 
 health();
 setInterval(health, 15000);
-selectTab(location.hash === "#records" ? "records" : "playground");
+// #records opens the Records tab; #records/<id> opens that record (links from batch reports)
+const deepRecord = location.hash.startsWith("#records/") ? decodeURIComponent(location.hash.slice(9)) : null;
+selectTab(location.hash.startsWith("#records") ? "records" : "playground");
+if (deepRecord && getKey("admin")) records.open(deepRecord);
 // Connect at once only with a key kept from earlier in this tab: without one, the page waits for
 // the user (a server with keys would answer 401 to a call made before they typed it).
 if (getKey("api")) connect();
