@@ -241,6 +241,13 @@ def test_the_comparison_report_renders_its_plots_in_chromium(served, tmp_path):
         path = tmp_path / f"{name}.out.jsonl"
         path.write_text(c.files.content(b.output_file_id).text)
         outputs.append(path)
+    batches = [b.id for b in c.batches.list(limit=2)]  # the two just made, newest first
+    page = httpx.get(f"{url}/v1/batches/{batches[1]}/report", params={"against": batches[0]}, timeout=60,
+                     headers={"Authorization": f"Bearer {OWNER}"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("<svg") >= 2 and "Where the two runs differ most" in page.text
+    assert httpx.get(f"{url}/v1/batches/{batches[1]}/report", timeout=60,
+                     headers={"Authorization": f"Bearer {OTHER}"}).status_code == 404
     out = tmp_path / "report.html"
     report_main(argparse.Namespace(results=str(outputs[0]), against=str(outputs[1]), label="base",
                                    against_label="steered", server=url, out=str(out)))

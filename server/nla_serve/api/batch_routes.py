@@ -129,6 +129,31 @@ async def get_batch(batch_id: str, request: Request):
     return await asyncio.to_thread(_own_batch, store, request, batch_id)
 
 
+@router.get("/v1/batches/{batch_id}/report")
+async def batch_report(batch_id: str, request: Request, against: str | None = None):
+    """The batch's report page (batch/report.py), against another batch of the same key if asked."""
+    from fastapi.responses import HTMLResponse
+
+    from nla_serve.batch.report import load_lines, render
+
+    store, _ = _batches(request)
+    runs = []
+    for which in (batch_id, against):
+        if which is None:
+            continue
+        doc = await asyncio.to_thread(_own_batch, store, request, which)
+        if doc["status"] not in ("completed", "cancelled"):
+            raise ClientError(f"batch {which} is {doc['status']}; its report is made when it has ended",
+                              param="batch_id" if which == batch_id else "against")
+        content = b""
+        for file_id in (doc.get("output_file_id"), doc.get("error_file_id")):
+            if file_id:
+                content += await asyncio.to_thread(store.file_content, file_id) or b""
+        runs.append(load_lines(content.decode("utf-8").splitlines(), which))
+    base = str(request.base_url).rstrip("/")
+    return HTMLResponse(await asyncio.to_thread(render, runs, server=base, title=f"Batch {batch_id}"))
+
+
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request):
     store, runner = _batches(request)

@@ -58,15 +58,19 @@ def answer_text(body: dict) -> str:
 
 
 def load_run(path: Path, name: str) -> Run:
+    return load_lines(path.read_text(encoding="utf-8").splitlines(), name, where=str(path))
+
+
+def load_lines(lines: list[str], name: str, where: str = "the batch output") -> Run:
     run = Run(name)
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
             line = json.loads(raw)
             response, cid = line["response"], line["custom_id"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}: line {n} is not a batch output line ({{custom_id, response: {{status_code, "
+            raise ValueError(f"{where}: line {n} is not a batch output line ({{custom_id, response: {{status_code, "
                              "body}}}})") from None
         run.lines += 1
         body = response.get("body") or {}
