@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,6 +102,8 @@ async def _direction(svc: "Service", v: SteeringVector, where: str, key_id: str 
             raise ClientError(f"{where}: the reconstructor's vectors have {raw.shape[-1]} numbers, the model's "
                               f"residual stream {d}", param=where)
     norm = float(raw.norm())
+    if not math.isfinite(norm):
+        raise ClientError(f"{where} is too large to normalise (its norm overflows float64)", param=where)
     if not norm > 0:
         what = "is all zeros" if v.vector is not None else "gives the same vector for both texts"
         raise ClientError(f"{where} {what}: a steering direction needs a non-zero vector", param=where)

@@ -74,6 +74,8 @@ class SteeringVector(BaseModel):
                 start, end = p
                 if end <= start:
                     raise ValueError(f"the span [{start}, {end}] is empty: spans are [start, end) with end > start")
+                if end - start > MAX_EXPLICIT:
+                    raise ValueError(f"the span [{start}, {end}] covers more than {MAX_EXPLICIT} positions")
                 out.update(range(start, end))
             else:
                 out.add(p)
