@@ -274,3 +274,32 @@ def test_the_comparison_report_renders_its_plots_in_chromium(served, tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 10_000
     if os.environ.get("NLA_REPORT_SCREENSHOT"):  # docs/img/batch-report.png is made this way
         (tmp_path / "report.png").replace(os.environ["NLA_REPORT_SCREENSHOT"])
+
+
+def test_batches_on_postgresql_are_shared_by_replicas(tiny, loop, postgres, tmp_path):
+    """With --batch-db postgresql://..., a batch made through one server is answered and seen by a
+    second store on the same database (another replica)."""
+    from nla_serve.batch.store import BatchStore
+
+    dsn = postgres.new_database()
+    settings = ServerSettings.flat(model=str(tiny.target), served_model_name=MODEL, nla_av=str(tiny.av),
+                                   nla_ar=str(tiny.ar), engine="transformers", device="cpu", max_model_len=512,
+                                   cache_dir=str(tmp_path / "cache"), batch_db=dsn)
+    svc = loop.run(Service.start(settings))
+    server = AppServer(loop, create_app(svc.settings, svc)).start()
+    try:
+        c = client(server.url, "none")
+        f = c.files.create(file=("q.jsonl", io.BytesIO(jsonl([chat_line(i, q) for i, q in enumerate(QUESTIONS)]))),
+                           purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = wait_for(c, b.id, {"completed"})
+        assert done.request_counts.completed == len(QUESTIONS)
+        replica = BatchStore(dsn)
+        doc, key_id = replica.batch(b.id)
+        assert doc["status"] == "completed" and key_id is None
+        assert len(replica.results(b.id)) == len(QUESTIONS)
+        assert replica.file_content(done.output_file_id) == c.files.content(done.output_file_id).content
+        replica.close()
+    finally:
+        server.stop()
+        loop.run(svc.stop())

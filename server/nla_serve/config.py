@@ -287,8 +287,12 @@ class ServerSettings(BaseModel):
         return self.audit.db or str(self.cache_root / "audit" / "audit.db")
 
     @property
-    def batch_location(self) -> Path:
-        return Path(self.batch.db).expanduser() if self.batch.db else self.cache_root / "batch" / "batch.db"
+    def batch_location(self) -> str:
+        """A SQLite file, or a PostgreSQL DSN as given (a Path would fold its ``//``)."""
+        db = self.batch.db
+        if db and db.startswith(("postgresql://", "postgres://")):
+            return db
+        return str(Path(db).expanduser() if db else self.cache_root / "batch" / "batch.db")
 
     @property
     def audit_key_path(self) -> Path:

@@ -57,6 +57,7 @@ class BatchRunner:
                 pass
         if self._client is not None:
             await self._client.aclose()
+        self.store.close()
 
     def wake(self) -> None:
         self._wake.set()
