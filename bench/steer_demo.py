@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--prompt", default="The capital of France is the city of")
     p.add_argument("--to", default="London", help="the word the edited explanation says comes next")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--strength", type=float, default=None, help="default: the edit's own size")
     args = p.parse_args()
     h = {"Authorization": f"Bearer {args.key}"}
     model = httpx.get(args.url + "/v1/models", headers=h, timeout=30).json()["data"][0]["id"]
@@ -29,14 +30,16 @@ def main() -> None:
     item = explained["data"][-1]
     original = item["text"]
     # the claim about what comes next, its quoted word replaced; the control says the same in other words
-    guess = re.search(r'(?:next token is|unsure; |expects )(\"[^\"]+\")', original)
+    guess = re.search(r'(?:next token is |unsure; |expects )("[^"]+")', original)
     if guess is None:
         raise SystemExit(f"the explanation names no next-token guess to edit: {original!r}")
     edited = original.replace(guess.group(1), json.dumps(args.to), 1)
-    control = original.replace("The final token is", "The last token is", 1)
+    # the control rewords the claim the edit leaves alone (the kind of text), in the NLA's own style
+    control = original.replace("Plain text outside a chat.", "Plain text, not a chat.").replace(
+        "An AI assistant's reply in a chat.", "A reply by an AI assistant in a chat.")
     report = httpx.post(args.url + "/v1/explanations/counterfactual", headers=h, timeout=300, json={
         "model": model, "input": args.prompt, "explanation": original, "edited": edited, "control": control,
-        "max_tokens": args.max_tokens}).json()
+        "max_tokens": args.max_tokens, **({"strength": args.strength} if args.strength is not None else {})}).json()
     print(json.dumps({"prompt": args.prompt, "token_index": item["token_index"], "fve": item["fve"],
                       "claims": item.get("claims"), "original": original, "edited": edited, "control": control,
                       "report": report}, indent=2, ensure_ascii=False))
