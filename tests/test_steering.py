@@ -138,7 +138,7 @@ def test_a_key_without_the_permission_gets_a_403(served):
     assert chat(url, READER).status_code == 200  # the key itself works
 
 
-def test_steering_from_text_and_from_an_edited_explanation_is_recorded(served):
+def test_steering_from_text_and_from_an_edited_explanation_is_recorded(served, loop):
     svc, url = served
     r = chat(url, steering={"vectors": [{"text": "The user is angry.", "baseline_text": "The user is calm.",
                                          "strength": 2.0, "positions": "prompt"}]})
@@ -163,6 +163,12 @@ def test_steering_from_text_and_from_an_edited_explanation_is_recorded(served):
     spec = record["params"]["steering"]
     assert spec["fingerprint"] == steered.json()["steering_report"]["fingerprint"]
     assert spec["vectors"][0]["sha256"] == v["sha256"] and "vector" not in spec["vectors"][0]
+    # and the log holding these steered answers verifies (records, tree, a fresh signed checkpoint)
+    from nla_serve.audit.verify import verify_log
+
+    loop.run(svc.audit.checkpoint_now())
+    report = verify_log(svc.audit.store, svc.audit.key.verifier)
+    assert report.ok and report.records >= 3, report.problems
 
 
 def test_the_server_can_turn_steering_off(served, loop):

@@ -53,7 +53,8 @@ def steering(engine, strength: float, rule: str = "all", seed: int = 0, prompt: 
 
 async def generate(engine, iv, rid, n_tokens=10, n=1, prompt: list[int] = PROMPT):
     # n > 1 samples with top_k 1: the argmax, as greedy, which refuses n > 1 (n identical choices)
-    options = SamplingOptions(max_tokens=n_tokens, temperature=0.0 if n == 1 else 1.0, top_k=1 if n > 1 else 0, n=n)
+    options = SamplingOptions(max_tokens=n_tokens, temperature=0.0 if n == 1 else 1.0, top_k=1 if n > 1 else 0, n=n,
+                              ignore_eos=True)  # the hand-written reference never stops early either
     toks: dict[int, list[int]] = {}
     rows: list[torch.Tensor] = []
     async for out in engine.generate(Prompt(prompt), options, rid, intervention=iv):
@@ -146,3 +147,26 @@ def test_wrong_layer_or_width_is_refused(engine, loop):
     for bad, words in ((wrong_layer, "NLA layer"), (narrow, "residual stream")):
         with pytest.raises(ClientError, match=words):
             loop.run(generate(engine, bad, "bad"))
+
+
+def test_preempted_steered_requests_stay_exact(tiny, reference, loop):
+    """A KV cache for about two requests, four steered ones at once: vLLM preempts and recomputes
+    them, and each still equals its no-cache steered reference (its rows are steered again)."""
+    vllm_required()
+    engine = make_engine(EngineSettings(model=str(tiny.target), kind="vllm", dtype="float32", device="cpu",
+                                        capture_layer=tiny.layer, max_model_len=256, max_num_seqs=4,
+                                        kv_cache_gib=1 / 1024, enforce_eager=True))  # ~512 tokens of KV
+    loop.run(engine.start(), timeout=600)
+    try:
+        ivs = [steering(engine, s, seed=i) for i, s in enumerate((3.0, -2.0, 1.5, 0.0))]
+
+        async def all_at_once():
+            return await asyncio.gather(*(generate(engine, iv, f"preempt-{i}", n_tokens=150)
+                                          for i, iv in enumerate(ivs)))
+
+        results = loop.run(all_at_once())
+        assert engine.stats.preemptions > 0, "the KV budget did not force a preemption"
+        for iv, got in zip(ivs, results):
+            assert got[0][0] == hand_greedy(reference, tiny.layer, iv, 150)
+    finally:
+        loop.run(engine.shutdown(), timeout=120)

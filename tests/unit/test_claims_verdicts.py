@@ -267,4 +267,5 @@ def test_the_shipped_pair_carries_calibrated_thresholds():
         for name in ("claim_thresholds", "hypothesis_thresholds"):
             t = read_thresholds(folder, name, baseline)
             assert t.contradicted < 0 < t.supported and "rescaled" not in t.source
-            assert meta["nla_serve"][name]["n"] >= 1000
+            # 300 held-out activations of about three claims each (docs/training.md): hundreds, not a handful
+            assert meta["nla_serve"][name]["n"] >= 600

@@ -84,13 +84,26 @@ def install(app: FastAPI) -> None:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         if exc.status_code == 404:
             msg = f"No route {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            msg = f"Method {request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow')}"
-        else:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+            msg = f"Method {request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        elif exc.status_code != 404:
             msg = str(exc.detail)
         # keep the exception's headers: a 405 must say which methods are allowed (Allow)
         return JSONResponse(error_body(msg, type_, None, exc.status_code), status_code=exc.status_code,
-                            headers=exc.headers)
+                            headers=headers or None)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method any route serves at this path (Starlette's 405 names only the first route's,
+    where GET and POST of one path are two routes: /v1/files, /v1/files/{id})."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex, allowed = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and allowed and regex.match(request.url.path):
+            methods |= set(allowed)
+    return ", ".join(sorted(methods))
 
 
 def internal_error(exc: BaseException) -> NLAServeError:
