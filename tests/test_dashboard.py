@@ -252,6 +252,10 @@ def test_every_panel_has_data_on_a_real_prometheus(tiny, tmp_path):
             "no webhook failure was counted"
         prom.scraped_after(time.time())
         prom.scraped_after(time.time())  # two samples of every series before the database goes away
+        # ... the webhook failure's own series included: it starts late (after the retries), and a
+        # scrape stored just before the counter moved would leave it one sample, which rate() cannot use
+        assert until(lambda: prom.query("count_over_time(nla_monitor_webhook_failures_total[5m]) >= 2"), 60), \
+            "Prometheus never held two samples of the webhook failure counter"
 
         # the audit log's database goes away: the next answer is refused (503), its commit counted as failed
         pg.stop()

@@ -80,7 +80,8 @@ async def start_batches(app: FastAPI, settings: ServerSettings, svc: Service):
     from nla_serve.batch.store import BatchStore
 
     store = await asyncio.to_thread(BatchStore, settings.batch_location)
-    runner = BatchRunner(store, app, svc.admission, concurrency=settings.batch.concurrency)
+    runner = BatchRunner(store, app, svc.admission, concurrency=settings.batch.concurrency,
+                         on_progress=svc.metrics.set_batch_lines)
     app.state.batch = (store, runner)
     await runner.start()
     return runner

@@ -6,7 +6,6 @@ stream ended, or the client gone. ``/v1/explanations`` is in ``explanations.py``
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +204,5 @@ async def health(request: Request):
 async def metrics(request: Request):
     svc = service_of(request)
     svc.publish_load()
-    batch = getattr(request.app.state, "batch", None)
-    if batch is not None:
-        svc.metrics.set_batch_lines(await asyncio.to_thread(batch[0].progress))
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 

@@ -30,13 +30,17 @@ KEY_ID_HEADER = "x-nla-serve-batch-key-id"
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, app, admission: "Admission", *, concurrency: int = 4):
+    def __init__(self, store: BatchStore, app, admission: "Admission", *, concurrency: int = 4,
+                 on_progress=None):
         self.store = store
         self.app = app
         self.admission = admission
         self.concurrency = concurrency
         self.secret = secrets.token_hex(32)
         self.in_flight = 0
+        # called with the lines of unfinished batches by state, each round (the /metrics gauge): the
+        # scrape itself never waits on the store
+        self.on_progress = on_progress
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._client = None
@@ -65,6 +69,7 @@ class BatchRunner:
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
+            await self._report()
             for doc in await asyncio.to_thread(self.store.unfinished):
                 try:
                     await self._run(doc["id"])
@@ -76,6 +81,14 @@ class BatchRunner:
                 await asyncio.wait_for(self._wake.wait(), timeout=2.0)
             except asyncio.TimeoutError:
                 pass
+
+    async def _report(self) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(await asyncio.to_thread(self.store.progress))
+        except Exception:  # a gauge is not worth a failed round
+            log.exception("batch progress could not be read")
 
     def _room(self) -> int:
         interactive = self.admission.admitted - self.in_flight
@@ -101,6 +114,8 @@ class BatchRunner:
                 for line in [n for n, t in running.items() if t in done]:
                     running.pop(line).result()
                 doc, _ = await asyncio.to_thread(store.batch, batch_id)
+                if done:
+                    await self._report()
             if running:  # cancelling: the lines already running finish and are kept
                 await asyncio.gather(*running.values())
         finally:
