@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -73,34 +73,33 @@ class Intervention:
         if not (len(self.directions) == len(self.strengths) == len(self.rules)):
             raise ValueError("an intervention needs one strength and one position rule per vector")
 
-    @property
-    def inert(self) -> bool:
-        """True when nothing would change (every strength 0): engines still run it as steered,
-        so that strength 0 being an identity is something a test can check."""
-        return all(s == 0 for s in self.strengths)
-
     def active(self, position: int) -> list[int]:
         if position in self.skipped:
             return []
         return [i for i, rule in enumerate(self.rules) if rule.covers(position, self.prompt_len)]
 
     def rows(self, positions: Sequence[int]) -> "torch.Tensor":
-        """u_t for each of ``positions``: [len(positions), d] float32 (zeros where nothing applies)."""
+        """u_t for each of ``positions``: [len(positions), d] float32 (zeros where nothing applies).
+        Vectorised per rule (the vLLM worker calls it every step, for whole prefill chunks)."""
         import torch
 
-        dirs = torch.tensor(self.directions, dtype=torch.float32)  # [k, d]
-        weights = torch.zeros(len(positions), len(self.directions), dtype=torch.float32)
-        for row, position in enumerate(positions):
-            for i in self.active(position):
-                weights[row, i] = self.strengths[i]
-        u = weights @ dirs
+        pos = torch.as_tensor(list(positions), dtype=torch.long)
+        weights = torch.zeros(len(pos), len(self.directions), dtype=torch.float32)
+        keep = ~torch.isin(pos, torch.tensor(sorted(self.skipped), dtype=torch.long))
+        for i, rule in enumerate(self.rules):
+            if rule.kind == "all":
+                covered = torch.ones_like(pos, dtype=torch.bool)
+            elif rule.kind == "prompt":
+                covered = pos < self.prompt_len
+            elif rule.kind == "generated":
+                covered = pos >= self.prompt_len
+            else:
+                covered = torch.isin(pos, torch.tensor(sorted(rule.explicit), dtype=torch.long))
+            weights[:, i] = torch.where(covered & keep, self.strengths[i], 0.0)
+        u = weights @ torch.tensor(self.directions, dtype=torch.float32)  # [T, k] @ [k, d]
         norms = u.norm(dim=-1, keepdim=True)
         over = norms > self.max_ratio
         return torch.where(over, u * (self.max_ratio / norms.clamp_min(1e-30)), u)
-
-    def applied_positions(self, positions: Iterable[int]) -> list[int]:
-        """The positions among ``positions`` where some vector with a non-zero strength applies."""
-        return [p for p in positions if any(self.strengths[i] != 0 for i in self.active(p))]
 
     def fingerprint(self) -> str:
         """A digest of everything that changes what the model computes (the prefix-cache salt:
