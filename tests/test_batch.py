@@ -270,10 +270,32 @@ def test_the_comparison_report_renders_its_plots_in_chromium(served, tmp_path):
         assert rows.count() > 1 and "/ui/#records/chatcmpl-" in page.locator("table.diff a").first.get_attribute("href")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         assert requests == [out.as_uri()]
+        viewer_opens_the_report(browser.new_page(), url, batches[1], batches[0])
         browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
     if os.environ.get("NLA_REPORT_SCREENSHOT"):  # docs/img/batch-report.png is made this way
         (tmp_path / "report.png").replace(os.environ["NLA_REPORT_SCREENSHOT"])
+
+
+def viewer_opens_the_report(page, url: str, batch_id: str, against: str) -> None:
+    """The viewer's Batches tab lists the key's batches with their progress and opens the same
+    comparison page for an ended one (fetched with the key, shown from a blob)."""
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/ui/#batches")
+    page.fill("#api-key", OWNER)
+    page.click("#keys button[type=submit]")
+    row = page.locator(f"tr[data-batch='{batch_id}']")
+    row.wait_for()
+    assert row.get_attribute("data-status") == "completed" and f"{len(QUESTIONS)} ok" in row.inner_text()
+    assert page.locator("table.batches tbody tr").count() >= 2
+    row.locator("select.against").select_option(against)
+    with page.expect_popup() as popup:
+        row.get_by_role("button", name="Report").click()
+    report = popup.value
+    report.locator("svg.chart").first.wait_for()
+    assert report.locator("svg.chart").count() >= 2 and "Where the two runs differ most" in report.content()
+    assert not errors, errors
 
 
 def test_batches_on_postgresql_are_shared_by_replicas(tiny, loop, postgres, tmp_path):

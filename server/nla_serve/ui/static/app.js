@@ -2,6 +2,7 @@
 // (the API's message, verbatim). The views live in playground.js and records.js.
 
 import { describeError, getJSON, getKey, setKey } from "./api.js";
+import { Batches } from "./batches.js";
 import { Playground } from "./playground.js";
 import { Records } from "./records.js";
 
@@ -31,6 +32,8 @@ function clearError() {
 
 const playground = new Playground({ showError, clearError });
 const records = new Records({ showError, clearError });
+const batches = new Batches({ showError, clearError });
+const TABS = ["playground", "records", "batches"];
 
 async function health() {
   try {
@@ -57,21 +60,22 @@ async function connect() {
 }
 
 function selectTab(name) {
-  for (const tab of ["playground", "records"]) {
+  for (const tab of TABS) {
     const on = tab === name;
     $(`tab-${tab}`).setAttribute("aria-selected", String(on));
     $(`tab-${tab}`).tabIndex = on ? 0 : -1;
     $(`view-${tab}`).hidden = !on;
   }
   if (name === "records" && getKey("admin") && !$("results").hasChildNodes()) records.search();
-  history.replaceState(null, "", name === "records" ? "#records" : location.pathname);
+  if (name === "batches" && getKey("api")) batches.load();
+  history.replaceState(null, "", name === "playground" ? location.pathname : `#${name}`);
 }
 
-$("tab-playground").addEventListener("click", () => selectTab("playground"));
-$("tab-records").addEventListener("click", () => selectTab("records"));
+for (const tab of TABS) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
 document.querySelector("[role=tablist]").addEventListener("keydown", (e) => {
   if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
-  const next = document.activeElement.id === "tab-playground" ? "records" : "playground";
+  const at = TABS.indexOf(document.activeElement.id.replace("tab-", ""));
+  const next = TABS[(at + (e.key === "ArrowRight" ? 1 : TABS.length - 1)) % TABS.length];
   selectTab(next);
   $(`tab-${next}`).focus();
 });
@@ -84,6 +88,7 @@ $("keys").addEventListener("submit", (e) => {
   setKey("admin", $("admin-key").value.trim());
   connect();
   if (!$("view-records").hidden && getKey("admin")) records.search();
+  if (!$("view-batches").hidden) batches.load();
 });
 $("forget-keys").addEventListener("click", () => {
   setKey("api", "");
@@ -96,7 +101,7 @@ health();
 setInterval(health, 15000);
 // #records opens the Records tab; #records/<id> opens that record (links from batch reports)
 const deepRecord = location.hash.startsWith("#records/") ? decodeURIComponent(location.hash.slice(9)) : null;
-selectTab(location.hash.startsWith("#records") ? "records" : "playground");
+selectTab(location.hash.startsWith("#records") ? "records" : location.hash === "#batches" ? "batches" : "playground");
 if (deepRecord && getKey("admin")) records.open(deepRecord);
 // Connect at once only with a key kept from earlier in this tab: without one, the page waits for
 // the user (a server with keys would answer 401 to a call made before they typed it).
