@@ -325,3 +325,26 @@ def test_batches_on_postgresql_are_shared_by_replicas(tiny, loop, postgres, tmp_
     finally:
         server.stop()
         loop.run(svc.stop())
+
+
+def test_interactive_latency_beside_a_running_batch_is_measured(tmp_path):
+    """bench/batch_latency.py, small, on the tiny models: the same kind of request alone and while a
+    batch runs, each answered with explanations; the batch still completes every line. The
+    figures are reported (docs/batch.md), not asserted: a timed test would measure the machine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "latency.json"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "batch_latency.py"
+    run = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--engine", "transformers", "--lines", "16",
+                          "--repeats", "2", "--max-tokens", "12", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    alone, beside = result["alone"]["runs"], result["beside_batch"]["runs"]
+    assert len(alone) == 2 and beside, result  # at least one request was answered inside the batch's run
+    assert all(r["ok"] and r["explanations"] > 0 and r["ttft_s"] is not None for r in alone + beside)
+    assert result["batch"]["status"] == "completed" and result["batch"]["completed"] == 16
+    assert all(v is not None and v > 0 for v in result["ratio_beside_over_alone"].values())
+    print(json.dumps(result["ratio_beside_over_alone"]))

@@ -149,7 +149,11 @@ async def batch_report(batch_id: str, request: Request, against: str | None = No
         for file_id in (doc.get("output_file_id"), doc.get("error_file_id")):
             if file_id:
                 content += await asyncio.to_thread(store.file_content, file_id) or b""
-        runs.append(load_lines(content.decode("utf-8").splitlines(), which))
+        # named as the batch's creator named it (metadata "label", else "model"), else by its id
+        meta = doc.get("metadata") or {}
+        runs.append(load_lines(content.decode("utf-8").splitlines(), meta.get("label") or meta.get("model") or which))
+    if len(runs) == 2 and runs[0].name == runs[1].name:  # two runs of one model: their ids tell them apart
+        runs[0].name, runs[1].name = batch_id, against
     base = str(request.base_url).rstrip("/")
     return HTMLResponse(await asyncio.to_thread(render, runs, server=base, title=f"Batch {batch_id}"))
 

@@ -151,13 +151,17 @@ def render(runs: list[Run], *, server: str | None = None, title: str = "Batch ex
     rules = sorted({m for r in runs for i in r.items for m in i.monitors})
     hits = bars("Monitor hits per rule", rules, [(r.name, [sum(i.monitors.count(rule) for i in r.items)
                                                            for rule in rules]) for r in runs])
-    sections = [f"<h1>{escape(title)}</h1>", summary_rows(runs),
-                "<h2>Fidelity</h2><p>FVE: how much of each activation the reconstructor recovers from its "
-                "explanation (1 perfect, 0 no better than a constant guess).</p>", fve,
-                "<h2>Claims</h2><p>Support: the FVE a claim adds to its explanation; the verdicts use the NLA's "
-                "calibrated thresholds.</p>", support,
-                "<h2>Grounding</h2><p>The share of an explanation's quotes found in the text or the model's "
-                "predictions.</p>", grounding, "<h2>Monitors</h2>", hits]
+    charts = [("Fidelity", "FVE: how much of each activation the reconstructor recovers from its explanation "
+               "(1 perfect, 0 no better than a constant guess).", fve),
+              ("Claims", "Support: the FVE a claim adds to its explanation; the verdicts use the NLA's calibrated "
+               "thresholds.", support),
+              ("Grounding", "The share of an explanation's quotes found in the text or the model's predictions.",
+               grounding),
+              ("Monitors", "Hits per monitor rule.", hits)]
+    # the charts side by side where the window is wide enough: looked at together, not scrolled through
+    sections = [f"<h1>{escape(title)}</h1>", summary_rows(runs), "<div class='charts'>" + "".join(
+        f"<section><h2>{name}</h2><p class='hint'>{words}</p>{chart}</section>" for name, words, chart in charts)
+        + "</div>"]
     if len(runs) == 2:
         rows = []
         for score, i, j in differences(*runs):
@@ -186,7 +190,9 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #1d1d1b; }}
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem; color: #1d1d1b; }}
+.charts {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(26rem, 1fr)); gap: 0 2rem; }}
+.charts h2 {{ margin-bottom: 0.2rem; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ border: 1px solid #d8d8d2; padding: 0.3rem 0.6rem;
 vertical-align: top; text-align: left; }} .hint {{ color: #5d5d58; font-size: 0.85rem; }}
 svg.chart {{ display: block; max-width: 100%; height: auto; margin: 0.5rem 0 1.5rem; }}

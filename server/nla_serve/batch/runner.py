@@ -7,8 +7,8 @@ its client would be. The owner's key id travels in two headers that only this pr
 
 Below interactive traffic: up to ``concurrency`` lines run at once while no interactive request is
 admitted, and one at a time while any is, so a batch keeps moving without taking the target from
-people waiting on an answer (the latency beside a running batch is not measured yet). State is in ``BatchStore``; a
-restart resumes every unfinished batch where its stored lines say it was.
+people waiting on an answer (bench/batch_latency.py measures what that keeps: docs/batch.md). State
+is in ``BatchStore``; a restart resumes every unfinished batch where its stored lines say it was.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def histogram(title: str, series: list[tuple[str, list[float]]], lo: float, hi: 
     top = max([max(s) for s in shares] + [0.01])
     plot_w, plot_h = W - PAD_L - 10, H - PAD_B - PAD_T
     bar_w = plot_w / bins / max(1, len(series))
-    parts = [f'<svg class="chart" role="img" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
+    full_h = H + 14 * (len(series) - 1)  # one legend row per run: long run names never overlap
+    parts = [f'<svg class="chart" role="img" viewBox="0 0 {W} {full_h}" width="{W}" height="{full_h}" '
              f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
              f'<line x1="{PAD_L}" y1="{H - PAD_B}" x2="{W - 10}" y2="{H - PAD_B}" stroke="#555"/>',
              f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{H - PAD_B}" stroke="#555"/>']
@@ -41,16 +42,16 @@ def histogram(title: str, series: list[tuple[str, list[float]]], lo: float, hi: 
             parts.append(f'<rect x="{x:.1f}" y="{H - PAD_B - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
                          f'fill="{COLOURS[k % 2]}" fill-opacity="0.75"><title>{escape(series[k][0])}: '
                          f'{lo + i * width:.2f}..{lo + (i + 1) * width:.2f}{unit}: {100 * share:.1f}%</title></rect>')
-    for frac in (0, 0.5, 1):
+    for frac, anchor in ((0, "middle"), (0.5, "middle"), (1, "end")):  # the last label kept inside the chart
         x = PAD_L + frac * plot_w
-        parts.append(f'<text x="{x:.1f}" y="{H - PAD_B + 16}" font-size="11" text-anchor="middle">'
+        parts.append(f'<text x="{x:.1f}" y="{H - PAD_B + 16}" font-size="11" text-anchor="{anchor}">'
                      f'{lo + frac * (hi - lo):.2f}{unit}</text>')
     parts.append(f'<text x="{PAD_L - 6}" y="{PAD_T + 10}" font-size="11" text-anchor="end">{100 * top:.0f}%</text>')
     parts.append(f'<text x="{PAD_L - 6}" y="{H - PAD_B}" font-size="11" text-anchor="end">0</text>')
     for k, (name, values) in enumerate(series):
-        x = PAD_L + 10 + k * 200
-        parts.append(f'<rect x="{x}" y="{H - 12}" width="10" height="10" fill="{COLOURS[k % 2]}"/>'
-                     f'<text x="{x + 14}" y="{H - 3}" font-size="11">{escape(name)} (n={sum(v is not None for v in values)})</text>')
+        x, y = PAD_L + 10, H - 12 + 14 * k
+        parts.append(f'<rect x="{x}" y="{y}" width="10" height="10" fill="{COLOURS[k % 2]}"/>'
+                     f'<text x="{x + 14}" y="{y + 9}" font-size="11">{escape(name)} (n={sum(v is not None for v in values)})</text>')
     parts.append("</svg>")
     return "".join(parts)
 

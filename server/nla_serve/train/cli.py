@@ -230,6 +230,9 @@ def run_calibrate(args) -> int:
 
 
 def register(subparsers) -> None:
+    from nla_serve.train.adapter import add_adapter
+
     add_train(subparsers)
     add_eval(subparsers)
     add_calibrate(subparsers)
+    add_adapter(subparsers)

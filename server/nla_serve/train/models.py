@@ -67,11 +67,13 @@ def lora_merged(model: nn.Module) -> Iterator[None]:
             m.merged = False
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
-    """Wrap every nn.Linear inside the decoder blocks; freeze everything else. -> module names."""
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] | None = None) -> list[str]:
+    """Wrap every nn.Linear inside the decoder blocks (or those whose last name is in ``targets``);
+    freeze everything else. -> module names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"
+             and (targets is None or n.rsplit(".", 1)[-1] in targets)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
