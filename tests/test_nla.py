@@ -190,10 +190,38 @@ def test_unknown_baseline_gives_null_fve_with_reason(tiny):
         ("<explanation> A dog, then", "A dog, then", False),
         ("no tags at all", "no tags at all", False),
         ("A cat.</explanation> trailing", "A cat.", True),
+        # generation stops at the closing tag's first two tokens (nla/verbalizer.py)
+        ("<explanation>\nA dog.\n</expl", "A dog.", True),
+        ("<explanation>\nA dog.\n</", "A dog.\n</", False),
     ],
 )
 def test_parse_explanation(raw, body, closed):
     assert parse_explanation(raw) == (body, closed)
+
+
+def test_an_av_trained_here_has_its_opening_fed_not_decoded(tiny, tmp_path):
+    """The opening tag and line break are fed as prompt for AVs made by `nla-serve train` (their
+    targets all begin so), never for others; the verbaliser's raw output still shows them."""
+    import shutil
+
+    from nla_serve.nla.checkpoint import ANSWER_PREFIX, load_av
+    from nla_serve.nla.verbalizer import Verbalizer
+
+    released = load_av(tiny.av)
+    assert released.answer_prefix_ids == ()
+    here = tmp_path / "av"
+    shutil.copytree(tiny.av, here)
+    meta = yaml.safe_load((here / "nla_meta.yaml").read_text())
+    meta["nla_serve"] = {"trained_by": "nla-serve train"}
+    (here / "nla_meta.yaml").write_text(yaml.safe_dump(meta))
+    ours = load_av(here)
+    tok = AutoTokenizer.from_pretrained(here)
+    assert ours.answer_prefix_ids and tok.decode(list(ours.answer_prefix_ids)) == ANSWER_PREFIX
+    v = torch.randn(ours.d_model)
+    fed = Verbalizer(ours, engine=None).prompt_for(v)
+    plain = Verbalizer(released, engine=None).prompt_for(v)
+    assert fed.token_ids == plain.token_ids + list(ours.answer_prefix_ids) and fed.inject_at == plain.inject_at
+    assert Verbalizer(ours, engine=None).prefix_text == ANSWER_PREFIX
 
 
 def test_statuses():

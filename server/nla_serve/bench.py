@@ -243,6 +243,19 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
     return result
 
 
+async def bench_load(settings: ServerSettings, args) -> dict:
+    """The load section (bench_load.py) on its own service: the shipped NLA on the default model."""
+    from nla_serve.bench_load import explanation_load
+
+    svc = await Service.start(settings)
+    try:
+        await svc.fingerprinted()
+        return await explanation_load(svc, streams=args.load_streams, seconds=args.load_seconds,
+                                      max_tokens=args.max_tokens, probe_count=args.load_probes)
+    finally:
+        await svc.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,default", help="comma list of: tiny, default")
@@ -253,7 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explain-gen-tokens", type=int, default=16,
                    help="tokens generated per request in the scaling runs (short: they measure explaining)")
     p.add_argument("--verbalizer-tokens", type=int, default=32)
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--load-streams", type=int, default=24, help="explained streams in the load section (0: skip it)")
+    p.add_argument("--load-seconds", type=float, default=90.0)
+    p.add_argument("--load-probes", type=int, default=6, help="plain streams timed alone and under the load")
+    p.add_argument("--skip-scaling", action="store_true", help="only the load section")
     p.add_argument("--out", default="bench-results/bench.json")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -277,12 +294,22 @@ def main(argv: list[str] | None = None) -> None:
                 s = ServerSettings.flat(model=str(md), nla_av=str(av), nla_ar=str(ar), engine=args.engine,
                                         fve_baseline=1.0, max_model_len=1024)
             print(f"== {name} on {args.engine}", flush=True)
-            r = asyncio.run(bench_model(name, s, args))
+            r = {"model": name} if args.skip_scaling else asyncio.run(bench_model(name, s, args))
+            if not args.skip_scaling:
+                print(f"  tokens/s: capture off {r['capture_off']['tokens_per_s']:.1f}, capture on "
+                      f"{r['capture_on_nothing_explained']['tokens_per_s']:.1f} (cost {100 * r['capture_cost']:.1f}%), "
+                      f"default policy {r['default_policy']['tokens_per_s']:.1f}; batched speedup at "
+                      f"{max(args.concurrency)}: {r[f'batched_speedup_at_{max(args.concurrency)}']:.2f}x", flush=True)
+            if args.load_streams > 0:
+                # the default model's load runs with its shipped NLA (explanations worth reading, their
+                # real length), not the untrained speed-only pair above
+                load_settings = s if name == "tiny" else ServerSettings.flat(engine=args.engine, max_model_len=1024)
+                r["load"] = ld = asyncio.run(bench_load(load_settings, args))
+                print(f"  load: {ld['streams']} explained streams for {ld['seconds']:.0f} s: "
+                      f"{ld['explanations_per_s']:.2f} expl/s, {ld['verbalizer_tokens_per_s']:.1f} verbalizer tok/s, "
+                      f"mean FVE {ld['mean_fve']}, plain streams under load / alone: {ld['plain_ratio_under_load']}",
+                      flush=True)
             results["runs"].append(r)
-            print(f"  tokens/s: capture off {r['capture_off']['tokens_per_s']:.1f}, capture on "
-                  f"{r['capture_on_nothing_explained']['tokens_per_s']:.1f} (cost {100 * r['capture_cost']:.1f}%), "
-                  f"default policy {r['default_policy']['tokens_per_s']:.1f}; batched speedup at "
-                  f"{max(args.concurrency)}: {r[f'batched_speedup_at_{max(args.concurrency)}']:.2f}x", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -26,6 +26,8 @@ from typing import Any
 
 from nla_serve.errors import CheckpointError
 from nla_serve.model_folder import chat_ids, eos_ids_of
+
+ANSWER_PREFIX = "<explanation>\n"  # how every target of `nla-serve train` begins (train/targets.py)
 from nla_serve.nla.sidecar import META, read_meta
 
 VALUE_HEAD = "value_head.safetensors"
@@ -60,6 +62,10 @@ class AVCheckpoint:
     eos_ids: tuple[int, ...]  # generation config EOS set (+ tokenizer EOS)
     model_type: str
     meta: dict = field(repr=False, compare=False)
+    # What every answer of this AV begins with, fed as prompt instead of decoded (nla/verbalizer.py):
+    # the opening tag and its line break for AVs trained by nla-serve, whose targets all begin so
+    # (train/targets.py); empty for released AVs, whose openings were never measured here.
+    answer_prefix_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,11 +250,13 @@ def load_av(folder: str | Path) -> AVCheckpoint:
     if not eos:
         raise CheckpointError(str(folder / "generation_config.json"), "eos_token_id",
                               "no EOS id found in the generation config or tokenizer; the AV could not stop")
+    trained_here = (meta.get("nla_serve") or {}).get("trained_by") == "nla-serve train"
+    prefix = tuple(tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)) if trained_here else ()
     return AVCheckpoint(
         path=folder, d_model=d, layer=layer, injection_scale=inj_scale, mse_scale=mse_scale,
         injection_char=char, injection_token_id=tok_id, left_neighbor_id=left, right_neighbor_id=right,
         template=template, prompt_ids=tuple(ids), inject_at=p, eos_ids=eos,
-        model_type=str(cfg.get("model_type")), meta=meta,
+        model_type=str(cfg.get("model_type")), meta=meta, answer_prefix_ids=prefix,
     )
 
 
