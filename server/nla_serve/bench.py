@@ -6,12 +6,15 @@ on the chosen engine:
 
 1. generated tokens/s of N concurrent requests with capture off (an engine without capture), with
    capture on but nothing explained, and with the default explanation policy;
-2. explanations/s and verbalizer tokens/s at 1, 4 and 16 concurrent requests (each generating a few
+2. explanations/s and verbalizer tokens/s at 1, 8 and 32 concurrent requests (each generating a few
    tokens and asking for 4 explanations), through the worker versus one explanation at a time
    (worker concurrency 1);
    and the verbalizer's tokens/s at 16 concurrent jobs through the worker versus the same prompts
    sent straight to the verbalizer engine;
-3. p50/p95 time to first token and token-to-explanation latency.
+3. p50/p95 time to first token and token-to-explanation latency;
+4. the load section (``bench_load.py``; the default model with its *shipped* NLA): explained
+   streams for a while, explanations/s and FVE per verbaliser token, and plain streams' TTFT and
+   ITL alone against under that load.
 
 Everything runs in-process through the same Service and generation pipeline as the HTTP server
 (no HTTP framing in the numbers). Results print as a table and go to a JSON file.
