@@ -15,7 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nla_serve.engine_config import (MAX_EXPLANATION_TOKENS, CaptureMethod, DType, EngineKind, EngineSettings,
-                                     ParallelSettings, ReconstructorSettings, RemoteSettings, http_urls)
+                                     ParallelSettings, ReconstructorSettings, RemoteSettings, http_urls,
+                                     split_cores)
 from nla_serve.explain.monitors import Rule
 
 NamedPositions = Literal["auto", "last", "all", "generated", "prompt", "surprise"]  # the named policies (explain/policy.py)
@@ -310,8 +311,10 @@ class ServerSettings(BaseModel):
     def target_engine(self, model_dir: str | Path, capture_layer: int | None) -> EngineSettings:
         """The target engine's slice: the served model, capturing layer K when an NLA is loaded."""
         t = self.target
+        # apart from a local verbaliser's cores (engine_config.split_cores); alone, vLLM's own binding
+        cores = split_cores()[0] if capture_layer is not None and not self.nla.verbalizer_url else None
         return EngineSettings(
-            model=str(model_dir), kind=t.engine, device=t.device, dtype=t.dtype,
+            model=str(model_dir), kind=t.engine, device=t.device, dtype=t.dtype, cpu_cores=cores,
             capture_layer=capture_layer, capture_method=t.capture_method, max_model_len=t.max_model_len,
             max_num_seqs=t.max_num_seqs, max_num_batched_tokens=t.max_num_batched_tokens,
             memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
@@ -330,7 +333,8 @@ class ServerSettings(BaseModel):
             model=str(av_dir), kind="remote" if remote else t.engine, device=t.device,
             dtype=self.nla_dtype, enable_prompt_embeds=True, warm_logprobs=False,
             max_num_seqs=t.max_num_seqs, memory_fraction=n.verbalizer_memory_fraction,
-            kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager, remote=remote)
+            kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager, remote=remote,
+            cpu_cores=None if remote else split_cores()[1])
 
     def reconstructor(self) -> ReconstructorSettings:
         return ReconstructorSettings(device=self.target.device, dtype=self.nla_dtype)

@@ -113,6 +113,9 @@ class EngineSettings(BaseModel):
     max_loras: int = 0
     max_lora_rank: int = 16
     seed: int = 0
+    # CPU only: the cores this engine's model runs on (vLLM's VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or
+    # "0-3"); None: vLLM's own binding. See ``split_cores`` for why the server sets it.
+    cpu_cores: str | None = None
     parallel: ParallelSettings = ParallelSettings()
     remote: RemoteSettings | None = None  # kind "remote": the backends (``model`` is still the local AV folder)
 
@@ -145,3 +148,23 @@ class ReconstructorSettings(BaseModel):
 
     device: str = "auto"
     dtype: DType = "auto"
+
+
+def split_cores(cores: list[int] | None = None) -> tuple[str | None, str | None]:
+    """The cores for the target's and the verbaliser's models when both run as local vLLM CPU
+    engines: the first half (rounded up) for the target, the rest for the verbaliser.
+
+    Left to vLLM, each engine binds its model's threads without knowing of the other, and on the
+    2-core machine both chose core 0 (the other kept for their engine-core processes): the two
+    models took turns on one core while the second did little (docs/benchmarks.md, 2026-12-07).
+    Apart, the target's steps never wait for the verbaliser's, which is "answers first" on a CPU.
+    None, None: fewer than two cores, or the operator set ``VLLM_CPU_OMP_THREADS_BIND`` (theirs wins)."""
+    import os
+
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None, None
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    half = (len(cores) + 1) // 2
+    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))

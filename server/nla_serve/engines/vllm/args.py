@@ -99,7 +99,10 @@ def build_llm(s: EngineSettings, *, cpu: bool, capture_method: str | None, archi
     # kv_cache_gib while the config is built; hide it meanwhile.
     with _environ(VLLM_CPU_KVCACHE_SPACE=None):
         vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-    with _environ(VLLM_CPU_NUM_OF_RESERVED_CPU=_reserved_cpus_env(vllm_config)):
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": _reserved_cpus_env(vllm_config)}
+    if s.cpu_cores is not None:  # this engine's own cores (engine_config.split_cores)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = s.cpu_cores
+    with _environ(**env):
         return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True, stat_loggers=stat_loggers)
 
 
