@@ -1149,3 +1149,24 @@ def test_steering_on_chat_completions_and_responses(app, base):
     resp = client.responses.create(model=MODEL, input="The quick brown fox", max_output_tokens=6, temperature=0,
                                    extra_body=vectors(6.0))
     assert resp.model_extra["steering_report"]["vectors"][0]["source"] == "vector"
+
+
+def test_the_target_and_the_verbaliser_run_on_cores_of_their_own(base):
+    """On CPU, vLLM binds each engine's model threads without knowing of the other (both chose core
+    0 on the 2-core machine); the server gives the target the first half of the cores and the
+    verbaliser the rest (engine_config.split_cores), so neither's steps wait for the other's."""
+    import os
+
+    import psutil
+
+    if base.target.settings.kind != "vllm" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two local vLLM CPU engines on a machine of two cores or more")
+
+    def worker_cores(engine) -> set[int]:
+        workers = [p for pid in engine.engine_pids() for p in psutil.Process(pid).children(recursive=True)
+                   if "Worker" in p.name()]
+        assert len(workers) == 1
+        return set(os.sched_getaffinity(workers[0].pid))
+
+    target, verbaliser = worker_cores(base.target), worker_cores(base.nla.engine)
+    assert target and verbaliser and not target & verbaliser, (target, verbaliser)

@@ -70,3 +70,14 @@ def test_agent_and_adapter_settings_refuse_what_cannot_work():
     ok = ServerSettings.flat(lora_modules={"a": "/x"}, tool_call_parser="hermes", enable_auto_tool_choice=True)
     engine = ok.target_engine("/m", None)
     assert engine.max_loras == 4 and ok.api.tool_call_parser == "hermes"
+
+
+def test_split_cores_gives_the_target_the_first_half_unless_the_operator_bound_them(monkeypatch):
+    from nla_serve.engine_config import split_cores
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert split_cores([0, 1]) == ("0", "1")
+    assert split_cores([4, 5, 6, 7, 8]) == ("4,5,6", "7,8")
+    assert split_cores([3]) == (None, None)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    assert split_cores([0, 1]) == (None, None)
