@@ -75,7 +75,7 @@ def fve_report(pred: "torch.Tensor", gold: "torch.Tensor", mse_scale: float, bas
 
 def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, device: str, max_tokens: int) -> list:
     """-> list of (body, closed, tokens, broken) per vector."""
-    from nla_serve.nla.verbalizer import broken_reason
+    from nla_serve.nla.verbalizer import STOP, broken_reason
 
     if engine == "batch":
         import torch
@@ -86,8 +86,10 @@ def verbalize(av_path: Path, ckpt, vectors: "torch.Tensor", *, engine: str, devi
         tok = AutoTokenizer.from_pretrained(av_path)
         model = AutoModelForCausalLM.from_pretrained(av_path, dtype=torch.float32).to(device).eval()
         av = ckpt.av
-        samples = generate(model, tok, list(av.prompt_ids), av.inject_at, av.injection_scale, vectors,
-                           max_new_tokens=max_tokens, eos_ids=set(av.eos_ids), temperature=0.0)
+        # as the server verbalises (nla/verbalizer.py): the AV's known opening fed, the same stop
+        samples = generate(model, tok, list(av.prompt_ids) + list(av.answer_prefix_ids), av.inject_at,
+                           av.injection_scale, vectors, max_new_tokens=max_tokens, eos_ids=set(av.eos_ids),
+                           temperature=0.0, stop=STOP)
         return [(s.body, s.closed, len(s.token_ids), broken_reason(s.body)) for s in samples]
     import asyncio
 

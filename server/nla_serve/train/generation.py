@@ -30,13 +30,15 @@ class Sample:
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[int], at: int, scale: float, vectors: torch.Tensor, *,
              max_new_tokens: int, eos_ids: set[int] | tuple[int, ...], temperature: float = 0.0,
-             generator: torch.Generator | None = None, batch_size: int = 32) -> list[Sample]:
-    """vectors: [N, d] -> N samples, in order."""
+             generator: torch.Generator | None = None, batch_size: int = 32, stop: str = CLOSE) -> list[Sample]:
+    """vectors: [N, d] -> N samples, in order. ``stop``: the whole closing tag for training's
+    samples (their log-probabilities are taken over whole answers); evaluation passes what the
+    server stops at (``verbalizer.STOP``) so that it counts the server's tokens."""
     out: list[Sample] = []
     for i in range(0, len(vectors), batch_size):
         out += _generate(model, tokenizer, prompt_ids, at, scale, vectors[i:i + batch_size],
                          max_new_tokens=max_new_tokens, eos_ids=set(eos_ids), temperature=temperature,
-                         generator=generator)
+                         generator=generator, stop=stop)
     return out
 
 
@@ -85,7 +87,8 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id
     return gen
 
 
-def _generate(model, tokenizer, prompt_ids, at, scale, vectors, *, max_new_tokens, eos_ids, temperature, generator):
+def _generate(model, tokenizer, prompt_ids, at, scale, vectors, *, max_new_tokens, eos_ids, temperature, generator,
+              stop):
     dev = next(model.parameters()).device
     B = len(vectors)
     ids = torch.tensor([prompt_ids] * B, device=dev)  # [B, P]
@@ -99,7 +102,7 @@ def _generate(model, tokenizer, prompt_ids, at, scale, vectors, *, max_new_token
             if done[r]:
                 continue
             gen[r].append(t)
-            if t in eos_ids or CLOSE in tokenizer.decode(gen[r][-12:], skip_special_tokens=True):
+            if t in eos_ids or stop in tokenizer.decode(gen[r][-12:], skip_special_tokens=True):
                 done[r] = True
         if all(done):
             break
@@ -108,9 +111,9 @@ def _generate(model, tokenizer, prompt_ids, at, scale, vectors, *, max_new_token
     samples = []
     for g in gen:
         text = tokenizer.decode(g, skip_special_tokens=True)
-        at_close = text.find(CLOSE)
+        at_close = text.find(stop)
         if at_close >= 0:
-            text = text[:at_close + len(CLOSE)]
+            text = text[:at_close + len(stop)]
         body, closed = parse_explanation(text)
         samples.append(Sample(g, text, body, closed))
     return samples
