@@ -20,6 +20,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Literal
 
+from nla_serve.aio import cancel_and_wait
+
 if TYPE_CHECKING:
     from nla_serve.engines import TargetEngine
 
@@ -50,12 +52,7 @@ class EngineSupervisor:
         self._task = asyncio.create_task(self._watch(), name=f"nla-supervise-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
 
     def _set(self, state: EngineState, reason: str | None) -> None:
         self.state = state

@@ -18,6 +18,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+from nla_serve.aio import cancel_and_wait
 from nla_serve.batch.shape import finish_files
 from nla_serve.batch.store import BatchStore, now
 
@@ -53,12 +54,7 @@ class BatchRunner:
         self._task = asyncio.create_task(self._loop(), name="batch-runner")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self._client is not None:
             await self._client.aclose()
         self.store.close()

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
+from nla_serve.aio import cancel_and_wait
 from nla_serve.engine_config import EngineSettings, RemoteSettings
 from nla_serve.engines.base import check_prompt, refuse_adapter, refuse_intervention
 from nla_serve.errors import ClientError, UnavailableError
@@ -197,12 +198,7 @@ class RemoteVerbalizerEngine:
         """Nothing to do: a cancelled job closes its HTTP request, and vLLM aborts on disconnect."""
 
     async def shutdown(self) -> None:
-        if self._health is not None:
-            self._health.cancel()
-            try:
-                await self._health
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._health)
         if self._client is not None:
             await self._client.aclose()
 

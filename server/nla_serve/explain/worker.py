@@ -42,6 +42,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nla_serve.aio import cancel_and_wait
 from nla_serve.explain.cache import ExplanationCache, cache_key
 from nla_serve.types import Explanation
 
@@ -133,13 +134,7 @@ class ExplanationWorker:
                        asyncio.create_task(self._score_loop(), name="nla-explanation-scorer")]
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._running.values()):
-            task.cancel()
-        for task in self._tasks + list(self._running.values()):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(*self._tasks, *self._running.values())
         stopping = Explanation(status="skipped", reason="the server is shutting down")
         for jobs in list(self._pending.values()):
             for job in list(jobs):
