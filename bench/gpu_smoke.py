@@ -2,7 +2,7 @@
 
 On a CUDA machine with the CUDA `vllm` installed (`make install` picks it when `nvidia-smi` works):
 
-    .venv/bin/python bench/gpu_smoke.py --out gpu-smoke.json      # under 5 minutes on one GPU
+    .venv/bin/python bench/gpu_smoke.py --out gpu-smoke.json   # capture checks under 5 min, then ~2 min per load run
 
 For each runner configuration (the V1 model runner and Model Runner V2, via VLLM_USE_V2_MODEL_RUNNER;
 eager, PIECEWISE and FULL CUDA graphs; async scheduling where vLLM enables it) and each capture
@@ -19,7 +19,10 @@ starts the capturing engine on a random bf16 Llama (or --model), generates greed
   tokens but not the prompt's rows, a steered and a plain request together equal each alone.
 
 Then tokens/s of plain vLLM against each capture method at 1, 8 and 64 concurrent streams
-(bench/capture_overhead.py's measurement). Every configuration runs in its own subprocess (a vLLM
+(bench/capture_overhead.py's measurement), and `make bench`'s load section on the embedded default
+model with its shipped NLA (`--load-seconds`, 0 to skip): explained streams at 8 and 32, their
+explanations/s and verbaliser tokens/s, token-to-explanation p50/p95, FVE per verbaliser token, and
+plain streams' TTFT and ITL alone against under that load. Every configuration runs in its own subprocess (a vLLM
 engine per process), so one that fails is reported with its error and the rest still run. The
 output is one JSON object. What it does not check: hidden device syncs inside the engine processes
 (`torch.cuda.set_sync_debug_mode` would have to run there; the connector's per-step copy is a
@@ -174,6 +177,21 @@ def throughput(model: str, streams: list[int], max_tokens: int, methods: list[st
     return out
 
 
+def load(streams: list[int], seconds: float) -> dict:
+    """`python -m nla_serve.bench`'s load section (nla_serve/bench_load.py) at each stream count."""
+    out = {}
+    for n in streams:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            res = subprocess.run([sys.executable, "-m", "nla_serve.bench", "--models", "default", "--skip-scaling",
+                                  "--load-streams", str(n), "--load-seconds", str(seconds), "--out", f.name],
+                                 capture_output=True, text=True, timeout=seconds + 600)
+            try:
+                out[str(n)] = json.loads(Path(f.name).read_text())["runs"][0]["load"]
+            except (ValueError, KeyError, IndexError):
+                out[str(n)] = {"error": (res.stderr or res.stdout)[-800:]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a model folder (default: a random bf16 Llama, 8 blocks, hidden 1024)")
@@ -184,8 +202,13 @@ def main() -> None:
                    help="max |vLLM - transformers| / max |row| in bf16 (0.039 seen on CPU, random 8-block model)")
     p.add_argument("--methods", default="embedded,speculative", help="capture methods, comma-separated")
     p.add_argument("--cpu", action="store_true", help="check the script on CPU (eager V1 only, 1 and 8 streams)")
+    p.add_argument("--load-seconds", type=float, default=60.0,
+                   help="seconds of explained load per stream count on the default model (0: skip; --cpu: 0 unless given)")
+    p.add_argument("--load-streams", default="8,32")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.cpu and "--load-seconds" not in sys.argv:
+        args.load_seconds = 0.0
     t0 = time.perf_counter()
     configs = ["v1-eager"] if args.cpu else args.configs.split(",")
     streams = [1, 8] if args.cpu else [int(s) for s in args.streams.split(",")]
@@ -205,6 +228,8 @@ def main() -> None:
                               for name in configs for m in methods
                               if m == "embedded" or name in FALLBACK_CONFIGS or args.cpu},
                   "tokens_per_s": throughput(model, streams, args.max_tokens, methods)}
+    if args.load_seconds > 0:
+        result["load"] = load([int(n) for n in args.load_streams.split(",")], args.load_seconds)
     result["ok"] = all(c.get("ok") for c in result["configs"].values())
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result, indent=2)
