@@ -264,8 +264,19 @@ class Service:
             ckpt = load_nla(av_dir, ar_dir,
                             target_hidden_size=cfg.get("hidden_size"), target_num_layers=cfg.get("num_hidden_layers"),
                             target_model_type=cfg.get("model_type"), fve_baseline=settings.nla.fve_baseline)
-        target = make_engine(settings.target_engine(model_dir, ckpt.layer if ckpt else None))
+        target_settings = settings.target_engine(model_dir, ckpt.layer if ckpt else None)
+        target = make_engine(target_settings)
         await target.start()
+        threads_before = None
+        if target_settings.cpu_cores is not None and getattr(target, "on_cpu", False):
+            # The engines' models have cores of their own (engine_config.split_cores); this process's
+            # torch work (the reconstructor, steering rows) would spread OpenMP threads over them and
+            # spin against them: one thread measured +11% explanations/s under load (docs/benchmarks.md).
+            # Restored at stop (tests run several services in one process).
+            import torch
+
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
         log.info("target %s loaded on the %s engine in %.1fs (%s, hidden %d, %d blocks, context %d)", model_dir,
                  target_cfg.engine, time.monotonic() - t0, dtype_name(target.dtype), target.hidden_size,
                  target.num_layers, target.max_model_len)
@@ -292,6 +303,7 @@ class Service:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
             log.warning("%s: responses will mark explanations 'unavailable'", reason)
         service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics, audit)
+        service.threads_before = threads_before
         if ckpt is not None:
             for role, part in (("av_meta", ckpt.av), ("ar_meta", ckpt.ar)):
                 if part is not None and (part.path / "nla_meta.yaml").is_file():
@@ -326,6 +338,10 @@ class Service:
         if self.monitoring.webhooks is not None:
             await self.monitoring.webhooks.stop()
         await self.target.shutdown()
+        if getattr(self, "threads_before", None):
+            import torch
+
+            torch.set_num_threads(self.threads_before)
 
     def publish_load(self) -> None:
         adm = self.admission
