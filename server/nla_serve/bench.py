@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from nla_serve.bench_load import explanation_load, pct
 from nla_serve.config import ServerSettings
 from nla_serve.explain.options import ExplainOptions
 from nla_serve.explain.policy import make_plan
@@ -45,13 +46,6 @@ from nla_serve.types import Prompt, SamplingOptions
 PROMPTS = ["Tell me about the history of Rome.", "Write a short poem about the sea.",
            "How do I sort a list in Python?", "What is photosynthesis?", "Give me three tips for sleeping well.",
            "Explain gravity to a child.", "What is the capital of France?", "Describe a cat in one paragraph."]
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def prompt_ids(svc: Service, i: int) -> list[int]:
@@ -248,8 +242,6 @@ async def bench_model(name: str, settings: ServerSettings, args) -> dict:
 
 async def bench_load(settings: ServerSettings, args) -> dict:
     """The load section (bench_load.py) on its own service: the shipped NLA on the default model."""
-    from nla_serve.bench_load import explanation_load
-
     svc = await Service.start(settings)
     try:
         await svc.fingerprinted()

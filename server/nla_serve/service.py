@@ -99,6 +99,7 @@ class Service:
                  nla=None, nla_reason: str | None = None, worker: ExplanationWorker | None = None,
                  metrics: Metrics | None = None, audit=None):
         self.settings = settings
+        self.threads_before: int | None = None  # torch's thread count before start set it to 1
         self.target = target
         self.model_name = model_name
         self.model_dir = model_dir
@@ -303,7 +304,7 @@ class Service:
             reason = "no NLA is configured on this server (start it with --nla-av/--nla-ar)"
             log.warning("%s: responses will mark explanations 'unavailable'", reason)
         service = cls(settings, target, model_name, model_dir, nla, reason, worker, metrics, audit)
-        service.threads_before = threads_before
+        service.threads_before = threads_before  # restored at stop
         if ckpt is not None:
             for role, part in (("av_meta", ckpt.av), ("ar_meta", ckpt.ar)):
                 if part is not None and (part.path / "nla_meta.yaml").is_file():
@@ -338,7 +339,7 @@ class Service:
         if self.monitoring.webhooks is not None:
             await self.monitoring.webhooks.stop()
         await self.target.shutdown()
-        if getattr(self, "threads_before", None):
+        if self.threads_before:
             import torch
 
             torch.set_num_threads(self.threads_before)

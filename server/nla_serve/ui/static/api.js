@@ -54,6 +54,11 @@ async function call(path, init) {
   return res;
 }
 
+/** A GET with the key, for bodies that are not JSON (files, report pages): the Response itself. */
+export async function getRaw(path, kind = "api") {
+  return call(path, { headers: headers(kind, false) });
+}
+
 export async function getJSON(path, kind = "api", params = null) {
   const query = params ? "?" + new URLSearchParams(params).toString() : "";
   const res = await call(path + query, { headers: headers(kind, false) });

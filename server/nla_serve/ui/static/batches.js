@@ -3,27 +3,12 @@
 // (GET /v1/batches/{id}/report[?against=ID]) for an ended batch, alone or against another one.
 // The report is fetched with the key and opened from a blob: a plain link could not send the key.
 
-import { getJSON, getKey, postJSON } from "./api.js";
+import { getJSON, getRaw, postJSON } from "./api.js";
 import { fill, h } from "./explanation.js";
 
 const $ = (id) => document.getElementById(id);
 const ENDED = new Set(["completed", "cancelled"]);
 const RUNNING = new Set(["validating", "in_progress", "finalizing", "cancelling"]);
-
-async function fetchWithKey(path) {
-  const key = getKey("api");
-  const res = await fetch(path, { headers: key ? { Authorization: `Bearer ${key}` } : {} });
-  if (!res.ok) {
-    let message = `${res.status} ${res.statusText}`;
-    try {
-      message = (await res.json()).error.message;
-    } catch {
-      // not the API's JSON: keep the status line
-    }
-    throw Object.assign(new Error(message), { detail: `HTTP ${res.status}` });
-  }
-  return res;
-}
 
 function when(unix) {
   return unix ? new Date(unix * 1000).toISOString().replace("T", " ").slice(0, 19) : "—";
@@ -42,7 +27,7 @@ export class Batches {
     try {
       return await work();
     } catch (e) {
-      this.showError(e instanceof Error && e.detail ? { message: e.message, detail: e.detail } : e);
+      this.showError(e);
       return null;
     }
   }
@@ -101,7 +86,7 @@ export class Batches {
   }
 
   async download(fileId, name) {
-    const res = await this.guarded(() => fetchWithKey(`/v1/files/${encodeURIComponent(fileId)}/content`));
+    const res = await this.guarded(() => getRaw(`/v1/files/${encodeURIComponent(fileId)}/content`));
     if (!res) return;
     const a = h("a", { href: URL.createObjectURL(await res.blob()), download: name });
     a.click();
@@ -112,7 +97,7 @@ export class Batches {
     // the window is opened now, inside the click, so no pop-up blocker stops it; filled when the page comes
     const win = window.open("", "_blank");
     const query = against ? `?against=${encodeURIComponent(against)}` : "";
-    const res = await this.guarded(() => fetchWithKey(`/v1/batches/${encodeURIComponent(id)}/report${query}`));
+    const res = await this.guarded(() => getRaw(`/v1/batches/${encodeURIComponent(id)}/report${query}`));
     if (!res) {
       if (win) win.close();
       return;
