@@ -348,3 +348,26 @@ def test_interactive_latency_beside_a_running_batch_is_measured(tmp_path):
     assert result["batch"]["status"] == "completed" and result["batch"]["completed"] == 16
     assert all(v is not None and v > 0 for v in result["ratio_beside_over_alone"].values())
     print(json.dumps(result["ratio_beside_over_alone"]))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_batch_listing_pages_by_key_newest_first(backend, request, tmp_path):
+    """GET /v1/batches?after=...&limit=... pages in SQL: a key sees only its own batches, newest
+    first, and an id it does not own (or none that exists) gives an empty page."""
+    from nla_serve.batch.store import BatchStore
+
+    where = request.getfixturevalue("postgres").new_database() if backend == "postgresql" else tmp_path / "b.db"
+    store = BatchStore(where)
+    try:
+        for i in range(6):
+            store.add_batch({"id": f"batch_{i}", "status": "completed"}, "other" if i == 2 else "mine", [])
+        ids = lambda docs: [d["id"] for d in docs]  # noqa: E731
+        assert ids(store.batches("mine", None, 3)) == ["batch_5", "batch_4", "batch_3"]
+        assert ids(store.batches("mine", "batch_3", 3)) == ["batch_1", "batch_0"]
+        assert ids(store.batches("mine", "batch_0", 3)) == []
+        assert ids(store.batches("mine", "batch_2", 3)) == []  # another key's id
+        assert ids(store.batches("mine", "batch_99", 3)) == []
+        assert ids(store.batches("other", None, 10)) == ["batch_2"]
+        assert ids(store.batches(None, None, 10)) == []
+    finally:
+        store.close()

@@ -147,13 +147,14 @@ class BatchStore:
         return (json.loads(r[0]), r[1]) if r else None
 
     def batches(self, key_id: str | None, after: str | None, limit: int) -> list[dict]:
-        rows = self._conn().execute("SELECT doc FROM batches WHERE key_id IS ? ORDER BY seq DESC",
-                                    (key_id,)).fetchall()
-        docs = [json.loads(r[0]) for r in rows]
+        """One page of the key's batches, newest first: those older than ``after`` (an id of the
+        same key; any other id gives an empty page), at most ``limit``, paged in SQL."""
+        sql, args = "SELECT doc FROM batches WHERE key_id IS ?", [key_id]
         if after is not None:
-            ids = [d["id"] for d in docs]
-            docs = docs[ids.index(after) + 1:] if after in ids else []
-        return docs[:limit]
+            sql += " AND seq < (SELECT seq FROM batches WHERE id = ? AND key_id IS ?)"
+            args += [after, key_id]
+        rows = self._conn().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def unfinished(self) -> list[dict]:
         """Batches a runner must (re)take: started and not yet ended, in creation order."""
