@@ -460,8 +460,11 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
            "top": [[nxt, 0.7], [tok.eos_token_id, 0.1]]}
     body = explanation_body(tok, rec, max_tokens=400)  # the tiny tokenizer spends many tokens per word
     assert body.startswith('The final token is "fox".')  # the most informative claim comes first
-    assert "confident" in body and "jumps" in body
-    assert "local phrase" not in body and body.count('"') == 4  # by default the only quotes: token, prediction
+    # how sure the model is, never its guess (measured unreadable); plain modern prose: no kind claim
+    assert body == 'The final token is "fox". The model is confident about what comes next.'
+    assert body.count('"') == 2  # by default the only quote is the token itself
+    guessed = explanation_body(tok, rec, quote_predictions=1, max_tokens=400)
+    assert "confident the next token is" in guessed and "jumps" in guessed
     phrased = explanation_body(tok, rec, quote_words=3, max_tokens=400)
     assert 'The local phrase is "quick brown fox".' in phrased
     short = explanation_body(tok, rec, quote_words=3, max_tokens=60)  # over budget: the quote shrinks first
@@ -472,17 +475,24 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert parse_explanation(text) == (body, True)
     # only the prefix and the model's predictions shape it: other predictions, other text
     rec2 = dict(rec, top=[[tok.encode(" sleeps", add_special_tokens=False)[0], 0.3], [nxt, 0.25]])
-    assert explanation_body(tok, rec2, max_tokens=400) != body
-    # unsure: by default only the best guess is quoted; quote_predictions=2 adds the runner-up
-    assert explanation_body(tok, rec2, max_tokens=400).count('"') == 4
+    assert explanation_body(tok, rec2, max_tokens=400).endswith("The model is unsure what comes next.")
+    # quote_predictions=1 quotes the best guess, 2 adds the runner-up
+    assert explanation_body(tok, rec2, quote_predictions=1, max_tokens=400).count('"') == 4
     two = explanation_body(tok, rec2, quote_predictions=2, max_tokens=400)
     assert two.count('"') == 6 and "jumps" in two and "or perhaps" in two
-    assert explanation_body(tok, rec2, quote_predictions=0, max_tokens=400).count('"') == 2
+    # a reply says nothing of its kind (measured unreadable); a user's message and scripture do
     chat = explanation_body(tok, dict(rec, role="assistant", user="Write a recipe inspired by coffee.",
                                       genre="recipe", topic="coffee"), max_tokens=400)
-    assert chat.endswith("An AI assistant's reply in a chat.")
+    assert chat == body
+    asked = explanation_body(tok, dict(rec, role="user", user="The quick brown fox"), max_tokens=400)
+    assert asked.endswith("\n\nA user's message to an AI assistant.")
+    assert explanation_body(tok, dict(rec, source="kjv"), max_tokens=400).endswith("scripture prose.")
     # neither the user's words nor the genre and topic asked for: the pair was measured not to carry them
     assert "recipe" not in chat and "coffee" not in chat
+    # a token with a double quotation mark in it is never quoted inside quotes
+    from nla_serve.train.targets import show
+
+    assert show('",') == 'a double quotation mark with ","' and show('"') == "a double quotation mark"
     # in a reply, the quote is the reply's own words, not the chat template or the system prompt
     ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about foxes."}], tokenize=True,
                                   add_generation_prompt=True, return_dict=True)["input_ids"]

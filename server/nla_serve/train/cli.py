@@ -35,8 +35,9 @@ HELP = {
     "targets_max_tokens": "the longest target --targets-url may write, in its tokens",
     "quote_words": "words of the local phrase a built target quotes (0, the default: none; an AV trained with 3 found "
                    "only one such quote in five on unseen text)",
-    "quote_predictions": "how many of the model's next-token candidates a built target quotes (1, the default: its best "
-                         "guess; 3 reproduces the pair trained on 2026-12-06)",
+    "quote_predictions": "how many of the model's next-token candidates a built target quotes (0, the default: "
+                         "none, only how sure the model is; 1 reproduces the pair trained on 2026-12-07, 3 the one "
+                         "of 2026-12-06)",
     "av_template": "AV prompt template ({injection_char} marks the injected vector)",
     "ar_template": "AR prompt template ({explanation} is the explanation body)",
     "marker": "injection character (default: the first candidate that is one token for the target)",

@@ -53,8 +53,8 @@ class TrainConfig:
     targets_max_tokens: int = 200
     # words of the local phrase the built targets quote; 0 quotes none (see train/targets.py for why)
     quote_words: int = 0
-    # the model's next-token candidates they quote; 1, its best guess (see train/targets.py for why)
-    quote_predictions: int = 1
+    # the model's next-token candidates they quote; 0: only how sure it is (see train/targets.py for why)
+    quote_predictions: int = 0
     # the pair
     av_template: str = AV_TEMPLATE
     ar_template: str = AR_TEMPLATE
@@ -64,7 +64,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     adapter_dtype: str = "bfloat16"  # storage of exported adapters (the value head stays fp32)
     # supervised warm start
-    ar_steps: int = 500
+    ar_steps: int = 800
     ar_batch: int = 16
     ar_lr: float = 1e-3
     av_steps: int = 520
@@ -81,7 +81,7 @@ class TrainConfig:
     rl_truncation_penalty: float = 1.0
     # refit of the AR on the final AV's own greedy explanations of training rows
     refit_rows: int = 1200  # 0 skips the refit
-    refit_steps: int = 160
+    refit_steps: int = 240
     refit_lr: float = 5e-4
     refit_gen_batch: int = 48
     refit_max_tokens: int = 128
