@@ -25,7 +25,7 @@ from nla_serve.explain.worker import ExplanationJob, ExplanationWorker, cacheabl
 from nla_serve.nla.checkpoint import SupportThresholds, read_thresholds, resolve_thresholds
 from nla_serve.nla.reconstructor import Score
 from nla_serve.nla.support import score_explanations, verdict
-from nla_serve.train.calibrate_claims import APPENDED, null_plan, quantile, thresholds_of
+from nla_serve.train.calibrate_claims import APPENDED, PLACE_MIN, by_place, null_plan, quantile, thresholds_of
 from nla_serve.types import Explanation
 
 T = SupportThresholds(supported=0.1, contradicted=-0.2, source="test")
@@ -40,6 +40,25 @@ PLAN = make_plan(None, ExplainDefaults())
     (-0.199, "unsupported"), (-0.2, "contradicted"), (-1.0, "contradicted")])
 def test_support_against_the_thresholds(support, expected):
     assert verdict(support, T) == expected
+
+
+def test_a_claim_is_judged_by_the_thresholds_of_its_place():
+    placed = SupportThresholds(supported=0.1, contradicted=-0.2, source="t", by_place=((0.3, -0.5), (0.02, -0.05)))
+    assert verdict(0.2, placed, 0) == "unsupported" and verdict(0.2, placed, 1) == "supported"
+    assert verdict(-0.1, placed, 1) == "contradicted" and verdict(-0.1, placed, 0) == "unsupported"
+    assert verdict(0.05, placed, 2) == "unsupported" and verdict(0.1, placed, 7) == "supported"  # pooled
+    assert verdict(0.05, placed) == "unsupported"  # a hypothesis has no place: pooled
+
+
+def test_thresholds_by_place_need_enough_foreign_claims_there():
+    first = [i / 100 for i in range(-50, 51)]  # place 0: -0.5 .. 0.5
+    second = [i / 1000 for i in range(-50, 51)]  # place 1: ten times narrower
+    third = [0.3] * (PLACE_MIN - 1)  # too few
+    values, places = first + second + third, [0] * 101 + [1] * 101 + [2] * (PLACE_MIN - 1)
+    got = by_place(values, places, 0.95)
+    assert len(got) == 2 and got[0]["n"] == 101
+    assert got[0]["supported"] == pytest.approx(0.45) and got[1]["supported"] == pytest.approx(0.045)
+    assert by_place([0.1] * 60, [1] * 60, 0.95) == []  # no place 0: no places at all
 
 
 def test_no_number_or_no_thresholds_means_no_verdict():
@@ -58,6 +77,10 @@ def test_thresholds_are_read_and_rescaled_to_the_baseline_in_use():
     block = {"supported": 0.08, "contradicted": -0.4, "fve_baseline": 0.5, "measured_on": "300 activations"}
     got = read_thresholds(ck({"claim_thresholds": block}), "claim_thresholds", 0.5)
     assert (got.supported, got.contradicted) == (0.08, -0.4) and "300 activations" in got.source
+    assert got.by_place == ()
+    placed = dict(block, by_place=[{"supported": 0.2, "contradicted": -0.6, "n": 300}])
+    got = read_thresholds(ck({"claim_thresholds": placed}), "claim_thresholds", 1.0)
+    assert got.by_place == (pytest.approx((0.1, -0.3)),) and got.at(0) == pytest.approx((0.1, -0.3))
     # support is an mse difference over the baseline: a baseline twice as large halves it
     got = read_thresholds(ck({"claim_thresholds": block}), "claim_thresholds", 1.0)
     assert got.supported == pytest.approx(0.04) and got.contradicted == pytest.approx(-0.2)
@@ -73,6 +96,11 @@ def test_thresholds_are_read_and_rescaled_to_the_baseline_in_use():
     ({"supported": 0.1, "contradicted": 0.2}, "nla_serve.claim_thresholds.contradicted"),
     ({"supported": 0.1, "contradicted": -0.1, "fve_baseline": 0}, "nla_serve.claim_thresholds.fve_baseline"),
     ([0.1, -0.1], "nla_serve.claim_thresholds"),
+    ({"supported": 0.1, "contradicted": -0.1, "by_place": {"0": 1}}, "nla_serve.claim_thresholds.by_place"),
+    ({"supported": 0.1, "contradicted": -0.1, "by_place": [{"supported": 0.1}]},
+     "nla_serve.claim_thresholds.by_place[0].contradicted"),
+    ({"supported": 0.1, "contradicted": -0.1, "by_place": [{"supported": -0.2, "contradicted": 0.1}]},
+     "nla_serve.claim_thresholds.by_place[0].contradicted"),
 ])
 def test_bad_thresholds_name_the_field(block, field):
     with pytest.raises(CheckpointError) as e:

@@ -88,6 +88,15 @@ class SupportThresholds:
     supported: float
     contradicted: float
     source: str  # the sidecar it came from and what it was measured on
+    # (supported, contradicted) for the claim at each place k of an explanation, where the null was
+    # measured there; later places use the pooled pair above (``train/calibrate_claims.py``)
+    by_place: tuple[tuple[float, float], ...] = ()
+
+    def at(self, place: int | None) -> tuple[float, float]:
+        """(supported, contradicted) for the claim at ``place`` (None: the pooled pair)."""
+        if place is not None and 0 <= place < len(self.by_place):
+            return self.by_place[place]
+        return self.supported, self.contradicted
 
 
 @dataclass(frozen=True)
@@ -390,6 +399,7 @@ def read_thresholds(ck: AVCheckpoint | ARCheckpoint, name: str, baseline: float 
     if not contradicted < supported:
         raise CheckpointError(str(file), f"{key}.contradicted",
                               f"is {contradicted}; it must be below {key}.supported ({supported})")
+    by_place = _places(block.get("by_place"), file, key)
     measured_with = block.get("fve_baseline")
     source = f"{file}: {block.get('measured_on') or 'measured_on not given'}"
     if measured_with is not None:
@@ -399,8 +409,28 @@ def read_thresholds(ck: AVCheckpoint | ARCheckpoint, name: str, baseline: float 
         if baseline is not None and abs(measured_with - baseline) > 1e-9:
             scale = measured_with / baseline
             supported, contradicted = supported * scale, contradicted * scale
+            by_place = [(a * scale, b * scale) for a, b in by_place]
             source += f" (rescaled from FVE baseline {measured_with:g} to {baseline:g})"
-    return SupportThresholds(supported=supported, contradicted=contradicted, source=source)
+    return SupportThresholds(supported=supported, contradicted=contradicted, source=source, by_place=tuple(by_place))
+
+
+def _places(blocks: Any, file: Path, key: str) -> list[tuple[float, float]]:
+    """``by_place``: a list of {supported, contradicted}, one per claim place (absent: none)."""
+    if blocks is None:
+        return []
+    if not isinstance(blocks, list):
+        raise CheckpointError(str(file), f"{key}.by_place", f"expected a list of mappings, got {blocks!r}")
+    out = []
+    for k, b in enumerate(blocks):
+        where = f"{key}.by_place[{k}]"
+        if not isinstance(b, dict):
+            raise CheckpointError(str(file), where, f"expected a mapping with supported and contradicted, got {b!r}")
+        hi, lo = _number(b.get("supported"), file, f"{where}.supported"), _number(b.get("contradicted"), file,
+                                                                                     f"{where}.contradicted")
+        if not lo < hi:
+            raise CheckpointError(str(file), f"{where}.contradicted", f"is {lo}; it must be below {where}.supported ({hi})")
+        out.append((hi, lo))
+    return out
 
 
 def resolve_thresholds(av: AVCheckpoint, ar: ARCheckpoint | None, name: str,

@@ -14,7 +14,9 @@ the text moves toward the activation with it. It cannot tell a true claim the AR
 read from an invented one, and it needs the FVE baseline (without one, support is null like FVE).
 
 Verdicts: ``supported`` when support >= the pair's ``supported`` threshold, ``contradicted`` when
-<= its ``contradicted`` threshold, else ``unsupported``; the thresholds are quantiles of the support
+<= its ``contradicted`` threshold, else ``unsupported``; a claim is judged by the thresholds of its
+place in the explanation where the pair has them (the first claim, the second, ...), else by the
+pooled ones; the thresholds are quantiles of the support
 foreign claims get (``train/calibrate_claims.py``), read from the sidecars (``nla/checkpoint.py``).
 Without thresholds, or without a support number, ``verdict`` is null.
 """
@@ -33,13 +35,15 @@ if TYPE_CHECKING:
     from nla_serve.nla.reconstructor import Reconstructor, Score
 
 
-def verdict(support: float | None, thresholds: "SupportThresholds | None") -> str | None:
-    """The verdict of one support number under a pair's thresholds (None: no number or no thresholds)."""
+def verdict(support: float | None, thresholds: "SupportThresholds | None", place: int | None = None) -> str | None:
+    """The verdict of one support number under a pair's thresholds, for the claim at ``place`` in its
+    explanation (None: a hypothesis, or any place; no number or no thresholds: None)."""
     if support is None or thresholds is None:
         return None
-    if support >= thresholds.supported:
+    supported, contradicted = thresholds.at(place)
+    if support >= supported:
         return "supported"
-    if support <= thresholds.contradicted:
+    if support <= contradicted:
         return "contradicted"
     return "unsupported"
 
@@ -87,8 +91,8 @@ def score_explanations(reconstructor: "Reconstructor", texts: list[str], vectors
     for i in range(len(texts)):
         whole = scores[i].fve
         mine = [(t, _support(whole, scores[j].fve)) for t, j in ablations[i]]
-        out.claims.append([{"text": t, "support": s, "verdict": verdict(s, claim_thresholds)} for t, s in mine]
-                          if claims[i] else None)
+        out.claims.append([{"text": t, "support": s, "verdict": verdict(s, claim_thresholds, k)}
+                           for k, (t, s) in enumerate(mine)] if claims[i] else None)
         added = [(h, _support(scores[j].fve, whole)) for h, j in additions[i]]
         out.hypotheses.append([{"text": h, "support": s, "verdict": verdict(s, hypothesis_thresholds)}
                                for h, s in added] if hypotheses[i] else None)

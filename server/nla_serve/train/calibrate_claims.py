@@ -14,6 +14,13 @@ claims it stands in for:
 - hypotheses (``nla_serve.hypothesis_thresholds``): each foreign claim f (at most ``APPENDED`` per
   activation) is appended, and its support is FVE(E + " " + f) - FVE(E), as for a user's hypothesis.
 
+The claims null is also kept per place: thresholds for the first claim of an explanation, the
+second, ... (``by_place``, while at least ``PLACE_MIN`` foreign claims were measured there), since
+taking out a claim costs a different amount at each place (the first claim of a templated
+explanation names the token, and any token-shaped claim in its place regains much of what taking
+it out lost, while a claim at the end is read alone), so one pooled quantile is too lenient for
+the first place and too strict for the last. Later places and hypotheses use the pooled null.
+
 A foreign claim identical to one of E's own is left out: it is not foreign (two verses share the
 line "Archaic, King James-style scripture prose."). ``supported`` is the null's q-quantile (0.95 by
 default) and ``contradicted`` its (1-q)-quantile, so a claim about another activation is called
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
     from nla_serve.nla.reconstructor import Reconstructor
 
 APPENDED = 4  # foreign claims appended per activation (each is one more AR sequence)
+PLACE_MIN = 50  # foreign claims measured at a place before that place gets thresholds of its own
 NULLS = {"claim_thresholds": "foreign claim substituted for claim k: FVE(E with it) - FVE(E without claim k)",
          "hypothesis_thresholds": 'foreign claim appended: FVE(E + " " + it) - FVE(E)'}
 
@@ -65,6 +73,7 @@ class NullPlan:
         self.rows: list[int] = []
         self._index: dict[tuple[str, int], int] = {}
         self.pairs: dict[str, list[tuple[int, int]]] = {name: [] for name in NULLS}
+        self.places: list[int] = []  # the place k of each claim_thresholds pair's claim
 
     def seq(self, text: str, row: int) -> int:
         key = (text, row)
@@ -90,21 +99,39 @@ def null_plan(texts: list[str], donors: list[int]) -> NullPlan:
             if f.text not in own:
                 plan.pairs["claim_thresholds"].append((plan.seq(substituted(text, c, f.text), i),
                                                        plan.seq(without(text, c), i)))
+                plan.places.append(k)
         for f in [f for f in foreign if f.text not in own][:APPENDED]:
             plan.pairs["hypothesis_thresholds"].append((plan.seq(appended(text, f.text), i), plan.seq(text, i)))
     return plan
 
 
 def null_supports(reconstructor: "Reconstructor", texts: list[str], vectors: "torch.Tensor", baseline: float,
-                  seed: int = 0) -> dict[str, list[float]]:
-    """The support foreign claims get, for claims and for hypotheses ([N, d] ``vectors``, one per text)."""
+                  seed: int = 0) -> tuple[dict[str, list[float]], list[int]]:
+    """The support foreign claims get, for claims and for hypotheses ([N, d] ``vectors``, one per
+    text), and the place of each claim-null value in its explanation."""
     import torch
 
     plan = null_plan(texts, derangement(len(texts), seed))
     if not plan.seqs:
-        return {name: [] for name in NULLS}
+        return {name: [] for name in NULLS}, []
     scores = reconstructor.score(plan.seqs, vectors[torch.tensor(plan.rows)], baseline)
-    return {name: [scores[a].fve - scores[b].fve for a, b in pairs] for name, pairs in plan.pairs.items()}
+    return ({name: [scores[a].fve - scores[b].fve for a, b in pairs] for name, pairs in plan.pairs.items()},
+            plan.places)
+
+
+def by_place(values: list[float], places: list[int], q: float) -> list[dict]:
+    """Thresholds for the claim at each place k = 0, 1, ... while at least ``PLACE_MIN`` foreign
+    claims were measured there (the places after the last one use the pooled thresholds)."""
+    out = []
+    for k in range(max(places, default=-1) + 1):
+        here = [v for v, at in zip(values, places) if at == k]
+        if len(here) < PLACE_MIN:
+            break
+        hi, lo = max(quantile(here, q), 0.0), min(quantile(here, 1 - q), 0.0)
+        if not lo < hi:
+            break
+        out.append({"supported": round(hi, 6), "contradicted": round(lo, 6), "n": len(here)})
+    return out
 
 
 def thresholds_of(values: list[float], q: float, *, baseline: float, activations: int, method: str,
@@ -149,9 +176,10 @@ def calibrate_thresholds(av_dir: Path, ar_dir: Path, vectors: "torch.Tensor", *,
     outs = verbalize(av_path, ckpt, vectors, engine="batch", device=device, max_tokens=max_tokens)
     texts = [o[0] for o in outs]
     rec = Reconstructor(ckpt.ar, device=device, dtype="float32")
-    nulls = null_supports(rec, texts, vectors, baseline, seed)
+    nulls, places = null_supports(rec, texts, vectors, baseline, seed)
     blocks = {name: thresholds_of(values, quantile_q, baseline=baseline, activations=len(texts), method=NULLS[name],
                                   measured_on=measured_on) for name, values in nulls.items()}
+    blocks["claim_thresholds"]["by_place"] = by_place(nulls["claim_thresholds"], places, quantile_q)
     if write:
         update_sidecars([Path(av_dir), Path(ar_dir)], blocks)
     return blocks

@@ -221,7 +221,7 @@ def run_calibrate(args) -> int:
             args.av, args.ar, acts.vectors[rows], baseline=baseline, quantile_q=args.claims_quantile,
             max_tokens=args.max_tokens, seed=args.seed, device=resolve_device(args.device), base=args.target,
             cache_dir=args.cache_dir, measured_on=f"{len(rows)} held-out activations of {where} (seed {args.seed})")
-        out |= {name: {k: b[k] for k in ("supported", "contradicted", "null_quantiles", "n")}
+        out |= {name: {k: b[k] for k in ("supported", "contradicted", "null_quantiles", "n", "by_place") if k in b}
                 for name, b in blocks.items()}
     if baseline is not None:
         baseline = calibrate(args.av, args.ar, vecs, measured_on=f"{len(vecs)} held-out activations of {where}")

@@ -58,7 +58,8 @@ def claims_report(reconstructor: "Reconstructor", bodies: list[str], vectors: "t
             by_kind.setdefault(kind_of(c["text"]), []).append(c)
     every = [c for cs in by_kind.values() for c in cs]
     report = {"n_claims": len(every), "thresholds": None if thresholds is None else
-              {"supported": thresholds.supported, "contradicted": thresholds.contradicted},
+              {"supported": thresholds.supported, "contradicted": thresholds.contradicted,
+               "by_place": [list(t) for t in thresholds.by_place]},
               "verdicts": verdict_shares(every),
               "by_kind": {k: {"n": len(v), "mean_support": mean_support(v), "verdicts": verdict_shares(v)}
                           for k, v in sorted(by_kind.items())}}
