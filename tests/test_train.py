@@ -460,8 +460,9 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
            "top": [[nxt, 0.7], [tok.eos_token_id, 0.1]]}
     body = explanation_body(tok, rec, max_tokens=400)  # the tiny tokenizer spends many tokens per word
     assert body.startswith('The final token is "fox".')  # the most informative claim comes first
-    # how sure the model is, never its guess (measured unreadable); plain modern prose: no kind claim
-    assert body == 'The final token is "fox". The model is confident about what comes next.'
+    # what kind of token comes next and how sure the model is, never its guess (measured unreadable);
+    # plain modern prose: no kind-of-text claim
+    assert body == 'The final token is "fox". The model is confident that a new word comes next.'
     assert body.count('"') == 2  # by default the only quote is the token itself
     guessed = explanation_body(tok, rec, quote_predictions=1, max_tokens=400)
     assert "confident the next token is" in guessed and "jumps" in guessed
@@ -475,7 +476,15 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert parse_explanation(text) == (body, True)
     # only the prefix and the model's predictions shape it: other predictions, other text
     rec2 = dict(rec, top=[[tok.encode(" sleeps", add_special_tokens=False)[0], 0.3], [nxt, 0.25]])
-    assert explanation_body(tok, rec2, max_tokens=400).endswith("The model is unsure what comes next.")
+    assert explanation_body(tok, rec2, max_tokens=400).endswith("The model is unsure what comes next, most likely "
+                                                                "a new word.")
+    # the kind holding the most probability wins: two punctuation marks outweigh one word
+    comma, stop = (tok.encode(t, add_special_tokens=False)[0] for t in (",", "."))
+    rec4 = dict(rec, top=[[nxt, 0.4], [comma, 0.3], [stop, 0.2]])
+    assert explanation_body(tok, rec4, max_tokens=400).endswith("The model is unsure what comes next, most likely "
+                                                                "punctuation.")
+    rec5 = dict(rec, top=[[tok.eos_token_id, 0.9]])
+    assert explanation_body(tok, rec5, max_tokens=400).endswith("confident that the end of the message comes next.")
     # quote_predictions=1 quotes the best guess, 2 adds the runner-up
     assert explanation_body(tok, rec2, quote_predictions=1, max_tokens=400).count('"') == 4
     two = explanation_body(tok, rec2, quote_predictions=2, max_tokens=400)

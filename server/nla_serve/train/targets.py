@@ -11,9 +11,9 @@ target is assembled from two things only, both available to the residual stream 
 From them the explanation says, in short paragraphs, most informative first (so a verbaliser cut
 short by ``max_tokens`` still says what matters most), in plain English:
 
-- the final token, whether it sits mid-word or ends a sentence, and how sure the model is of what
-  comes next (``quote_predictions``, 0 by default, quotes its guesses: measured, the verbaliser could
-  not read them);
+- the final token, whether it sits mid-word or ends a sentence, and what kind of token the model
+  expects next (a new word, the rest of the word, punctuation, ...), with how sure it is
+  (``quote_predictions`` quotes the tokens instead: measured, the verbaliser could not read them);
 - optionally (``quote_words``, off by default) a quote of the local phrase, a few words at most (a
   longer quote, or the user's whole question, teaches the verbaliser to recite memorised quotes
   when it cannot read them; measured, even three words were mostly invented on unseen text);
@@ -103,16 +103,47 @@ def position_note(tokenizer, rec: dict, piece: str) -> str:
     return ""
 
 
-def prediction_note(tokenizer, rec: dict, *, quoted: int = 0) -> str:
-    """How sure the model is of the next token, from its own logits ("confident" at 60% or more),
-    quoting at most ``quoted`` candidates (none by default).
+def next_kind(tokenizer, token_id: int) -> str:
+    """What kind of token a predicted one is, in words: the grain at which the pair reads the
+    model's next-token expectation (see ``prediction_note``)."""
+    if token_id == tokenizer.eos_token_id or token_id in set(tokenizer.all_special_ids):
+        return "the end of the message"
+    piece = token_text(tokenizer, token_id)
+    word = piece.strip()
+    if "\n" in piece:
+        return "a line break"
+    if not word or "\ufffd" in piece:
+        return "a space" if not word else "a symbol"
+    if word.isdigit():
+        return "a number"
+    if not any(ch.isalnum() for ch in word):
+        return "punctuation"
+    return "a new word" if piece[:1].isspace() else "the rest of the current word"
 
-    No quote by default. Measured on the pair trained to quote its best guess (300 held-out rows,
-    2026-12-07): its AV named the model's top token 19-45% of the time, no better where the model
-    was over 80% sure, and the reconstructor gave a wrong guess the same support as a right one
-    (+0.11 against +0.09 to +0.18): the guess carried no word, only how sure the model is. The pair
-    before it quoting three candidates wrote the same invented word three times ("wallet, wallet,
-    wallet") when it could not read them (docs/training.md)."""
+
+def prediction_note(tokenizer, rec: dict, *, quoted: int = 0) -> str:
+    """What the model expects next, from its own logits: by default the kind of token (a new word,
+    the rest of the current word, punctuation, a line break, a number, the end of the message),
+    the kind holding the most of the top predictions' probability, "confident" at 60% or more;
+    with ``quoted`` >= 1 the tokens themselves, at most ``quoted`` of them.
+
+    The kind, not the token, by default. Measured on the pair trained to quote its best guess (300
+    held-out rows, 2026-12-07): its AV named the model's top token 19-45% of the time, no better
+    where the model was over 80% sure, and the reconstructor gave a wrong guess about the support
+    of a right one; yet the pair trained with no guess at all lost 0.03 FVE (0.321 -> 0.293 on
+    unseen genres), so the guess carried something coarser than its word, which is what the kind
+    says. The pair before quoting three candidates wrote the same invented word three times
+    ("wallet, wallet, wallet") when it could not read them (docs/training.md)."""
+    if quoted < 1:
+        mass: dict[str, float] = {}
+        for i, p in rec["top"]:
+            kind = next_kind(tokenizer, i)
+            mass[kind] = mass.get(kind, 0.0) + p
+        if not mass:
+            return ""
+        kind, p = max(mass.items(), key=lambda kv: kv[1])
+        return (f" The model is confident that {kind} comes next." if p >= 0.6
+                else f" The model is unsure what comes next, most likely {kind}.")
     top = [(show_prediction(tokenizer, i), p) for i, p in rec["top"]]
     seen, opts = set(), []
     for s, p in top:
@@ -122,9 +153,6 @@ def prediction_note(tokenizer, rec: dict, *, quoted: int = 0) -> str:
     if not opts:
         return ""
     first, p0 = opts[0]
-    if quoted < 1:
-        return (" The model is confident about what comes next." if p0 >= 0.6
-                else " The model is unsure what comes next.")
     if p0 >= 0.6:
         return f" The model is confident the next token is {first}."
     if len(opts) == 1 or quoted <= 1:
