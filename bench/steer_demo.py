@@ -14,12 +14,34 @@ import re
 import httpx
 
 
+NEXT_KIND = re.compile(r"The model is (?:confident that .+? comes next|unsure what comes next, most likely .+?)\.")
+GUESS = re.compile(r'(?:next token is |unsure; |expects )("[^"]+")')
+
+
+def edit_next_token(original: str, to: str | None) -> tuple[str, str]:
+    """(edited, control): the explanation with its claim about what comes next changed, and the
+    same explanation with a claim the edit leaves alone reworded in the NLA's own style. The
+    shipped NLA says what kind of token comes next; NLAs that name a guessed word have it replaced."""
+    kind = NEXT_KIND.search(original)
+    if kind is not None:
+        edited = original.replace(kind.group(0), f"The model is confident that {to or 'punctuation'} comes next.", 1)
+    else:
+        guess = GUESS.search(original)
+        if guess is None:
+            raise SystemExit(f"the explanation makes no next-token claim to edit: {original!r}")
+        edited = original.replace(guess.group(1), json.dumps(to or "London"), 1)
+    control = original.replace("The final token is", "The last token is", 1)
+    return edited, control
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--key", default="none")
     p.add_argument("--prompt", default="The capital of France is the city of")
-    p.add_argument("--to", default="London", help="the word the edited explanation says comes next")
+    p.add_argument("--to", default=None,
+                   help="what the edited explanation says comes next: a quoted word for an NLA that names "
+                        "its guess (default London), else a kind of token (default punctuation)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--strength", type=float, default=None, help="default: the edit's own size")
     args = p.parse_args()
@@ -29,14 +51,7 @@ def main() -> None:
         "model": model, "input": args.prompt, "claims": True}).json()
     item = explained["data"][-1]
     original = item["text"]
-    # the claim about what comes next, its quoted word replaced; the control says the same in other words
-    guess = re.search(r'(?:next token is |unsure; |expects )("[^"]+")', original)
-    if guess is None:
-        raise SystemExit(f"the explanation names no next-token guess to edit: {original!r}")
-    edited = original.replace(guess.group(1), json.dumps(args.to), 1)
-    # the control rewords the claim the edit leaves alone (the kind of text), in the NLA's own style
-    control = original.replace("Plain text outside a chat.", "Plain text, not a chat.").replace(
-        "An AI assistant's reply in a chat.", "A reply by an AI assistant in a chat.")
+    edited, control = edit_next_token(original, args.to)
     report = httpx.post(args.url + "/v1/explanations/counterfactual", headers=h, timeout=300, json={
         "model": model, "input": args.prompt, "explanation": original, "edited": edited, "control": control,
         "max_tokens": args.max_tokens, **({"strength": args.strength} if args.strength is not None else {})}).json()
