@@ -52,7 +52,7 @@ def tiny_config(target: Path, work: Path, text: Path, **kw) -> TrainConfig:
     base = dict(target=str(target), layer=2, work=work, sources=(f"text:{text}", "chat:8", "genres:12"),
                 docs_per_source=None, chat_max_tokens=24, chat_batch=8, genre_max_tokens=24, writer_engine="transformers", context_tokens=64, positions_per_doc=8, min_position=4,
                 heldout_fraction=0.25, lora_rank=4, lora_alpha=8.0, adapter_dtype="bfloat16",
-                ar_steps=40, ar_batch=16, ar_lr=2e-3, av_steps=40, av_batch=8, av_lr=3e-3,
+                ar_steps=60, ar_batch=16, ar_lr=2e-3, av_steps=40, av_batch=8, av_lr=3e-3,
                 rl_steps=3, rl_batch=2, rl_group=4, rl_max_new_tokens=20, eval_n=12, eval_max_tokens=40,
                 refit_rows=24, refit_steps=12, refit_gen_batch=16, refit_max_tokens=20, refit_lr=2e-3,
                 save_every=10, progress=False, device="cpu", seed=0)

@@ -22,7 +22,7 @@ from nla_serve.explain.options import MAX_HYPOTHESES, Hypotheses
 from nla_serve.explain.pipeline import PlanWithHypotheses, with_hypotheses
 from nla_serve.explain.policy import make_plan
 from nla_serve.explain.worker import ExplanationJob, ExplanationWorker, cacheable
-from nla_serve.nla.checkpoint import SupportThresholds, read_thresholds, resolve_thresholds
+from nla_serve.nla.thresholds import SupportThresholds, read_thresholds, resolve_thresholds
 from nla_serve.nla.reconstructor import Score
 from nla_serve.nla.support import score_explanations, verdict
 from nla_serve.train.calibrate_claims import APPENDED, PLACE_MIN, by_place, null_plan, quantile, thresholds_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from nla_serve.nla.checkpoint import SupportThresholds
+from nla_serve.nla.thresholds import SupportThresholds
 from nla_serve.nla.reconstructor import Score
 from nla_serve.train.evaluate_claims import claims_report, kind_of
 

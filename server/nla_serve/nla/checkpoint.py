@@ -13,7 +13,8 @@ else from the published values of the released pairs, else left unknown (``fve``
 
 The thresholds that turn a claim's support into a verdict (``nla_serve.claim_thresholds``, and
 ``nla_serve.hypothesis_thresholds`` for user-written claims, both written by ``nla-serve calibrate``;
-see ``train/calibrate_claims.py``) are read here too. Without them a pair gives no verdicts.
+see ``train/calibrate_claims.py``) are read by ``nla/thresholds.py`` when the pair is loaded here.
+Without them a pair gives no verdicts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nla_serve.model_folder import chat_ids, eos_ids_of
 
 ANSWER_PREFIX = "<explanation>\n"  # how every target of `nla-serve train` begins (train/targets.py)
 from nla_serve.nla.sidecar import META, read_meta
+from nla_serve.nla.thresholds import THRESHOLD_KEYS, SupportThresholds, resolve_thresholds
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -78,25 +80,6 @@ class ARCheckpoint:
     suffix_ids: tuple[int, ...] | None
     has_bias: bool
     meta: dict = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class SupportThresholds:
-    """Where support (FVE units) turns into a verdict: ``supported`` at or above ``supported``,
-    ``contradicted`` at or below ``contradicted``, else ``unsupported`` (``nla/support.py``)."""
-
-    supported: float
-    contradicted: float
-    source: str  # the sidecar it came from and what it was measured on
-    # (supported, contradicted) for the claim at each place k of an explanation, where the null was
-    # measured there; later places use the pooled pair above (``train/calibrate_claims.py``)
-    by_place: tuple[tuple[float, float], ...] = ()
-
-    def at(self, place: int | None) -> tuple[float, float]:
-        """(supported, contradicted) for the claim at ``place`` (None: the pooled pair)."""
-        if place is not None and 0 <= place < len(self.by_place):
-            return self.by_place[place]
-        return self.supported, self.contradicted
 
 
 @dataclass(frozen=True)
@@ -373,75 +356,6 @@ def resolve_baseline(av: AVCheckpoint, ar: ARCheckpoint | None, configured: floa
     if (av.d_model, av.layer) in RELEASED_BASELINES:
         return RELEASED_BASELINES[(av.d_model, av.layer)]
     return None, "no FVE baseline known for this NLA; run `nla-serve calibrate` or configure one"
-
-
-THRESHOLD_KEYS = ("claim_thresholds", "hypothesis_thresholds")
-
-
-def _number(value: Any, file: Path, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CheckpointError(str(file), key, f"expected a finite number, got {value!r}")
-    return float(value)
-
-
-def read_thresholds(ck: AVCheckpoint | ARCheckpoint, name: str, baseline: float | None) -> SupportThresholds | None:
-    """``nla_serve.<name>`` of one sidecar, checked, or None when absent. Support is a difference of
-    mse divided by the FVE baseline, so thresholds measured under another baseline (their own
-    ``fve_baseline``) are rescaled to the one in use: the same mse differences, the same verdicts."""
-    file, key = ck.path / META, f"nla_serve.{name}"
-    block = _get(ck.meta, key)
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise CheckpointError(str(file), key, f"expected a mapping with supported and contradicted, got {block!r}")
-    supported = _number(block.get("supported"), file, f"{key}.supported")
-    contradicted = _number(block.get("contradicted"), file, f"{key}.contradicted")
-    if not contradicted < supported:
-        raise CheckpointError(str(file), f"{key}.contradicted",
-                              f"is {contradicted}; it must be below {key}.supported ({supported})")
-    by_place = _places(block.get("by_place"), file, key)
-    measured_with = block.get("fve_baseline")
-    source = f"{file}: {block.get('measured_on') or 'measured_on not given'}"
-    if measured_with is not None:
-        measured_with = _number(measured_with, file, f"{key}.fve_baseline")
-        if measured_with <= 0:
-            raise CheckpointError(str(file), f"{key}.fve_baseline", f"expected a positive number, got {measured_with}")
-        if baseline is not None and abs(measured_with - baseline) > 1e-9:
-            scale = measured_with / baseline
-            supported, contradicted = supported * scale, contradicted * scale
-            by_place = [(a * scale, b * scale) for a, b in by_place]
-            source += f" (rescaled from FVE baseline {measured_with:g} to {baseline:g})"
-    return SupportThresholds(supported=supported, contradicted=contradicted, source=source, by_place=tuple(by_place))
-
-
-def _places(blocks: Any, file: Path, key: str) -> list[tuple[float, float]]:
-    """``by_place``: a list of {supported, contradicted}, one per claim place (absent: none)."""
-    if blocks is None:
-        return []
-    if not isinstance(blocks, list):
-        raise CheckpointError(str(file), f"{key}.by_place", f"expected a list of mappings, got {blocks!r}")
-    out = []
-    for k, b in enumerate(blocks):
-        where = f"{key}.by_place[{k}]"
-        if not isinstance(b, dict):
-            raise CheckpointError(str(file), where, f"expected a mapping with supported and contradicted, got {b!r}")
-        hi, lo = _number(b.get("supported"), file, f"{where}.supported"), _number(b.get("contradicted"), file,
-                                                                                     f"{where}.contradicted")
-        if not lo < hi:
-            raise CheckpointError(str(file), f"{where}.contradicted", f"is {lo}; it must be below {where}.supported ({hi})")
-        out.append((hi, lo))
-    return out
-
-
-def resolve_thresholds(av: AVCheckpoint, ar: ARCheckpoint | None, name: str,
-                       baseline: float | None) -> SupportThresholds | None:
-    """The AR's sidecar first, as for the baseline: support is the AR's reading."""
-    for ck in (ar, av):
-        if ck is not None:
-            found = read_thresholds(ck, name, baseline)
-            if found is not None:
-                return found
-    return None
 
 
 def load_nla(av_dir: str | Path, ar_dir: str | Path | None = None, *, target_hidden_size: int | None = None,

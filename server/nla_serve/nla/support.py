@@ -17,7 +17,7 @@ Verdicts: ``supported`` when support >= the pair's ``supported`` threshold, ``co
 <= its ``contradicted`` threshold, else ``unsupported``; a claim is judged by the thresholds of its
 place in the explanation where the pair has them (the first claim, the second, ...), else by the
 pooled ones; the thresholds are quantiles of the support
-foreign claims get (``train/calibrate_claims.py``), read from the sidecars (``nla/checkpoint.py``).
+foreign claims get (``train/calibrate_claims.py``), read from the sidecars (``nla/thresholds.py``).
 Without thresholds, or without a support number, ``verdict`` is null.
 """
 
@@ -31,7 +31,7 @@ from nla_serve.explain.claims import appended, split_claims, without
 if TYPE_CHECKING:
     import torch
 
-    from nla_serve.nla.checkpoint import SupportThresholds
+    from nla_serve.nla.thresholds import SupportThresholds
     from nla_serve.nla.reconstructor import Reconstructor, Score
 
 

@@ -1,5 +1,5 @@
 """Support thresholds of an NLA pair: what support a claim gets when it is *not* about the activation,
-measured on held-out activations and stored in the sidecars, where ``nla/checkpoint.py`` reads them
+measured on held-out activations and stored in the sidecars, where ``nla/thresholds.py`` reads them
 and the runtime turns support into a verdict (``nla/support.py``).
 
 The null is foreign claims: the pair's own explanations of *other* held-out activations (a

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from nla_serve.nla.checkpoint import SupportThresholds
+    from nla_serve.nla.thresholds import SupportThresholds
     from nla_serve.nla.reconstructor import Reconstructor
 
 FINAL = re.compile(r"The final token is (\"[^\"]*\"|a line break|a space|a double quotation mark|"
