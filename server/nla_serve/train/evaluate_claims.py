@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from nla_serve.nla.thresholds import SupportThresholds
     from nla_serve.nla.reconstructor import Reconstructor
 
-FINAL = re.compile(r"The final token is (\"[^\"]*\"|a line break|a space|a double quotation mark|"
+FINAL = re.compile(r"The final token is (\"[^\"]*\"|a line break|a space|a double quotation mark(?: with \"[^\"]*\")?|"
                    r"part of a multi-byte character)[.,]")
 KINDS = (("final_token", re.compile(r"\bfinal token\b", re.I)),
          ("next_token", re.compile(r"\b(next|comes next|expects|best guess)\b", re.I)),

@@ -21,8 +21,8 @@ short by ``max_tokens`` still says what matters most), in plain English:
   archaic prose, Python documentation, code), never the genre or topic, and nothing for an
   assistant's reply or other modern prose (measured unsupported: see ``register``).
 
-Nothing is claimed that the prefix and the predictions do not show. Targets are about 15-35
-tokens: every claim one the reconstructor was measured to read. ``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
+Nothing is claimed that the prefix and the predictions do not show. Targets are about 20-45
+tokens with the tags: every claim one the reconstructor was measured to read. ``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ def register(rec: dict, text: str, recent: str) -> str:
     Never the genre or topic the user asked for: scoring each claim with the reconstructor showed
     the pair carried none of them (support +0.016 on held-out human text)."""
     role, source = rec.get("role"), rec.get("source", "")
-    if role == "user":
+    if role == "assistant":
+        kind = ""
+    elif role == "user":
         kind = "A user's message to an AI assistant"
     elif role == "system":
         kind = "The system prompt at the start of a chat"
-    elif role != "assistant" and (source == "kjv" or ARCHAIC.search(text)):
+    elif source == "kjv" or ARCHAIC.search(text):
         kind = "Archaic, King James-style scripture prose"
-    elif role != "assistant" and source == "pydoc":
+    elif source == "pydoc":
         kind = "Technical documentation about the Python language"
     else:
         kind = ""
