@@ -43,7 +43,6 @@ class SupportThresholds:
         return self.supported, self.contradicted
 
 
-
 THRESHOLD_KEYS = ("claim_thresholds", "hypothesis_thresholds")
 
 
@@ -62,13 +61,7 @@ def read_thresholds(ck: Sidecar, name: str, baseline: float | None) -> SupportTh
     block = ours.get(name) if isinstance(ours, dict) else None
     if block is None:
         return None
-    if not isinstance(block, dict):
-        raise CheckpointError(str(file), key, f"expected a mapping with supported and contradicted, got {block!r}")
-    supported = _number(block.get("supported"), file, f"{key}.supported")
-    contradicted = _number(block.get("contradicted"), file, f"{key}.contradicted")
-    if not contradicted < supported:
-        raise CheckpointError(str(file), f"{key}.contradicted",
-                              f"is {contradicted}; it must be below {key}.supported ({supported})")
+    supported, contradicted = _pair(block, file, key)
     by_place = _places(block.get("by_place"), file, key)
     measured_with = block.get("fve_baseline")
     source = f"{file}: {block.get('measured_on') or 'measured_on not given'}"
@@ -90,17 +83,18 @@ def _places(blocks: Any, file: Path, key: str) -> list[tuple[float, float]]:
         return []
     if not isinstance(blocks, list):
         raise CheckpointError(str(file), f"{key}.by_place", f"expected a list of mappings, got {blocks!r}")
-    out = []
-    for k, b in enumerate(blocks):
-        where = f"{key}.by_place[{k}]"
-        if not isinstance(b, dict):
-            raise CheckpointError(str(file), where, f"expected a mapping with supported and contradicted, got {b!r}")
-        hi, lo = _number(b.get("supported"), file, f"{where}.supported"), _number(b.get("contradicted"), file,
-                                                                                     f"{where}.contradicted")
-        if not lo < hi:
-            raise CheckpointError(str(file), f"{where}.contradicted", f"is {lo}; it must be below {where}.supported ({hi})")
-        out.append((hi, lo))
-    return out
+    return [_pair(b, file, f"{key}.by_place[{k}]") for k, b in enumerate(blocks)]
+
+
+def _pair(block: Any, file: Path, key: str) -> tuple[float, float]:
+    """(supported, contradicted) of one {supported, contradicted} mapping, checked: finite, in order."""
+    if not isinstance(block, dict):
+        raise CheckpointError(str(file), key, f"expected a mapping with supported and contradicted, got {block!r}")
+    hi = _number(block.get("supported"), file, f"{key}.supported")
+    lo = _number(block.get("contradicted"), file, f"{key}.contradicted")
+    if not lo < hi:
+        raise CheckpointError(str(file), f"{key}.contradicted", f"is {lo}; it must be below {key}.supported ({hi})")
+    return hi, lo
 
 
 def resolve_thresholds(av: Sidecar, ar: Sidecar | None, name: str, baseline: float | None) -> SupportThresholds | None:
