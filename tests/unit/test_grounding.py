@@ -75,4 +75,10 @@ def test_quotes_match_whole_words_but_the_current_token_may_be_part_of_one():
     assert ground('the last words read "is in NameErr"', "The answer is in NameErr").score == 1.0
     # the final token is often a piece of a word; it is found as the token, not as a word
     assert ground('The final token is "Error".', ctx).unfound == ("Error",)
-    assert ground('The final token is "Error".', ctx, token="Error").found == ("Error",)
+    assert ground('The final token is "Error".', ctx, tokens=["Name", "Error"]).found == ("Error",)
+    # and so is the token before it, but no earlier one: "Name" only as the token at p-1
+    before = 'The final token is "Error". The token before it is "Name".'
+    assert ground(before, ctx, tokens=["Name", "Error"]).score == 1.0
+    assert ground(before, ctx, tokens=["Error"]).unfound == ("Name",)
+    with pytest.raises(TypeError):
+        ground(before, ctx, tokens="Error")  # a string would match its letters

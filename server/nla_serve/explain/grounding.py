@@ -5,7 +5,7 @@ and what the target was about to say (its next-token predictions at p). The serv
 so every quoted span of an explanation is checked against them:
 
     found      the span occurs in the text of tokens 0..p (the chat template included) as whole
-               words, or is token p itself (tokens can be parts of words)
+               words, or is token p or p-1 itself (tokens can be parts of words)
     predicted  not in that text, but the text followed by one of the model's top next-token
                predictions at p contains it, or the span is such a token (``expects "Paris"``)
     unfound    neither: the verbalizer wrote a quote the activation never saw
@@ -118,15 +118,18 @@ def _occurs(quote: str, haystack: str) -> bool:
 
 
 def ground(explanation: str | None, context: str, predictions: Sequence[str] | None = None,
-           token: str | None = None) -> Grounding:
+           tokens: Sequence[str] = ()) -> Grounding:
     """Check each quote of ``explanation`` against ``context`` (the text of tokens 0..p), the
-    decoded top next-token ``predictions`` at p (None: unknown), and ``token``, the text of token p
-    itself (a token may be part of a word: "the final token is "Error"" in "NameError")."""
+    decoded top next-token ``predictions`` at p (None: unknown), and ``tokens``, the texts of the
+    last tokens themselves (p-1 and p: a token may be part of a word, "the final token is "Error""
+    in "NameError", "the token before it is "Name"")."""
     quotes = quotes_in(explanation or "")
     if not quotes:
         return Grounding(0, checked_predictions=predictions is not None)
     ctx = normalize(context)
-    current = normalize(token) if token is not None else ""
+    if isinstance(tokens, str):
+        raise TypeError("tokens: a sequence of token texts, not one string")
+    last = {normalize(t) for t in tokens} - {""}
     # the context continued by each predicted token: "...capital of France is" + " Paris"; a quote
     # that crosses the end of the context starts within its last MAX_QUOTE_CHARS characters
     tail = context[-2 * MAX_QUOTE_CHARS:]
@@ -134,7 +137,7 @@ def ground(explanation: str | None, context: str, predictions: Sequence[str] | N
     tokens = {normalize(tok) for tok in (predictions or ())} - {""}
     found, predicted, unfound = [], [], []
     for q in quotes:
-        if _occurs(q, ctx) or (current and normalize(q) == current):
+        if _occurs(q, ctx) or normalize(q) in last:
             found.append(q)
         elif normalize(q) in tokens or any(_occurs(q, c) for c in continued):
             predicted.append(q)

@@ -103,7 +103,7 @@ class ExplanationPipeline:
         ids, predicted = context()
         p = at.position
         token = self.tokenizer.decode([ids[p]], skip_special_tokens=False)
-        grounding = self._ground(ids, p, predicted, token, exp)
+        grounding = self._ground(ids, p, predicted, exp)
         source = "prompt" if p < at.num_prompt_tokens else "completion"
         matched = self.monitoring.check(
             text=exp.text, fve=exp.fve, grounding=grounding.score if grounding else None, source=source,
@@ -126,16 +126,17 @@ class ExplanationPipeline:
         return ExplanationEvent(Explanation(status="skipped", reason=reason), at.choice_index, at.position,
                                 token_id, at.num_prompt_tokens, token=token, layer=self.layer, adapter=self.adapter)
 
-    def _ground(self, ids: list[int], p: int, predicted: list[int] | None, token: str,
-                exp: Explanation) -> Grounding | None:
+    def _ground(self, ids: list[int], p: int, predicted: list[int] | None, exp: Explanation) -> Grounding | None:
         """``exp``'s quotes against the text the activation at ``p`` saw (tokens 0..p, special
-        tokens kept: the template is part of what the target read), its token, and its predictions."""
+        tokens kept: the template is part of what the target read), its last two tokens, and its
+        predictions."""
         if exp.text is None:
             return None
         text = self.tokenizer.decode(ids[:p + 1], skip_special_tokens=False)
         tokens = None if predicted is None else [self.tokenizer.decode([t], skip_special_tokens=False)
                                                  for t in predicted]
-        grounding = ground(exp.text, text, tokens, token)
+        last = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids[max(p - 1, 0):p + 1]]
+        grounding = ground(exp.text, text, tokens, last)
         self.metrics.record_grounding(grounding.score)
         return grounding
 

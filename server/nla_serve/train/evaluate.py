@@ -195,13 +195,18 @@ def evaluate(av_dir: str | Path, ar_dir: str | Path, acts: "ActivationSet", *, n
     return report
 
 
+def last_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """The texts of the last two tokens of ``ids`` (grounding finds a quote that is one of them)."""
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids[-2:]]
+
+
 def grounding_of(tokenizer, rec: dict, body: str):
     """The server's grounding check of one explanation against what its activation saw."""
     from nla_serve.explain.grounding import ground
 
     context = tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
     predictions = [tokenizer.decode([t]) for t, _ in rec.get("top") or []]
-    return ground(body, context, predictions, tokenizer.decode([rec["token"]]))
+    return ground(body, context, predictions, last_tokens(tokenizer, rec["prefix_ids"]))
 
 
 def grounding_summary(grounds: list) -> dict:

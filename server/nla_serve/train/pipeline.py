@@ -245,7 +245,8 @@ class Pipeline:
             else:
                 rows = []
                 for i, rec in enumerate(self.acts.records):
-                    body = explanation_body(self.tokenizer, rec, quote_words=self.cfg.quote_words,
+                    body = explanation_body(self.tokenizer, rec, previous_token=self.cfg.previous_token,
+                                            next_token=self.cfg.next_token, quote_words=self.cfg.quote_words,
                                             quote_predictions=self.cfg.quote_predictions)
                     rows.append({"i": i, "body": body, "text": tagged(body)})
             tmp = path.with_suffix(".tmp")
@@ -285,13 +286,14 @@ class Pipeline:
         """How much of what the targets quote is in the text their activation saw, or among its
         predictions (explain/grounding.py): targets that quote the unseen teach the AV to invent."""
         from nla_serve.explain.grounding import ground
+        from nla_serve.train.evaluate import last_tokens
 
         found = quotes = 0
         for r in rows:
             rec = self.acts.records[r["i"]]
             context = self.tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
             preds = [self.tokenizer.decode([t]) for t, _ in rec["top"]]
-            g = ground(r["body"], context, preds, self.tokenizer.decode([rec["token"]]))
+            g = ground(r["body"], context, preds, last_tokens(self.tokenizer, rec["prefix_ids"]))
             quotes += g.quotes
             found += len(g.found) + len(g.predicted)
         return {"quotes": quotes, "quotes_grounded": round(found / quotes, 3) if quotes else None}
