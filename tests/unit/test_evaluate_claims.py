@@ -39,3 +39,5 @@ def test_claims_report_by_kind_and_the_final_token_test():
     test = report["final_token_test"]
     assert test == {"n": 2, "covered": 1.0, "separated": 1.0, "mean_support_gap": 0.4}
     assert kind_of("The model is unsure; \"The\" is its best guess for what comes next.") == "next_token"
+    assert kind_of('The token before it is "the".') == "previous_token"
+    assert kind_of('The final token is "it".') == "final_token"

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import sys
 from dataclasses import fields
@@ -35,9 +37,12 @@ HELP = {
     "targets_max_tokens": "the longest target --targets-url may write, in its tokens",
     "quote_words": "words of the local phrase a built target quotes (0, the default: none; an AV trained with 3 found "
                    "only one such quote in five on unseen text)",
-    "quote_predictions": "how many of the model's next-token candidates a built target quotes (0, the default: "
-                         "none, only how sure the model is; 1 reproduces the pair trained on 2026-12-07, 3 the one "
-                         "of 2026-12-06)",
+    "previous_token": "whether a built target names the token before the final one (the default, 2026-12-08: "
+                      "context the final token does not carry)",
+    "next_token": "what a built target says of the model's next token: none (the default), kind (the kind of "
+                  "token: the pair of 2026-12-07) or quoted (--quote-predictions candidates: 1 the pair of the "
+                  "morning of 2026-12-07, 3 the one of 2026-12-06)",
+    "quote_predictions": "how many next-token candidates a target quotes with --next-token quoted",
     "av_template": "AV prompt template ({injection_char} marks the injected vector)",
     "ar_template": "AR prompt template ({explanation} is the explanation body)",
     "marker": "injection character (default: the first candidate that is one token for the target)",
@@ -63,9 +68,17 @@ HELDOUT_FRACTION = TrainConfig.heldout_fraction  # the trainer's default split
 POSITIONAL = {"target", "layer", "work", "out", "stages", "sources", "progress"}
 
 
+def _flag(text: str) -> bool:
+    """A yes/no option's value: argparse's ``type=bool`` would read "false" as True."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def _type(default):
     if isinstance(default, bool):
-        return None
+        return _flag
     return type(default) if default is not None else None
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nla_serve.nla.sidecar import AR_TEMPLATE, AV_TEMPLATE
+from nla_serve.train.targets import NEXT_TOKEN
 
 STAGES = ("corpus", "collect", "targets", "ar", "av", "rl", "refit", "export", "calibrate", "eval")
 
@@ -53,8 +54,11 @@ class TrainConfig:
     targets_max_tokens: int = 200
     # words of the local phrase the built targets quote; 0 quotes none (see train/targets.py for why)
     quote_words: int = 0
-    # the model's next-token candidates they quote; 0: only how sure it is (see train/targets.py for why)
-    quote_predictions: int = 0
+    # whether they name the token before the final one, and what they say of the model's next token:
+    # none, kind (of token) or quoted (quote_predictions candidates); see train/targets.py for why
+    previous_token: bool = True
+    next_token: str = "none"
+    quote_predictions: int = 1
     # the pair
     av_template: str = AV_TEMPLATE
     ar_template: str = AR_TEMPLATE
@@ -90,6 +94,10 @@ class TrainConfig:
     eval_n: int = 200
     eval_max_tokens: int = 200
     calibrate_n: int = 4000
+
+    def __post_init__(self) -> None:
+        if self.next_token not in NEXT_TOKEN:
+            raise ValueError(f"next_token must be one of {', '.join(NEXT_TOKEN)}, got {self.next_token!r}")
 
     @property
     def out_dir(self) -> Path:

@@ -3,8 +3,8 @@ it can support), on the same explanations and vectors as the FVE report:
 
 - verdicts: every claim of every explanation scored for support (``nla.support``, the server's
   own scoring) and judged by the pair's calibrated thresholds: the shares supported / unsupported /
-  contradicted, overall and by kind of claim (the final token, the next-token guess, the kind of
-  text and topic, quoted phrases, other), each with its mean support;
+  contradicted, overall and by kind of claim (the final token, the token before it, the next-token
+  guess, the kind of text and topic, quoted phrases, other), each with its mean support;
 - the final-token test: each explanation written twice, once saying the true final token and once
   a false one (one word changed, same template: ``The final token is "X".``); support separates
   them when the true one reconstructs the vector better (the two share the same ablation, so the
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 FINAL = re.compile(r"The final token is (\"[^\"]*\"|a line break|a space|a double quotation mark(?: with \"[^\"]*\")?|"
                    r"part of a multi-byte character)[.,]")
 KINDS = (("final_token", re.compile(r"\bfinal token\b", re.I)),
+         ("previous_token", re.compile(r"\btoken before\b", re.I)),
          ("next_token", re.compile(r"\b(next|comes next|expects|best guess)\b", re.I)),
          ("topic", re.compile(r"\b(topic|about|genre|asking for|message|reply|text is)\b", re.I)),
          ("quote", re.compile(r"\"[^\"]{3,}\"")))

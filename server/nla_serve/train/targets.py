@@ -11,9 +11,10 @@ target is assembled from two things only, both available to the residual stream 
 From them the explanation says, in short paragraphs, most informative first (so a verbaliser cut
 short by ``max_tokens`` still says what matters most), in plain English:
 
-- the final token, whether it sits mid-word or ends a sentence, and what kind of token the model
-  expects next (a new word, the rest of the word, punctuation, ...), with how sure it is
-  (``quote_predictions`` quotes the tokens instead: measured, the verbaliser could not read them);
+- the final token, whether it sits mid-word or ends a sentence, and the token before it (context
+  the final token does not carry, and a quote grounding can check); what the model expects next
+  only if asked (``next_token``: the kind of token, or the tokens quoted; measured, neither was
+  supported on held-out text: see ``prediction_note``);
 - optionally (``quote_words``, off by default) a quote of the local phrase, a few words at most (a
   longer quote, or the user's whole question, teaches the verbaliser to recite memorised quotes
   when it cannot read them; measured, even three words were mostly invented on unseen text);
@@ -31,6 +32,7 @@ import re
 
 OPEN, CLOSE = "<explanation>", "</explanation>"
 CODE = re.compile(r"(>>>|def |class |import |\breturn\b|==|\(\)|\w+\(\w*[,)]|\[\d*:|\w+\.\w+\()")
+NEXT_TOKEN = ("none", "kind", "quoted")  # what a target says of the model's next token (prediction_note)
 ARCHAIC = re.compile(r"\b(thee|thou|thy|hath|saith|unto|begat|shalt|ye)\b", re.I)
 
 
@@ -96,7 +98,7 @@ def position_note(tokenizer, rec: dict, piece: str) -> str:
     about the token, so it is part of that claim, not a claim of its own)."""
     top = rec["top"]
     nxt = token_text(tokenizer, top[0][0]) if top else ""
-    if piece.strip() and piece.strip()[-1] in ".!?":
+    if piece.strip() and piece.strip()[-1] in ".!?" and not nxt[:1].isdigit():  # "10." + "5" is no sentence end
         return ", which ends a sentence"
     if piece.strip().isalpha() and nxt[:1].isalpha() and not nxt.startswith(" "):
         return ", the start of a longer word"
@@ -105,9 +107,10 @@ def position_note(tokenizer, rec: dict, piece: str) -> str:
     return ""
 
 
-def next_kind(tokenizer, token_id: int) -> str:
+def next_kind(tokenizer, token_id: int, after_break: bool = False) -> str:
     """What kind of token a predicted one is, in words: the grain at which the pair reads the
-    model's next-token expectation (see ``prediction_note``)."""
+    model's next-token expectation (see ``prediction_note``). ``after_break``: the final token
+    ends in a line break, so a word with no space before it starts a new word all the same."""
     if token_id == tokenizer.eos_token_id or token_id in set(tokenizer.all_special_ids):
         return "the end of the message"
     piece = token_text(tokenizer, token_id)
@@ -120,26 +123,44 @@ def next_kind(tokenizer, token_id: int) -> str:
         return "a number"
     if not any(ch.isalnum() for ch in word):
         return "punctuation"
-    return "a new word" if piece[:1].isspace() else "the rest of the current word"
+    return "a new word" if piece[:1].isspace() or after_break else "the rest of the current word"
 
 
-def prediction_note(tokenizer, rec: dict, *, quoted: int = 0) -> str:
-    """What the model expects next, from its own logits: by default the kind of token (a new word,
-    the rest of the current word, punctuation, a line break, a number, the end of the message),
-    the kind holding the most of the top predictions' probability, "confident" at 60% or more;
-    with ``quoted`` >= 1 the tokens themselves, at most ``quoted`` of them.
+def previous_note(tokenizer, rec: dict) -> str:
+    """The token before the final one, as its own claim: information the final token does not
+    carry (the final-token claim alone leaves the row's context unsaid) and that a quote lets
+    grounding check. "" at the first token."""
+    ids = rec["prefix_ids"]
+    if len(ids) < 2:
+        return ""
+    return f" The token before it is {show(token_text(tokenizer, ids[-2]))}."
 
-    The kind, not the token, by default. Measured on the pair trained to quote its best guess (300
-    held-out rows, 2026-12-07): its AV named the model's top token 19-45% of the time, no better
-    where the model was over 80% sure, and the reconstructor gave a wrong guess about the support
-    of a right one; yet the pair trained with no guess at all lost 0.03 FVE (0.321 -> 0.293 on
-    unseen genres), so the guess carried something coarser than its word, which is what the kind
-    says. The pair before quoting three candidates wrote the same invented word three times
-    ("wallet, wallet, wallet") when it could not read them (docs/training.md)."""
-    if quoted < 1:
+
+def prediction_note(tokenizer, rec: dict, *, next_token: str = "none", quoted: int = 1) -> str:
+    """What the model expects next, from its own logits, as ``next_token`` says: "none" (the
+    default) says nothing; "kind" the kind of token (a new word, the rest of the current word,
+    punctuation, a line break, a number, the end of the message) holding the most of the top
+    predictions' probability, "confident" at 60% or more; "quoted" the tokens themselves, at most
+    ``quoted`` of them.
+
+    Nothing by default. Measured on the pair trained to quote its best guess (300 held-out rows,
+    2026-12-07): its AV named the model's top token 19-45% of the time, no better where the model
+    was over 80% sure, and the reconstructor gave a wrong guess about the support of a right one.
+    The pair trained to say the kind (the default of 2026-12-07) was right almost always, but the
+    claim was supported 21% of the time on unseen genres (mean support +0.06, under the 0.09 a
+    foreign claim of the same family reaches: with a dozen possible sentences, the claim about
+    another row is often nearly the same one), so it could not pass as supported; the pair
+    before quoting three candidates wrote the same invented word three times ("wallet, wallet,
+    wallet") when it could not read them (docs/training.md)."""
+    if next_token not in NEXT_TOKEN:
+        raise ValueError(f"next_token must be one of {', '.join(NEXT_TOKEN)}, got {next_token!r}")
+    if next_token == "none":
+        return ""
+    if next_token == "kind":
         mass: dict[str, float] = {}
+        after_break = token_text(tokenizer, rec["token"]).endswith("\n")
         for i, p in rec["top"]:
-            kind = next_kind(tokenizer, i)
+            kind = next_kind(tokenizer, i, after_break)
             mass[kind] = mass.get(kind, 0.0) + p
         if not mass:
             return ""
@@ -176,8 +197,8 @@ def visible_text(tokenizer, rec: dict) -> tuple[str, str]:
     return text, text
 
 
-def explanation_body(tokenizer, rec: dict, *, quote_words: int = 0, quote_predictions: int = 0,
-                     max_tokens: int = 64) -> str:
+def explanation_body(tokenizer, rec: dict, *, previous_token: bool = True, next_token: str = "none",
+                     quote_predictions: int = 1, quote_words: int = 0, max_tokens: int = 64) -> str:
     """Most informative claim first, so a short ``max_tokens`` still gets it (Matryoshka-style):
     the final token and what it does there; the model's own next-token expectation; then the kind
     of text. With ``quote_words`` > 0 a middle paragraph quotes the local phrase (its last
@@ -192,7 +213,8 @@ def explanation_body(tokenizer, rec: dict, *, quote_words: int = 0, quote_predic
     words = message[-400:].split()
     kind = register(rec, text, " ".join(words[-3:]))  # the last words only tell whether it is code
     first = (f"The final token is {show(piece)}" + position_note(tokenizer, rec, piece) + "."
-             + prediction_note(tokenizer, rec, quoted=quote_predictions))
+             + (previous_note(tokenizer, rec) if previous_token else "")
+             + prediction_note(tokenizer, rec, next_token=next_token, quoted=quote_predictions))
     body = f"{first}\n\n{kind}" if kind else first
     for q in range(quote_words, 0, -1):  # over budget: the quote shrinks first, then goes
         phrase = (f'The local phrase is "{" ".join(words[-q:])}".' if len(words) >= 2
