@@ -1,5 +1,5 @@
 """The README's steering example, on a running server (`make serve`): explain the last token of a
-prompt, edit the explanation's next-token claim, patch the edit back, and compare with a neutral
+prompt, edit one of the explanation's claims (see edit_claim), patch the edit back, and compare with a neutral
 rewording and a random direction of the same strength. Prints one JSON object.
 
     .venv/bin/python bench/steer_demo.py [--url http://127.0.0.1:8000] [--prompt TEXT] [--to WORD]
@@ -15,21 +15,24 @@ import httpx
 
 
 NEXT_KIND = re.compile(r"The model is (?:confident that .+? comes next|unsure what comes next, most likely .+?)\.")
-GUESS = re.compile(r'(?:next token is |unsure; |expects )("[^"]+")')
+QUOTE = re.compile(r'"[^"]+"')
 
 
-def edit_next_token(original: str, to: str | None) -> tuple[str, str]:
-    """(edited, control): the explanation with its claim about what comes next changed, and the
-    same explanation with a claim the edit leaves alone reworded in the NLA's own style. The
-    shipped NLA says what kind of token comes next; NLAs that name a guessed word have it replaced."""
+def edit_claim(original: str, to: str | None) -> tuple[str, str]:
+    """(edited, control): the explanation with one claim changed, and the same explanation with
+    the final-token claim reworded in the NLA's own style (a change that says nothing new). The
+    edited claim: an NLA's kind-of-next-token claim (to a kind, default punctuation), else the
+    last quoted word of the explanation (to a word, default London): the shipped NLA's token before
+    the final one, or an older NLA's guessed next word."""
     kind = NEXT_KIND.search(original)
     if kind is not None:
         edited = original.replace(kind.group(0), f"The model is confident that {to or 'punctuation'} comes next.", 1)
     else:
-        guess = GUESS.search(original)
-        if guess is None:
-            raise SystemExit(f"the explanation makes no next-token claim to edit: {original!r}")
-        edited = original.replace(guess.group(1), json.dumps(to or "London"), 1)
+        quotes = list(QUOTE.finditer(original))
+        if len(quotes) < 2:  # the first quote is the final token, which the control rewords
+            raise SystemExit(f"the explanation quotes nothing to edit but its final token: {original!r}")
+        last = quotes[-1]
+        edited = original[:last.start()] + json.dumps(to or "London") + original[last.end():]
     control = original.replace("The final token is", "The last token is", 1)
     return edited, control
 
@@ -40,8 +43,8 @@ def main() -> None:
     p.add_argument("--key", default="none")
     p.add_argument("--prompt", default="The capital of France is the city of")
     p.add_argument("--to", default=None,
-                   help="what the edited explanation says comes next: a quoted word for an NLA that names "
-                        "its guess (default London), else a kind of token (default punctuation)")
+                   help="what the edited claim says: a kind of token for a kind-of-next-token claim (default "
+                        "punctuation), else the word that replaces the last quoted one (default London)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--strength", type=float, default=None, help="default: the edit's own size")
     args = p.parse_args()
@@ -51,7 +54,7 @@ def main() -> None:
         "model": model, "input": args.prompt, "claims": True}).json()
     item = explained["data"][-1]
     original = item["text"]
-    edited, control = edit_next_token(original, args.to)
+    edited, control = edit_claim(original, args.to)
     report = httpx.post(args.url + "/v1/explanations/counterfactual", headers=h, timeout=300, json={
         "model": model, "input": args.prompt, "explanation": original, "edited": edited, "control": control,
         "max_tokens": args.max_tokens, **({"strength": args.strength} if args.strength is not None else {})}).json()

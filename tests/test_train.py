@@ -460,21 +460,22 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
            "top": [[nxt, 0.7], [tok.eos_token_id, 0.1]]}
     body = explanation_body(tok, rec, max_tokens=400)  # the tiny tokenizer spends many tokens per word
     assert body.startswith('The final token is "fox".')  # the most informative claim comes first
-    # then the token before it (context the final token does not carry), and nothing of the next token by
-    # default (measured unsupported); plain modern prose: no kind-of-text claim
+    # what kind of token comes next and how sure the model is, never its guess (measured unreadable);
+    # plain modern prose: no kind-of-text claim
+    assert body == 'The final token is "fox". The model is confident that a new word comes next.'
+    assert body.count('"') == 2  # by default the only quote is the token itself
+    assert explanation_body(tok, rec, next_token="none", max_tokens=400) == 'The final token is "fox".'
+    # the token before it, on request, as a claim of its own
     before = tok.decode([prefix[-2]]).strip()
-    assert body == f'The final token is "fox". The token before it is "{before}".'
-    assert body.count('"') == 4  # the only quotes are the two tokens, both in the text
-    assert explanation_body(tok, rec, previous_token=False, max_tokens=400) == 'The final token is "fox".'
-    kind = explanation_body(tok, rec, previous_token=False, next_token="kind", max_tokens=400)
-    assert kind == 'The final token is "fox". The model is confident that a new word comes next.'
+    assert explanation_body(tok, rec, previous_token=True, next_token="none", max_tokens=400) == \
+        f'The final token is "fox". The token before it is "{before}".'
     guessed = explanation_body(tok, rec, next_token="quoted", max_tokens=400)
     assert "confident the next token is" in guessed and "jumps" in guessed
     with pytest.raises(ValueError, match="next_token"):
         explanation_body(tok, rec, next_token="guess")
     phrased = explanation_body(tok, rec, quote_words=3, max_tokens=400)
     assert 'The local phrase is "quick brown fox".' in phrased
-    short = explanation_body(tok, rec, quote_words=3, max_tokens=45)  # over budget: the quote shrinks first
+    short = explanation_body(tok, rec, quote_words=3, max_tokens=60)  # over budget: the quote shrinks first
     assert len(tok.encode(short)) < len(tok.encode(phrased)) and '"fox"' in short
     text = explanation_target(tok, rec, max_tokens=400)
     from nla_serve.nla.verbalizer import parse_explanation
@@ -493,11 +494,11 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert explanation_body(tok, rec5, next_token="kind", max_tokens=400).endswith(
         "confident that the end of the message comes next.")
     # after a line break a word with no space before it is a new word, not the rest of one
-    brk = tok.encode("fox\n", add_special_tokens=False)[-1]
-    word = tok.encode("jumps", add_special_tokens=False)[0]
+    brk = next(i for i in range(len(tok)) if tok.decode([i]) == "\n")
+    word = next(i for i in range(len(tok)) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 2)
     rec6 = dict(rec, token=brk, prefix_ids=prefix + [brk], top=[[word, 0.9]])
-    if tok.decode([brk]).endswith("\n"):
-        assert explanation_body(tok, rec6, next_token="kind", max_tokens=400).endswith("a new word comes next.")
+    assert explanation_body(tok, rec6, max_tokens=400).endswith("confident that a new word comes next.")
+    assert explanation_body(tok, dict(rec6, token=nxt), max_tokens=400).endswith("the rest of the current word comes next.")
     # a "." before a digit is a decimal point, not the end of a sentence
     dot = tok.encode(".", add_special_tokens=False)[0]
     five = tok.encode("5", add_special_tokens=False)[0]
@@ -505,9 +506,9 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert decimal.startswith('The final token is ".". ')
     assert "ends a sentence" in explanation_body(tok, dict(rec, token=dot, prefix_ids=prefix + [dot]), max_tokens=400)
     # quoted candidates: 1 quotes the best guess, 2 adds the runner-up
-    assert explanation_body(tok, rec2, next_token="quoted", quote_predictions=1, max_tokens=400).count('"') == 6
+    assert explanation_body(tok, rec2, next_token="quoted", quote_predictions=1, max_tokens=400).count('"') == 4
     two = explanation_body(tok, rec2, next_token="quoted", quote_predictions=2, max_tokens=400)
-    assert two.count('"') == 8 and "jumps" in two and "or perhaps" in two
+    assert two.count('"') == 6 and "jumps" in two and "or perhaps" in two
     # a reply says nothing of its kind (measured unreadable); a user's message and scripture do
     chat = explanation_body(tok, dict(rec, role="assistant", user="Write a recipe inspired by coffee.",
                                       genre="recipe", topic="coffee"), max_tokens=400)

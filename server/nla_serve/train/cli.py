@@ -37,11 +37,11 @@ HELP = {
     "targets_max_tokens": "the longest target --targets-url may write, in its tokens",
     "quote_words": "words of the local phrase a built target quotes (0, the default: none; an AV trained with 3 found "
                    "only one such quote in five on unseen text)",
-    "previous_token": "whether a built target names the token before the final one (the default, 2026-12-08: "
-                      "context the final token does not carry)",
-    "next_token": "what a built target says of the model's next token: none (the default), kind (the kind of "
-                  "token: the pair of 2026-12-07) or quoted (--quote-predictions candidates: 1 the pair of the "
-                  "morning of 2026-12-07, 3 the one of 2026-12-06)",
+    "previous_token": "whether a built target also names the token before the final one (off, the default: the "
+                      "pair trained with it, 2026-12-08, wrote it wrong too often; docs/training.md)",
+    "next_token": "what a built target says of the model's next token: kind (the default: the kind of token and "
+                  "how sure), quoted (--quote-predictions candidates: 1 the pair of the morning of 2026-12-07, "
+                  "3 the one of 2026-12-06) or none",
     "quote_predictions": "how many next-token candidates a target quotes with --next-token quoted",
     "av_template": "AV prompt template ({injection_char} marks the injected vector)",
     "ar_template": "AR prompt template ({explanation} is the explanation body)",

@@ -55,9 +55,9 @@ class TrainConfig:
     # words of the local phrase the built targets quote; 0 quotes none (see train/targets.py for why)
     quote_words: int = 0
     # whether they name the token before the final one, and what they say of the model's next token:
-    # none, kind (of token) or quoted (quote_predictions candidates); see train/targets.py for why
-    previous_token: bool = True
-    next_token: str = "none"
+    # kind (of token), quoted (quote_predictions candidates) or none; see train/targets.py for why
+    previous_token: bool = False
+    next_token: str = "kind"
     quote_predictions: int = 1
     # the pair
     av_template: str = AV_TEMPLATE

@@ -11,10 +11,11 @@ target is assembled from two things only, both available to the residual stream 
 From them the explanation says, in short paragraphs, most informative first (so a verbaliser cut
 short by ``max_tokens`` still says what matters most), in plain English:
 
-- the final token, whether it sits mid-word or ends a sentence, and the token before it (context
-  the final token does not carry, and a quote grounding can check); what the model expects next
-  only if asked (``next_token``: the kind of token, or the tokens quoted; measured, neither was
-  supported on held-out text: see ``prediction_note``);
+- the final token, whether it sits mid-word or ends a sentence, and what kind of token the model
+  expects next (a new word, the rest of the word, punctuation, ...), with how sure it is
+  (``next_token``: "quoted" quotes the tokens instead, measured unreadable; "none" says nothing);
+- optionally (``previous_token``, off by default) the token before the final one (measured: the
+  pair trained with it wrote it wrong often enough to fail grounding, see ``previous_note``);
 - optionally (``quote_words``, off by default) a quote of the local phrase, a few words at most (a
   longer quote, or the user's whole question, teaches the verbaliser to recite memorised quotes
   when it cannot read them; measured, even three words were mostly invented on unseen text);
@@ -127,29 +128,34 @@ def next_kind(tokenizer, token_id: int, after_break: bool = False) -> str:
 
 
 def previous_note(tokenizer, rec: dict) -> str:
-    """The token before the final one, as its own claim: information the final token does not
-    carry (the final-token claim alone leaves the row's context unsaid) and that a quote lets
-    grounding check. "" at the first token."""
+    """The token before the final one, as a claim of its own ("" at the first token): context the
+    final token does not carry, from a large vocabulary, so a right claim should stand out from a
+    foreign one. Off by default, as measured (the pair trained with it instead of the next-token
+    kind, 2026-12-08, docs/training.md): unseen-genre FVE rose 0.318 -> 0.338 but human-text FVE
+    did not (0.276 -> 0.278); its AV wrote the token before wrong often ("The token before it is
+    "example"" after "dinosaurs."), so quotes found fell to 77% (from 94%), and the claim was
+    supported 29% / 16% of the time (unseen / human): the refit teaches the AR to discount a claim
+    its AV gets wrong that often."""
     ids = rec["prefix_ids"]
     if len(ids) < 2:
         return ""
     return f" The token before it is {show(token_text(tokenizer, ids[-2]))}."
 
 
-def prediction_note(tokenizer, rec: dict, *, next_token: str = "none", quoted: int = 1) -> str:
-    """What the model expects next, from its own logits, as ``next_token`` says: "none" (the
-    default) says nothing; "kind" the kind of token (a new word, the rest of the current word,
-    punctuation, a line break, a number, the end of the message) holding the most of the top
-    predictions' probability, "confident" at 60% or more; "quoted" the tokens themselves, at most
-    ``quoted`` of them.
+def prediction_note(tokenizer, rec: dict, *, next_token: str = "kind", quoted: int = 1) -> str:
+    """What the model expects next, from its own logits, as ``next_token`` says: "kind" (the
+    default) the kind of token (a new word, the rest of the current word, punctuation, a line
+    break, a number, the end of the message) holding the most of the top predictions' probability,
+    "confident" at 60% or more; "quoted" the tokens themselves, at most ``quoted`` of them; "none"
+    nothing.
 
-    Nothing by default. Measured on the pair trained to quote its best guess (300 held-out rows,
-    2026-12-07): its AV named the model's top token 19-45% of the time, no better where the model
-    was over 80% sure, and the reconstructor gave a wrong guess about the support of a right one.
-    The pair trained to say the kind (the default of 2026-12-07) was right almost always, but the
-    claim was supported 21% of the time on unseen genres (mean support +0.06, under the 0.09 a
-    foreign claim of the same family reaches: with a dozen possible sentences, the claim about
-    another row is often nearly the same one), so it could not pass as supported; the pair
+    The kind, not the token, by default. Measured on the pair trained to quote its best guess (300
+    held-out rows, 2026-12-07): its AV named the model's top token 19-45% of the time, no better
+    where the model was over 80% sure, and the reconstructor gave a wrong guess about the support
+    of a right one; yet the pair trained with no guess at all lost 0.03 FVE (0.321 -> 0.293 on
+    unseen genres), so the guess carried something coarser than its word, which is what the kind
+    says. The kind is right almost always but supported about one time in five (mean support
+    +0.06: after "The final token is "of"" that a new word comes next adds little). The pair
     before quoting three candidates wrote the same invented word three times ("wallet, wallet,
     wallet") when it could not read them (docs/training.md)."""
     if next_token not in NEXT_TOKEN:
@@ -197,7 +203,7 @@ def visible_text(tokenizer, rec: dict) -> tuple[str, str]:
     return text, text
 
 
-def explanation_body(tokenizer, rec: dict, *, previous_token: bool = True, next_token: str = "none",
+def explanation_body(tokenizer, rec: dict, *, previous_token: bool = False, next_token: str = "kind",
                      quote_predictions: int = 1, quote_words: int = 0, max_tokens: int = 64) -> str:
     """Most informative claim first, so a short ``max_tokens`` still gets it (Matryoshka-style):
     the final token and what it does there; the model's own next-token expectation; then the kind
