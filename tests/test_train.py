@@ -465,6 +465,11 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert body == 'The final token is "fox". The model is confident that a new word comes next.'
     assert body.count('"') == 2  # by default the only quote is the token itself
     assert explanation_body(tok, rec, next_token="none", max_tokens=400) == 'The final token is "fox".'
+    # kind-except-new-word: nothing when a new word is the likeliest (the commonest, measured redundant)
+    assert explanation_body(tok, rec, next_token="kind-except-new-word", max_tokens=400) == 'The final token is "fox".'
+    punct = dict(rec, top=[[tok.encode(",", add_special_tokens=False)[0], 0.9]])
+    assert explanation_body(tok, punct, next_token="kind-except-new-word", max_tokens=400).endswith(
+        "The model is confident that punctuation comes next.")
     # the token before it, on request, as a claim of its own
     before = tok.decode([prefix[-2]]).strip()
     assert explanation_body(tok, rec, previous_token=True, next_token="none", max_tokens=400) == \
