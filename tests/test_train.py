@@ -55,7 +55,10 @@ def tiny_config(target: Path, work: Path, text: Path, **kw) -> TrainConfig:
                 ar_steps=60, ar_batch=16, ar_lr=2e-3, av_steps=40, av_batch=8, av_lr=3e-3,
                 rl_steps=3, rl_batch=2, rl_group=4, rl_max_new_tokens=20, eval_n=12, eval_max_tokens=40,
                 refit_rows=24, refit_steps=12, refit_gen_batch=16, refit_max_tokens=20, refit_lr=2e-3,
-                save_every=10, progress=False, device="cpu", seed=0)
+                save_every=10, progress=False, device="cpu", seed=0,
+                # the longer targets the step counts above were sized on (the loss-fall test); the
+                # default recipe's targets are tested on their own (test_targets_are_honest_...)
+                next_token="kind")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -462,8 +465,10 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     assert body.startswith('The final token is "fox".')  # the most informative claim comes first
     # what kind of token comes next and how sure the model is, never its guess (measured unreadable);
     # plain modern prose: no kind-of-text claim
-    assert body == 'The final token is "fox". The model is confident that a new word comes next.'
+    assert body == 'The final token is "fox".'  # a new word comes next: the commonest kind, measured redundant
     assert body.count('"') == 2  # by default the only quote is the token itself
+    assert explanation_body(tok, rec, next_token="kind", max_tokens=400) == \
+        'The final token is "fox". The model is confident that a new word comes next.'
     assert explanation_body(tok, rec, next_token="none", max_tokens=400) == 'The final token is "fox".'
     # kind-except-new-word: nothing when a new word is the likeliest (the commonest, measured redundant)
     assert explanation_body(tok, rec, next_token="kind-except-new-word", max_tokens=400) == 'The final token is "fox".'
@@ -480,7 +485,7 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
         explanation_body(tok, rec, next_token="guess")
     phrased = explanation_body(tok, rec, quote_words=3, max_tokens=400)
     assert 'The local phrase is "quick brown fox".' in phrased
-    short = explanation_body(tok, rec, quote_words=3, max_tokens=60)  # over budget: the quote shrinks first
+    short = explanation_body(tok, rec, quote_words=3, max_tokens=30)  # over budget: the quote shrinks first
     assert len(tok.encode(short)) < len(tok.encode(phrased)) and '"fox"' in short
     text = explanation_target(tok, rec, max_tokens=400)
     from nla_serve.nla.verbalizer import parse_explanation
@@ -502,7 +507,7 @@ def test_targets_are_honest_and_in_the_explanation_format(tiny):
     brk = next(i for i in range(len(tok)) if tok.decode([i]) == "\n")
     word = next(i for i in range(len(tok)) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 2)
     rec6 = dict(rec, token=brk, prefix_ids=prefix + [brk], top=[[word, 0.9]])
-    assert explanation_body(tok, rec6, max_tokens=400).endswith("confident that a new word comes next.")
+    assert explanation_body(tok, rec6, next_token="kind", max_tokens=400).endswith("confident that a new word comes next.")
     assert explanation_body(tok, dict(rec6, token=nxt), max_tokens=400).endswith("the rest of the current word comes next.")
     # a "." before a digit is a decimal point, not the end of a sentence
     dot = tok.encode(".", add_special_tokens=False)[0]

@@ -295,8 +295,9 @@ def test_the_shipped_pair_carries_calibrated_thresholds():
         for name in ("claim_thresholds", "hypothesis_thresholds"):
             t = read_thresholds(folder, name, baseline)
             assert t.contradicted < 0 < t.supported and "rescaled" not in t.source
-            # 300 held-out activations of two or three claims each, foreign claims equal to one of the
+            # 300 held-out activations of one to three claims each, foreign claims equal to one of the
             # activation's own left out (docs/training.md): hundreds, not a handful
-            assert meta["nla_serve"][name]["n"] >= 500
-        # the claims' null by place: the token's place, the next token's, the kind of text's
-        assert [b["n"] >= 50 for b in meta["nla_serve"]["claim_thresholds"]["by_place"]] == [True] * 3
+            assert meta["nla_serve"][name]["n"] >= 450
+        # the claims' null by place: the token's place, then the second claim's (the next token's kind or
+        # the kind of text; a third claim is too rare for a place of its own)
+        assert [b["n"] >= 50 for b in meta["nla_serve"]["claim_thresholds"]["by_place"]] == [True] * 2

@@ -39,8 +39,9 @@ HELP = {
                    "only one such quote in five on unseen text)",
     "previous_token": "whether a built target also names the token before the final one (off, the default: the "
                       "pair trained with it, 2026-12-08, wrote it wrong too often; docs/training.md)",
-    "next_token": "what a built target says of the model's next token: kind (the default: the kind of token and "
-                  "how sure), kind-except-new-word (the same, but nothing when a new word is the likeliest), "
+    "next_token": "what a built target says of the model's next token: kind (the kind of token and how sure: the "
+                  "pair of 2026-12-07), kind-except-new-word (the default: the same, but nothing when a new word "
+                  "is the likeliest), "
                   "quoted (--quote-predictions candidates: 1 the pair of the morning of 2026-12-07, 3 the one of "
                   "2026-12-06) or none",
     "quote_predictions": "how many next-token candidates a target quotes with --next-token quoted",

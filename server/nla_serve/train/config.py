@@ -57,7 +57,7 @@ class TrainConfig:
     # whether they name the token before the final one, and what they say of the model's next token:
     # kind (of token), quoted (quote_predictions candidates) or none; see train/targets.py for why
     previous_token: bool = False
-    next_token: str = "kind"
+    next_token: str = "kind-except-new-word"
     quote_predictions: int = 1
     # the pair
     av_template: str = AV_TEMPLATE
