@@ -21,18 +21,21 @@ QUOTE = re.compile(r'"[^"]+"')
 def edit_claim(original: str, to: str | None) -> tuple[str, str]:
     """(edited, control): the explanation with one claim changed, and the same explanation with
     the final-token claim reworded in the NLA's own style (a change that says nothing new). The
-    edited claim: an NLA's kind-of-next-token claim (to a kind, default punctuation), else the
-    last quoted word of the explanation (to a word, default London): the shipped NLA's token before
-    the final one, or an older NLA's guessed next word."""
+    edited claim: an NLA's kind-of-next-token claim (to a kind, default punctuation); else the last
+    quoted word after the final token (to a word, default London: an older NLA's guessed next
+    word); else, where the shipped NLA says nothing of the next token (a new word comes), that
+    kind-of-next-token claim added after the final token's."""
     kind = NEXT_KIND.search(original)
+    quotes = list(QUOTE.finditer(original))
+    claim = f"The model is confident that {to or 'punctuation'} comes next."
     if kind is not None:
-        edited = original.replace(kind.group(0), f"The model is confident that {to or 'punctuation'} comes next.", 1)
-    else:
-        quotes = list(QUOTE.finditer(original))
-        if len(quotes) < 2:  # the first quote is the final token, which the control rewords
-            raise SystemExit(f"the explanation quotes nothing to edit but its final token: {original!r}")
+        edited = original.replace(kind.group(0), claim, 1)
+    elif len(quotes) >= 2:  # the first quote is the final token, which the control rewords
         last = quotes[-1]
         edited = original[:last.start()] + json.dumps(to or "London") + original[last.end():]
+    else:  # the shipped NLA says nothing of the next token when a new word comes: say it does not
+        head, sep, tail = original.partition("\n\n")
+        edited = f"{head} {claim}{sep}{tail}"
     control = original.replace("The final token is", "The last token is", 1)
     return edited, control
 
@@ -43,8 +46,8 @@ def main() -> None:
     p.add_argument("--key", default="none")
     p.add_argument("--prompt", default="The capital of France is the city of")
     p.add_argument("--to", default=None,
-                   help="what the edited claim says: a kind of token for a kind-of-next-token claim (default "
-                        "punctuation), else the word that replaces the last quoted one (default London)")
+                   help="what the edited claim says: a kind of token for a kind-of-next-token claim, edited or "
+                        "added (default punctuation), else the word that replaces a guessed one (default London)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--strength", type=float, default=None, help="default: the edit's own size")
     args = p.parse_args()
