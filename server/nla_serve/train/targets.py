@@ -12,8 +12,9 @@ From them the explanation says, in short paragraphs, most informative first (so 
 short by ``max_tokens`` still says what matters most), in plain English:
 
 - the final token, whether it sits mid-word or ends a sentence, and what kind of token the model
-  expects next (a new word, the rest of the word, punctuation, ...), with how sure it is
-  (``next_token``: "quoted" quotes the tokens instead, measured unreadable; "none" says nothing);
+  expects next (the rest of the word, punctuation, a line break, ...) with how sure it is, unless
+  it is a new word, which the token already implies (``next_token``: "kind" says it everywhere,
+  "quoted" quotes the tokens instead, measured unreadable; "none" says nothing);
 - optionally (``previous_token``, off by default) the token before the final one (measured: the
   pair trained with it wrote it wrong often enough to fail grounding, see ``previous_note``);
 - optionally (``quote_words``, off by default) a quote of the local phrase, a few words at most (a
@@ -23,8 +24,9 @@ short by ``max_tokens`` still says what matters most), in plain English:
   archaic prose, Python documentation, code), never the genre or topic, and nothing for an
   assistant's reply or other modern prose (measured unsupported: see ``register``).
 
-Nothing is claimed that the prefix and the predictions do not show. Targets are about 20-45
-tokens with the tags: every claim one the reconstructor was measured to read. ``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
+Nothing is claimed that the prefix and the predictions do not show. Targets are 10-45 tokens
+(24 on average, without the tags): every claim one the reconstructor was measured to read.
+``explanation_target`` returns the full ``<explanation>`` text the AV learns to write.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import re
 
 OPEN, CLOSE = "<explanation>", "</explanation>"
 CODE = re.compile(r"(>>>|def |class |import |\breturn\b|==|\(\)|\w+\(\w*[,)]|\[\d*:|\w+\.\w+\()")
-NEXT_TOKEN = ("none", "kind", "kind-except-new-word", "quoted")  # what a target says of the model's next token (prediction_note)
+NEXT_TOKEN = ("none", "kind", "kind-except-new-word", "quoted")  # what targets say of the next token
 ARCHAIC = re.compile(r"\b(thee|thou|thy|hath|saith|unto|begat|shalt|ye)\b", re.I)
 
 
@@ -143,23 +145,23 @@ def previous_note(tokenizer, rec: dict) -> str:
 
 
 def prediction_note(tokenizer, rec: dict, *, next_token: str = "kind-except-new-word", quoted: int = 1) -> str:
-    """What the model expects next, from its own logits, as ``next_token`` says: "kind" the kind of token (a new word, the rest of the current word, punctuation, a line
-    break, a number, the end of the message) holding the most of the top predictions' probability,
-    "confident" at 60% or more; "kind-except-new-word" (the default) the same but nothing when that
-    kind is a new word; "quoted" the tokens themselves, at most ``quoted`` of them; "none" nothing.
+    """What the model expects next, from its own logits, as ``next_token`` says: "kind" the kind
+    of token (a new word, the rest of the current word, punctuation, a line break, a number, the
+    end of the message) holding the most of the top predictions' probability, "confident" at 60%
+    or more; "kind-except-new-word" (the default) the same, but nothing when that kind is a new
+    word; "quoted" the tokens themselves, at most ``quoted`` of them; "none" nothing.
 
-    The kind, not the token. Measured on the pair trained to quote its best guess (300
-    held-out rows, 2026-12-07): its AV named the model's top token 19-45% of the time, no better
-    where the model was over 80% sure, and the reconstructor gave a wrong guess about the support
-    of a right one; yet the pair trained with no guess at all lost 0.03 FVE (0.321 -> 0.293 on
-    unseen genres), so the guess carried something coarser than its word, which is what the kind
-    says. The kind is right almost always but supported about one time in five (mean support
-    +0.06: after "The final token is "of"" that a new word comes next adds little). By kind, on
-    the shipped pair's unseen / human eval rows (2026-12-08): "a new word" (the likeliest kind at
-    two rows in three) supported 10% / 15% of the time, punctuation 60% / 47%, a number 43%,
-    hence "kind-except-new-word". The pair
-    before quoting three candidates wrote the same invented word three times ("wallet, wallet,
-    wallet") when it could not read them (docs/training.md)."""
+    The kind, not the token. Measured on the pair trained to quote its best guess (300 held-out
+    rows, 2026-12-07): its AV named the model's top token 19-45% of the time, no better where the
+    model was over 80% sure, and the reconstructor gave a wrong guess about the support of a right
+    one; yet the pair trained with no guess at all lost 0.03 FVE (0.321 -> 0.293 on unseen
+    genres), so the guess carried something coarser than its word, which is what the kind says.
+    The kind is right almost always, but the pair trained to say it everywhere had it supported
+    about one time in five; by kind, on its unseen / human eval rows, "a new word" (the likeliest
+    kind at two rows in three, and what the final token already implies) 10% / 15%, punctuation
+    60% / 47%, a number 43%: hence "kind-except-new-word" (supported 78% / 74% of all claims,
+    against 59% / 62%, at the same FVE; docs/training.md). The pair quoting three candidates wrote
+    the same invented word three times ("wallet, wallet, wallet") when it could not read them."""
     if next_token not in NEXT_TOKEN:
         raise ValueError(f"next_token must be one of {', '.join(NEXT_TOKEN)}, got {next_token!r}")
     if next_token == "none":
@@ -207,8 +209,9 @@ def visible_text(tokenizer, rec: dict) -> tuple[str, str]:
     return text, text
 
 
-def explanation_body(tokenizer, rec: dict, *, previous_token: bool = False, next_token: str = "kind-except-new-word",
-                     quote_predictions: int = 1, quote_words: int = 0, max_tokens: int = 64) -> str:
+def explanation_body(tokenizer, rec: dict, *, previous_token: bool = False,
+                     next_token: str = "kind-except-new-word", quote_predictions: int = 1, quote_words: int = 0,
+                     max_tokens: int = 64) -> str:
     """Most informative claim first, so a short ``max_tokens`` still gets it (Matryoshka-style):
     the final token and what it does there; the model's own next-token expectation; then the kind
     of text. With ``quote_words`` > 0 a middle paragraph quotes the local phrase (its last
