@@ -22,7 +22,7 @@ def token_event(**kw) -> ExplanationEvent:
     exp = Explanation(status="ok", text='says "Paris"', tokens=9, fve=0.5, cos=0.9, mse=0.2)
     base = dict(choice_index=0, position=4, token_id=17, num_prompt_tokens=3, token=" Paris", layer=2,
                 activation_sha256="ab" * 32, activation_dtype="float32",
-                grounding=ground('says "Paris"', "the capital is Paris", None, " Paris"))
+                grounding=ground('says "Paris"', "the capital is Paris", None, [" is", " Paris"]))
     return ExplanationEvent(exp, **(base | kw))
 
 
