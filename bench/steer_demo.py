@@ -1,6 +1,6 @@
 """The README's steering example, on a running server (`make serve`): explain the last token of a
-prompt, edit one of the explanation's claims (see edit_claim), patch the edit back, and compare with a neutral
-rewording and a random direction of the same strength. Prints one JSON object.
+prompt, edit one of the explanation's claims (see edit_claim), patch the edit back, and compare
+with a neutral rewording and a random direction of the same strength. Prints one JSON object.
 
     .venv/bin/python bench/steer_demo.py [--url http://127.0.0.1:8000] [--prompt TEXT] [--to WORD]
 """

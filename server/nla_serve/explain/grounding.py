@@ -134,12 +134,12 @@ def ground(explanation: str | None, context: str, predictions: Sequence[str] | N
     # that crosses the end of the context starts within its last MAX_QUOTE_CHARS characters
     tail = context[-2 * MAX_QUOTE_CHARS:]
     continued = [normalize(tail + tok) for tok in (predictions or ())]
-    tokens = {normalize(tok) for tok in (predictions or ())} - {""}
+    predicted_tokens = {normalize(tok) for tok in (predictions or ())} - {""}
     found, predicted, unfound = [], [], []
     for q in quotes:
         if _occurs(q, ctx) or normalize(q) in last:
             found.append(q)
-        elif normalize(q) in tokens or any(_occurs(q, c) for c in continued):
+        elif normalize(q) in predicted_tokens or any(_occurs(q, c) for c in continued):
             predicted.append(q)
         else:
             unfound.append(q)

@@ -285,15 +285,11 @@ class Pipeline:
     def targets_grounding(self, rows: list[dict]) -> dict:
         """How much of what the targets quote is in the text their activation saw, or among its
         predictions (explain/grounding.py): targets that quote the unseen teach the AV to invent."""
-        from nla_serve.explain.grounding import ground
-        from nla_serve.train.evaluate import last_tokens
+        from nla_serve.train.evaluate import grounding_of
 
         found = quotes = 0
         for r in rows:
-            rec = self.acts.records[r["i"]]
-            context = self.tokenizer.decode(rec["prefix_ids"], skip_special_tokens=False)
-            preds = [self.tokenizer.decode([t]) for t, _ in rec["top"]]
-            g = ground(r["body"], context, preds, last_tokens(self.tokenizer, rec["prefix_ids"]))
+            g = grounding_of(self.tokenizer, self.acts.records[r["i"]], r["body"])
             quotes += g.quotes
             found += len(g.found) + len(g.predicted)
         return {"quotes": quotes, "quotes_grounded": round(found / quotes, 3) if quotes else None}
